@@ -1,0 +1,73 @@
+"""Patching with a receipt: every patch can be undone exactly, and only if still ours."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import wrapt
+
+__all__ = ["Patches", "contained"]
+
+log = logging.getLogger("leakguard")
+_ABSENT = object()
+
+
+class Patches:
+    """The patches one integration applied, undone in reverse order by :meth:`undo`."""
+
+    def __init__(self) -> None:
+        self._done: list[tuple[Any, str, Any, Any]] = []  # (owner, attr, original, ours)
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    def wrap(self, module: Any, name: str, wrapper: Callable[..., Any]) -> None:
+        """``wrapt.wrap_function_wrapper(module, "Class.method", wrapper)``, remembered."""
+        parent, attribute, original = wrapt.resolve_path(module, name)
+        if isinstance(original, wrapt.ObjectProxy) and getattr(original, "_self_leakguard", False):
+            return  # already ours (a second instrument() of the same module)
+        # What the class itself stored (maybe nothing: an inherited method), to put back exactly.
+        stored = vars(parent).get(attribute, _ABSENT) if isinstance(parent, type) else original
+        proxy = wrapt.FunctionWrapper(original, wrapper)
+        proxy._self_leakguard = True
+        setattr(parent, attribute, proxy)
+        self._done.append((parent, attribute, stored, proxy))
+
+    def set(self, owner: Any, attribute: str, ours: Any) -> None:
+        """Plain attribute replacement (for the hottest paths, where wrapt costs too much)."""
+        stored = vars(owner)[attribute] if isinstance(owner, type) else getattr(owner, attribute)
+        setattr(owner, attribute, ours)
+        self._done.append((owner, attribute, stored, ours))
+
+    def undo(self) -> None:
+        while self._done:
+            owner, attribute, original, ours = self._done.pop()
+            current = vars(owner).get(attribute) if isinstance(owner, type) else getattr(owner, attribute, None)
+            if current is ours:
+                if original is _ABSENT:
+                    delattr(owner, attribute)
+                else:
+                    setattr(owner, attribute, original)
+            else:  # someone wrapped over us: leave their wrapper, ours turns into a pass-through
+                log.debug("leakguard: %s.%s was re-patched by someone else; left in place", owner, attribute)
+
+
+def contained(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run leakguard-side bookkeeping, swallowing (and counting) any failure of ours."""
+    from . import registry
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception:
+            registry._errors[0] += 1
+            log.debug("leakguard: contained failure in %s", getattr(fn, "__qualname__", fn), exc_info=True)
+            return None
+
+    run.__wrapped__ = fn  # type: ignore[attr-defined]
+    run.__name__ = getattr(fn, "__name__", "contained")
+    run.__qualname__ = getattr(fn, "__qualname__", run.__name__)
+    run.__doc__ = fn.__doc__
+    return run

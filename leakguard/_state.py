@@ -1,0 +1,221 @@
+"""install() / uninstall(): the one place that owns leakguard's global state."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import logging
+import os
+import re
+import sys
+import threading
+from types import ModuleType
+from typing import Any
+
+from leakguard.integrations import INTEGRATIONS
+
+from . import _config, _sockets, registry
+from ._imports import ImportWatcher
+
+__all__ = ["get_config", "install", "installed", "uninstall"]
+
+log = logging.getLogger("leakguard")
+
+
+class _State:
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.installed = False
+        self.config = _config.Config()
+        self.applied: dict[str, ModuleType] = {}  # integration name -> its module, instrumented
+        self.watcher: Any = None  # watcher.Watcher
+        self.imports: ImportWatcher | None = None
+        self.pid = os.getpid()
+
+
+_state = _State()
+
+
+def _after_fork_in_child() -> None:
+    # The parent's lock may have been held by another thread at fork time.
+    _state.lock = threading.RLock()
+    if _state.installed:
+        _state.pid = os.getpid()
+        # The parent's records describe descriptors the child inherited, not ones it created.
+        registry.clear()
+        from . import watcher
+
+        watcher.after_fork(_state)
+
+
+if hasattr(os, "register_at_fork"):
+    # Registered once at import, inert unless installed (at-fork hooks cannot be removed).
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+_VERSION_RE = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(.*)$")
+_CLAUSE_RE = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*([0-9][0-9a-zA-Z.]*)\s*$")
+
+
+def _vtuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split("."):
+        m = re.match(r"\d+", part)
+        if not m:
+            break
+        out.append(int(m.group()))
+    return tuple(out)
+
+
+def version_ok(requires: str) -> bool:
+    """Is the installed distribution within ``"name >= 1.2, < 3"``?  False if absent."""
+    m = _VERSION_RE.match(requires)
+    if not m:
+        raise ValueError(f"bad version gate {requires!r}")
+    dist, spec = m.group(1), m.group(2)
+    try:
+        have = _vtuple(importlib.metadata.version(dist))
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    for clause in filter(None, (c.strip() for c in spec.split(","))):
+        cm = _CLAUSE_RE.match(clause)
+        if not cm:
+            raise ValueError(f"bad version gate {requires!r}")
+        op, want = cm.group(1), _vtuple(cm.group(2))
+        n = max(len(have), len(want))
+        a, b = have + (0,) * (n - len(have)), want + (0,) * (n - len(want))
+        ok = {
+            ">=": a >= b,
+            "<=": a <= b,
+            "==": a == b,
+            "!=": a != b,
+            ">": a > b,
+            "<": a < b,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def _enabled() -> list[str]:
+    chosen = _state.config.integrations
+    return list(INTEGRATIONS) if chosen is None else list(chosen)
+
+
+def _apply(name: str) -> None:
+    """Instrument one integration now (its library is imported)."""
+    if name in _state.applied:
+        return
+    try:
+        mod = importlib.import_module(f"leakguard.integrations.{name}")
+    except ImportError:
+        log.debug("leakguard: no integration module for %s", name)
+        return
+    try:
+        requires = getattr(mod, "REQUIRES", None)
+        if requires and not version_ok(requires):
+            log.debug("leakguard: %s skipped, needs %s", name, requires)
+            return
+        mod.instrument()
+        _state.applied[name] = mod
+    except Exception:
+        log.warning("leakguard: the %s integration failed and is skipped", name, exc_info=True)
+        try:
+            mod.uninstrument()
+        except Exception:
+            pass
+
+
+def _on_import(module: ModuleType) -> None:
+    with _state.lock:
+        if not _state.installed:
+            return
+        for name in _enabled():
+            if module.__name__ in INTEGRATIONS[name] and all(m in sys.modules for m in INTEGRATIONS[name]):
+                _apply(name)
+
+
+def _sync_integrations() -> None:
+    enabled = _enabled()
+    for name in list(_state.applied):
+        if name not in enabled:
+            _unapply(name)
+    waiting: list[str] = []
+    for name in enabled:
+        triggers = INTEGRATIONS[name]
+        if all(m in sys.modules for m in triggers):
+            _apply(name)
+        else:
+            waiting.extend(m for m in triggers if m not in sys.modules)
+    if _state.imports is not None:
+        _state.imports.stop()
+        _state.imports = None
+    if waiting:
+        _state.imports = ImportWatcher(waiting, _on_import)
+        _state.imports.start()
+
+
+def _unapply(name: str) -> None:
+    mod = _state.applied.pop(name)
+    try:
+        mod.uninstrument()
+    except Exception:
+        log.warning("leakguard: uninstrumenting %s failed", name, exc_info=True)
+
+
+def install(**options: Any) -> None:
+    """Start tracking sockets.  Idempotent; a second call with other options reconfigures.
+
+    Options (each also read from ``LEAKGUARD_<OPTION>`` when not given):
+
+    - ``report_interval``: seconds between periodic structlog reports; unset = no watcher thread.
+    - ``stack_depth``: most frames captured per socket (default 48).
+    - ``integrations``: ``"all"`` (default), ``"none"`` or a list of names from
+      :data:`leakguard.integrations.INTEGRATIONS`.
+    - ``checkout_threshold``: report pooled connections checked out longer than this (seconds).
+    - ``log_format``: ``auto`` (host's structlog configuration, else readable lines), ``console`` or ``json``.
+    - ``dump_signal``: a signal (``SIGUSR1``) that writes a report at once.
+    - ``top_sites``, ``max_events_per_report``: bounds on report volume.
+
+    A bad value raises ``ValueError`` naming the option and what it accepts.
+    """
+    config = _config.parse(options)
+    from . import watcher
+
+    with _state.lock:
+        _state.config = config
+        registry.depth[0] = config.stack_depth
+        if not _state.installed:
+            _sockets.instrument()
+            _state.installed = True
+            _state.pid = os.getpid()
+        _sync_integrations()
+        watcher.configure(_state)
+
+
+def uninstall() -> None:
+    """Undo everything install() did; safe to call at any time, any number of times."""
+    from . import watcher
+
+    with _state.lock:
+        if not _state.installed:
+            return
+        _state.installed = False
+        watcher.stop(_state)
+        if _state.imports is not None:
+            _state.imports.stop()
+            _state.imports = None
+        for name in reversed(list(_state.applied)):
+            _unapply(name)
+        _sockets.uninstrument()
+        registry.clear()
+        _state.config = _config.Config()
+
+
+def installed() -> bool:
+    return _state.installed
+
+
+def get_config() -> _config.Config:
+    """The configuration in effect (defaults when not installed)."""
+    return _state.config

@@ -1,0 +1,188 @@
+"""Read the kernel's view of this process's own sockets.
+
+Linux: list ``/proc/self/fd`` (this process only) and ask each socket
+descriptor directly: ``getsockopt(TCP_INFO)`` gives the TCP state in its first
+byte, ``getsockname``/``getpeername`` the addresses.  The cost depends on this
+process's sockets alone, never on how many the machine has (``/proc/net/tcp``
+and psutil read every socket of the machine).  Descriptors leakguard never saw
+created are queried through a temporary ``_socket.socket(fileno=fd)`` that is
+always detached, so the host's descriptor is never closed or changed.
+
+Elsewhere: psutil.
+"""
+
+from __future__ import annotations
+
+import _socket
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["KernelSocket", "TCP_STATES", "fd_usage", "format_address", "read_sockets"]
+
+#: ``tcpi_state`` values (include/net/tcp_states.h) with the names netstat prints.
+TCP_STATES = {
+    1: "ESTABLISHED",
+    2: "SYN_SENT",
+    3: "SYN_RECV",
+    4: "FIN_WAIT1",
+    5: "FIN_WAIT2",
+    6: "TIME_WAIT",
+    7: "CLOSE",
+    8: "CLOSE_WAIT",
+    9: "LAST_ACK",
+    10: "LISTEN",
+    11: "CLOSING",
+    12: "NEW_SYN_RECV",
+}
+_PSUTIL_STATES = {"NONE": None, "SYN_RECV": "SYN_RECV", "CLOSE": "CLOSE"}
+
+_INET = (socket.AF_INET, socket.AF_INET6)
+_TCP_INFO = getattr(socket, "TCP_INFO", 11)
+_IS_LINUX = sys.platform.startswith("linux")
+
+
+@dataclass
+class KernelSocket:
+    """One socket descriptor of this process as the kernel sees it."""
+
+    fd: int | None
+    family: int
+    type: int
+    state: str | None
+    local: str | None
+    remote: str | None
+    obj: Any = None  # the Python socket object when leakguard tracks it
+
+    @property
+    def is_tcp(self) -> bool:
+        return self.family in _INET and self.type == socket.SOCK_STREAM
+
+
+def format_address(family: int, addr: Any) -> str | None:
+    """``127.0.0.1:5432`` / ``[::1]:5432`` / a UNIX path, as ss prints them."""
+    if addr is None:
+        return None
+    if family == socket.AF_INET6 and isinstance(addr, tuple):
+        return f"[{addr[0]}]:{addr[1]}"
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"{addr[0]}:{addr[1]}"
+    if isinstance(addr, bytes):  # abstract UNIX socket
+        return "@" + addr[1:].decode("utf-8", "replace") if addr[:1] == b"\0" else addr.decode("utf-8", "replace")
+    return str(addr) or None
+
+
+def _query(s: Any, family: int, kind: int) -> tuple[str | None, str | None, str | None]:
+    state = None
+    if family in _INET and kind == socket.SOCK_STREAM:
+        state = TCP_STATES.get(s.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0])
+    try:
+        local = format_address(family, s.getsockname())
+    except OSError:
+        local = None
+    try:
+        remote = format_address(family, s.getpeername())
+    except OSError:
+        remote = None
+    if family in _INET and local is not None and local.endswith(":0") and state == "CLOSE":
+        local = None  # never bound
+    return state, local, remote
+
+
+def _read_one(fd: int, obj: Any) -> KernelSocket | None:
+    if obj is not None:
+        try:
+            family, kind = int(obj.family), int(obj.type)
+            state, local, remote = _query(obj, family, kind)
+            return KernelSocket(fd, family, kind, state, local, remote, obj)
+        except (OSError, ValueError, AttributeError):
+            pass  # closed meanwhile, or not a socket object: ask the raw fd below
+    try:
+        link = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+    if not link.startswith("socket:["):
+        return None
+    try:
+        raw = _socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        family, kind = int(raw.family), int(raw.type)
+        state, local, remote = _query(raw, family, kind)
+        return KernelSocket(fd, family, kind, state, local, remote, None)
+    except OSError:
+        return None
+    finally:
+        raw.detach()  # never close the host's descriptor
+
+
+def _list_fds() -> list[int]:
+    # listdir's own directory descriptor shows up too; it is closed by now and
+    # its readlink fails, so it drops out below.
+    return [int(n) for n in os.listdir("/proc/self/fd")]
+
+
+def read_sockets(objects: dict[int, Any]) -> list[KernelSocket]:
+    """Every socket descriptor of this process with its kernel state.
+
+    *objects* maps descriptors to Python socket objects leakguard holds for
+    them; they are queried directly (no readlink needed).
+    """
+    if _IS_LINUX and os.path.isdir("/proc/self/fd"):
+        try:
+            fds = _list_fds()
+        except OSError:
+            fds = None
+        if fds is not None:
+            out = []
+            get = objects.get
+            for fd in fds:
+                ks = _read_one(fd, get(fd))
+                if ks is not None:
+                    out.append(ks)
+            return out
+    return _read_psutil(objects)
+
+
+def _read_psutil(objects: dict[int, Any]) -> list[KernelSocket]:
+    import psutil
+
+    proc = psutil.Process()
+    getter = getattr(proc, "net_connections", None) or proc.connections
+    out = []
+    for c in getter(kind="all"):
+        fd = c.fd if c.fd is not None and c.fd >= 0 else None
+        state = c.status if c.type == socket.SOCK_STREAM and c.family in _INET else None
+        state = _PSUTIL_STATES.get(state, state) if state else None
+        local = format_address(c.family, tuple(c.laddr) if c.laddr else None)
+        remote = format_address(c.family, tuple(c.raddr) if c.raddr else None)
+        out.append(
+            KernelSocket(fd, int(c.family), int(c.type), state, local, remote, objects.get(fd) if fd is not None else None)
+        )
+    return out
+
+
+def fd_usage() -> tuple[int, int]:
+    """(open descriptors, RLIMIT_NOFILE soft limit; -1 when unlimited/unknown)."""
+    limit = -1
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        limit = -1 if soft == resource.RLIM_INFINITY else int(soft)
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        open_fds = len(os.listdir("/proc/self/fd")) - 1  # minus listdir's own
+    except OSError:
+        try:
+            import psutil
+
+            p = psutil.Process()
+            open_fds = p.num_fds() if hasattr(p, "num_fds") else p.num_handles()
+        except Exception:
+            open_fds = -1
+    return open_fds, limit

@@ -1,0 +1,283 @@
+"""Live socket records: who created each socket, when, for which library and target.
+
+Records are keyed by file descriptor.  A closed socket's fd is reused by the
+kernel for the next one, which overwrites the record, so the table is bounded by
+the process's peak number of descriptors and never grows with churn; stale
+entries (socket closed, detached or garbage-collected) are recognised through a
+weak reference and dropped by :func:`prune` and by every snapshot.  Nothing is
+hooked on ``close()``: that keeps the hottest path of all untouched.
+
+Integrations describe the sockets a library is about to open with
+:func:`scope` (origin, redacted target, and optionally the application stack
+captured once at the library's entry point), or adopt a descriptor created in C
+(libpq) with :func:`adopt`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from . import stacks
+
+__all__ = [
+    "PoolInfo",
+    "Record",
+    "Scope",
+    "adopt",
+    "annotate",
+    "clear",
+    "current_scope",
+    "get",
+    "live",
+    "prune",
+    "record_socket",
+    "scope",
+    "stats",
+]
+
+
+class PoolInfo:
+    """What a connection pool knows about one pooled connection.
+
+    ``checked_out`` is True while the application holds the connection; the
+    checkout time and stack describe the last checkout.
+    """
+
+    __slots__ = ("checked_out", "checkout_frames", "checkout_time", "name", "reported_at")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.checked_out = False
+        self.checkout_time: float | None = None  # time.monotonic()
+        self.checkout_frames: stacks.Frames = ()
+        self.reported_at: float | None = None  # checkout_threshold bookkeeping
+
+    def check_out(self, frames: stacks.Frames) -> None:
+        self.checked_out = True
+        self.checkout_time = time.monotonic()
+        self.checkout_frames = frames
+        self.reported_at = None
+
+    def check_in(self) -> None:
+        self.checked_out = False
+
+    def to_dict(self, now: float | None = None) -> dict[str, Any]:
+        now = time.monotonic() if now is None else now
+        return {
+            "name": self.name,
+            "checked_out": self.checked_out,
+            "checkout_age_s": (
+                round(now - self.checkout_time, 3)
+                if self.checked_out and self.checkout_time is not None
+                else None
+            ),
+            "checkout_stack": [f.to_dict() for f in stacks.frames(self.checkout_frames)]
+            if self.checked_out
+            else [],
+        }
+
+
+class Scope:
+    """What an integration tells the socket hook about sockets opened inside it."""
+
+    __slots__ = ("frames", "origin", "target")
+
+    def __init__(self, origin: str, target: str | None, frames: stacks.Frames | None) -> None:
+        self.origin = origin
+        self.target = target
+        self.frames = frames
+
+
+class Record:
+    """One socket leakguard saw created."""
+
+    __slots__ = (
+        "__weakref__",
+        "created",
+        "fd",
+        "frames",
+        "origin",
+        "pool",
+        "ref",
+        "seq",
+        "target",
+        "thread",
+    )
+
+    def __init__(
+        self,
+        ref: Any,
+        fd: int,
+        frames: stacks.Frames,
+        origin: str,
+        target: str | None,
+    ) -> None:
+        self.ref = ref  # weakref to the socket object, or None for adopted C-level fds
+        self.fd = fd
+        self.created = time.monotonic()
+        self.seq = next(_seq)
+        self.frames = frames
+        self.origin = origin
+        self.target = target
+        self.pool: PoolInfo | None = None
+
+    def alive(self) -> bool:
+        """Is the recorded socket object still open on the same descriptor?"""
+        ref = self.ref
+        if ref is None:
+            return True  # adopted descriptor without owner: the kernel view decides
+        obj = ref()
+        if obj is None:
+            return False
+        try:
+            return bool(obj.fileno() == self.fd)
+        except AttributeError:
+            return True  # an owner without fileno(): alive while the owner is
+        except Exception:
+            return False  # closed sockets and connections raise or return -1
+
+    def stack(self) -> list[stacks.Frame]:
+        return stacks.frames(self.frames)
+
+    def __repr__(self) -> str:
+        site = stacks.format_site(stacks.creation_site(self.stack()))
+        return f"<Record fd={self.fd} origin={self.origin} created at {site}>"
+
+
+_seq = itertools.count(1)
+_records: dict[int, Record] = {}
+_scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar("leakguard_scope", default=None)
+_errors = [0]  # failures contained inside hooks, for stats() and tests
+depth = [32]  # frames captured per socket; set by install(stack_depth=...)
+
+
+def record_socket(sock: Any, inherit: bool = False) -> None:
+    """Record a freshly created Python socket.  Called by the socket hook.
+
+    With *inherit* (the socket was built on an existing descriptor, as
+    ``ssl.SSLContext.wrap_socket`` does), a live record of another socket object
+    holding the same descriptor is carried over so the TLS socket keeps the
+    original creation stack.
+    """
+    fd = sock.fileno()
+    if fd < 0:
+        return
+    if inherit:
+        old = _records.get(fd)
+        if old is not None and old.ref is not None:
+            other = old.ref()
+            if other is not None and other is not sock and other.fileno() == fd:
+                old.ref = weakref.ref(sock)
+                return
+    sc = _scope.get()
+    if sc is None:
+        _records[fd] = Record(weakref.ref(sock), fd, stacks.capture(2, depth[0]), "socket", None)
+    else:
+        frames = sc.frames if sc.frames is not None else stacks.capture(2, depth[0])
+        _records[fd] = Record(weakref.ref(sock), fd, frames, sc.origin, sc.target)
+
+
+def adopt(
+    fd: int,
+    origin: str,
+    target: str | None = None,
+    frames: stacks.Frames | None = None,
+    owner: Any = None,
+) -> Record:
+    """Record a descriptor opened outside Python's ``socket`` (e.g. by libpq).
+
+    *frames* default to the caller's stack.  *owner*, when given, is the object
+    whose lifetime bounds the record (the driver's connection); when it has a
+    ``fileno()`` method, the record lives while that still returns *fd*.
+    """
+    if frames is None:
+        frames = stacks.capture(2, depth[0])
+    ref = None
+    if owner is not None:
+        try:
+            ref = weakref.ref(owner)
+        except TypeError:
+            ref = None
+    rec = _records[fd] = Record(ref, fd, frames, origin, target)
+    return rec
+
+
+def annotate(fd: int, origin: str | None = None, target: str | None = None) -> Record | None:
+    """Set origin/target of the live record of *fd* (used after a driver connects)."""
+    rec = _records.get(fd)
+    if rec is None or not rec.alive():
+        return None
+    if origin is not None:
+        rec.origin = origin
+    if target is not None:
+        rec.target = target
+    return rec
+
+
+@contextmanager
+def scope(origin: str, target: str | None = None, frames: stacks.Frames | None = None) -> Iterator[Scope]:
+    """Sockets created inside this block belong to *origin* and *target*.
+
+    Nested scopes keep the outermost origin (requests wins over the urllib3 it
+    calls) unless the inner one adds a target the outer one lacked.
+    """
+    outer = _scope.get()
+    if outer is not None:
+        sc = Scope(outer.origin, outer.target or target, outer.frames if outer.frames is not None else frames)
+    else:
+        sc = Scope(origin, target, frames)
+    token = _scope.set(sc)
+    try:
+        yield sc
+    finally:
+        _scope.reset(token)
+
+
+def current_scope() -> Scope | None:
+    return _scope.get()
+
+
+def get(fd: int) -> Record | None:
+    """The live record for *fd*, or None."""
+    rec = _records.get(fd)
+    if rec is None:
+        return None
+    if rec.alive():
+        return rec
+    _drop(fd, rec)
+    return None
+
+
+def _drop(fd: int, rec: Record) -> None:
+    if _records.get(fd) is rec:  # not replaced by a newer socket meanwhile
+        _records.pop(fd, None)
+
+
+def live() -> dict[int, Record]:
+    """All live records by fd; drops stale ones on the way."""
+    out: dict[int, Record] = {}
+    for fd, rec in list(_records.items()):
+        if rec.alive():
+            out[fd] = rec
+        else:
+            _drop(fd, rec)
+    return out
+
+
+def prune() -> int:
+    """Drop stale records; returns how many are left."""
+    return len(live())
+
+
+def clear() -> None:
+    _records.clear()
+
+
+def stats() -> dict[str, int]:
+    return {"records": len(_records), "hook_errors": _errors[0]}

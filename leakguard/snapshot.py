@@ -1,0 +1,212 @@
+"""Join the kernel's view with the records and judge what leaked."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import kernel, registry, stacks
+
+__all__ = ["Snapshot", "SocketInfo", "take"]
+
+_TYPE_NAMES = {socket.SOCK_STREAM: "tcp", socket.SOCK_DGRAM: "udp"}
+_FAMILY_TYPES = {
+    getattr(socket, "AF_UNIX", -1): "unix",
+    getattr(socket, "AF_NETLINK", -1): "netlink",
+    getattr(socket, "AF_PACKET", -1): "packet",
+}
+
+
+def _family_name(family: int) -> str:
+    try:
+        return socket.AddressFamily(family).name
+    except ValueError:
+        return str(family)
+
+
+def _type_name(family: int, kind: int) -> str:
+    if family in (socket.AF_INET, socket.AF_INET6):
+        if kind == socket.SOCK_STREAM:
+            return "tcp"
+        if kind == socket.SOCK_DGRAM:
+            return "udp"
+        if kind == socket.SOCK_RAW:
+            return "raw"
+    name = _FAMILY_TYPES.get(family)
+    if name:
+        return name
+    try:
+        return socket.SocketKind(kind).name.lower().removeprefix("sock_")
+    except ValueError:
+        return str(kind)
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+@dataclass
+class SocketInfo:
+    """One socket of the process: kernel state joined with leakguard's record."""
+
+    fd: int | None
+    family: str
+    type: str
+    state: str | None
+    local: str | None
+    remote: str | None
+    age_s: float | None
+    origin: str
+    target: str | None
+    pool: dict[str, Any] | None
+    stack: list[stacks.Frame]
+    reason: str | None = None
+    record: registry.Record | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def site(self) -> stacks.Frame | None:
+        """The creation site: innermost application frame of the stack."""
+        return stacks.creation_site(self.stack)
+
+    @property
+    def site_str(self) -> str:
+        return stacks.format_site(self.site)
+
+    @property
+    def leaked(self) -> bool:
+        return self.reason is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fd": self.fd,
+            "family": self.family,
+            "type": self.type,
+            "state": self.state,
+            "local": self.local,
+            "remote": self.remote,
+            "age_s": self.age_s,
+            "origin": self.origin,
+            "target": self.target,
+            "pool": self.pool,
+            "stack": [f.to_dict() for f in self.stack],
+            "reason": self.reason,
+            "site": self.site_str if self.stack else None,
+        }
+
+
+@dataclass
+class Snapshot:
+    """The process's sockets at one moment; :attr:`leaks` are those judged leaked."""
+
+    pid: int
+    taken_at: float
+    counts: dict[str, int]
+    fds_open: int
+    fds_limit: int
+    sockets: list[SocketInfo]
+    leaks: list[SocketInfo]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "taken_at": self.taken_at,
+            "counts": dict(self.counts),
+            "fds": {"open": self.fds_open, "limit": self.fds_limit},
+            "sockets": [s.to_dict() for s in self.sockets],
+            "leaks": [s.to_dict() for s in self.leaks],
+        }
+
+    def format(self, stack_limit: int = 8) -> str:
+        """The human-readable report (what the demo and the CLI print)."""
+        from . import report
+
+        return report.format_snapshot(self, stack_limit=stack_limit)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def _leak_reason(info: SocketInfo, rec: registry.Record | None) -> str | None:
+    if info.type != "tcp" or info.state != "CLOSE_WAIT":
+        return None
+    peer = info.remote or "the peer"
+    text = f"peer {peer} closed the connection; this process never closed its end"
+    if info.age_s is not None:
+        text += f", opened {_age(info.age_s)} ago"
+    site = info.site
+    if site is not None:
+        text += f" at {stacks.format_site(site)}"
+    if rec is None:
+        text += " (opened before leakguard was installed or by C code: no creation stack)"
+    pool = rec.pool if rec is not None else None
+    if pool is not None:
+        if pool.checked_out:
+            age = time.monotonic() - (pool.checkout_time or time.monotonic())
+            co = stacks.format_site(stacks.creation_site(stacks.frames(pool.checkout_frames)))
+            text += (
+                f"; it is checked out of pool {pool.name} (for {_age(age)}, at {co}):"
+                " the application holds it and must return or close it"
+            )
+        else:
+            text += (
+                f"; it sits idle in pool {pool.name}, which discards it at the next checkout"
+                " (enable pre-ping / recycle to drop dead connections sooner)"
+            )
+    return text
+
+
+def _info(ks: kernel.KernelSocket, rec: registry.Record | None, now: float) -> SocketInfo:
+    info = SocketInfo(
+        fd=ks.fd,
+        family=_family_name(ks.family),
+        type=_type_name(ks.family, ks.type),
+        state=ks.state,
+        local=ks.local,
+        remote=ks.remote,
+        age_s=round(now - rec.created, 3) if rec is not None else None,
+        origin=rec.origin if rec is not None else "unknown",
+        target=rec.target if rec is not None else None,
+        pool=rec.pool.to_dict(now) if rec is not None and rec.pool is not None else None,
+        stack=rec.stack() if rec is not None else [],
+        record=rec,
+    )
+    info.reason = _leak_reason(info, rec)
+    return info
+
+
+def take() -> Snapshot:
+    """Read the kernel's view of this process's sockets now and join the records."""
+    records = registry.live()
+    objects: dict[int, Any] = {}
+    for fd, rec in records.items():
+        obj = rec.ref() if rec.ref is not None else None
+        if isinstance(obj, socket.socket):
+            objects[fd] = obj
+    kernel_socks = kernel.read_sockets(objects)
+    now = time.monotonic()
+    sockets = []
+    counts: dict[str, int] = {}
+    for ks in kernel_socks:
+        rec = records.get(ks.fd) if ks.fd is not None else None
+        info = _info(ks, rec, now)
+        sockets.append(info)
+        if info.type == "tcp" and info.state:
+            counts[info.state] = counts.get(info.state, 0) + 1
+    sockets.sort(key=lambda s: (s.fd is None, s.fd or 0))
+    open_fds, limit = kernel.fd_usage()
+    return Snapshot(
+        pid=os.getpid(),
+        taken_at=time.time(),
+        counts=counts,
+        fds_open=open_fds,
+        fds_limit=limit,
+        sockets=sockets,
+        leaks=[s for s in sockets if s.reason is not None],
+    )

@@ -1,0 +1,196 @@
+"""Capture creation stacks cheaply; format them only when a report needs them.
+
+A captured stack is a flat tuple ``(code, lasti, code, lasti, ...)``, innermost
+frame first.  Storing the instruction offset instead of ``f_lineno`` keeps the
+hot path O(1) per frame: the line number is computed from the code's line table
+only when the stack is formatted.
+
+The walk stops at the first frame of *application* code plus a few of its
+callers (``CONTEXT``), or at ``depth`` frames, whichever comes first: that keeps
+a plain ``socket.socket()`` from a test at a handful of frames while a socket
+created deep inside requests + urllib3 still reaches the line that asked for it.
+"""
+
+from __future__ import annotations
+
+import os
+import site
+import sys
+import sysconfig
+from types import CodeType
+from typing import Any, NamedTuple
+
+__all__ = [
+    "CONTEXT",
+    "Frame",
+    "capture",
+    "creation_site",
+    "format_site",
+    "frames",
+    "is_app_file",
+    "mark_application",
+]
+
+#: Frames kept beyond the first application frame (its callers).
+CONTEXT = 4
+
+Frames = tuple[Any, ...]  # (code, lasti, code, lasti, ...), innermost first
+
+
+class Frame(NamedTuple):
+    file: str
+    line: int
+    function: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "line": self.line, "function": self.function}
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line} in {self.function}"
+
+
+def _library_prefixes() -> tuple[str, ...]:
+    paths: set[str] = set()
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        try:
+            p = sysconfig.get_paths()[key]
+        except KeyError:
+            continue
+        if p:
+            paths.add(p)
+    try:
+        paths.update(site.getsitepackages())
+    except AttributeError:  # some virtualenv builds of site lack it
+        pass
+    user = getattr(site, "USER_SITE", None)
+    if user:
+        paths.add(user)
+    for p in sys.path:
+        if p and ("site-packages" in p or "dist-packages" in p):
+            paths.add(p)
+    # wrapt lives in site-packages already; leakguard may be installed editable.
+    paths.add(os.path.dirname(os.path.abspath(__file__)))
+    paths.add(os.path.dirname(os.__file__))  # the stdlib, even if sysconfig lies
+    out = set()
+    for p in paths:
+        out.add(os.path.join(os.path.abspath(p), ""))
+        out.add(os.path.join(os.path.realpath(p), ""))
+    return tuple(sorted(out))
+
+
+_LIBRARY_PREFIXES = _library_prefixes()
+_INTEGRATIONS_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "integrations", ""
+)
+_FORCED_APP: set[str] = set()
+_app_code: dict[CodeType, bool] = {}  # per code object: is it application code?
+
+
+def mark_application(filename: str) -> None:
+    """Treat *filename* as application code even if it lives in a library tree.
+
+    ``python -m leakguard demo`` uses this for its own demonstration program.
+    """
+    _FORCED_APP.add(filename)
+    _app_code.clear()
+
+
+def is_app_file(filename: str) -> bool:
+    """True for the application's own code: not stdlib, site-packages or leakguard."""
+    if filename in _FORCED_APP:
+        return True
+    if not filename or filename.startswith("<"):
+        return False  # <frozen importlib._bootstrap>, <string>, ...
+    if filename.startswith(_INTEGRATIONS_DIR):
+        return False
+    absname = filename if os.path.isabs(filename) else os.path.abspath(filename)
+    return not absname.startswith(_LIBRARY_PREFIXES)
+
+
+def _is_app_code(code: CodeType) -> bool:
+    r = _app_code.get(code)
+    if r is None:
+        r = _app_code[code] = is_app_file(code.co_filename)
+        if len(_app_code) > 50_000:  # code objects of exec()'d strings: stay bounded
+            _app_code.clear()
+    return r
+
+
+def capture(skip: int = 1, depth: int = 32) -> Frames:
+    """Capture the caller's stack: innermost first, stopping after the app frame.
+
+    *skip* frames are left out (1 = the caller of ``capture``).
+    """
+    try:
+        f = sys._getframe(skip + 1)
+    except ValueError:
+        return ()
+    out: list[Any] = []
+    extra = -1
+    get = _app_code.get
+    while f is not None and depth > 0:
+        code = f.f_code
+        out.append(code)
+        out.append(f.f_lasti)
+        if extra < 0:
+            is_app = get(code)
+            if is_app is None:
+                is_app = _is_app_code(code)
+            if is_app:
+                extra = CONTEXT
+        elif extra == 0:
+            break
+        else:
+            extra -= 1
+        depth -= 1
+        f = f.f_back
+    return tuple(out)
+
+
+def _line_of(code: CodeType, lasti: int) -> int:
+    try:
+        for start, end, line in code.co_lines():
+            if start <= lasti < end:
+                return line if line is not None else code.co_firstlineno
+    except Exception:  # pragma: no cover - exotic code objects
+        pass
+    return code.co_firstlineno
+
+
+def frames(captured: Frames) -> list[Frame]:
+    """The captured stack as :class:`Frame` objects, outermost first."""
+    out = [
+        Frame(captured[i].co_filename, _line_of(captured[i], captured[i + 1]), captured[i].co_name)
+        for i in range(0, len(captured) - 1, 2)
+    ]
+    out.reverse()
+    return out
+
+
+def creation_site(stack: list[Frame]) -> Frame | None:
+    """The innermost application frame of an outermost-first stack.
+
+    Falls back to the innermost frame outside leakguard when no application frame
+    was captured (a socket opened entirely inside a library or the event loop).
+    """
+    for fr in reversed(stack):
+        if is_app_file(fr.file):
+            return fr
+    return stack[-1] if stack else None
+
+
+def format_site(frame: Frame | None) -> str:
+    """``path/to/file.py:LINE`` as a traceback prints it (relative to cwd when inside it)."""
+    if frame is None:
+        return "<unknown>"
+    return f"{relpath(frame.file)}:{frame.line}"
+
+
+def relpath(filename: str) -> str:
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        return filename
+    if filename.startswith(os.path.join(cwd, "")):
+        return filename[len(cwd) + 1 :]
+    return filename

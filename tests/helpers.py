@@ -1,0 +1,124 @@
+"""Shared test helpers: real loopback peers, real services, waiting for kernel states."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import leakguard
+
+REQUIRE_SERVICES = os.environ.get("LEAKGUARD_REQUIRE_SERVICES") == "1"
+
+SERVICES = {
+    "postgres": ("127.0.0.1", 5432),
+    "mariadb": ("127.0.0.1", 3306),
+    "redis": ("127.0.0.1", 6379),
+}
+
+
+def require_service(name: str) -> None:
+    """Skip (or, with LEAKGUARD_REQUIRE_SERVICES=1, fail) when the service is unreachable."""
+    host, port = SERVICES[name]
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            pass
+    except OSError as exc:
+        msg = f"{name} is not reachable at {host}:{port} ({exc})"
+        if REQUIRE_SERVICES:
+            pytest.fail(msg + " and LEAKGUARD_REQUIRE_SERVICES=1")
+        pytest.skip(msg)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.005) -> Any:
+    """Poll *predicate* until truthy; return its value (or the last falsy one on timeout)."""
+    deadline = time.monotonic() + timeout
+    value = predicate()
+    while not value and time.monotonic() < deadline:
+        time.sleep(interval)
+        interval = min(interval * 2, 0.1)
+        value = predicate()
+    return value
+
+
+def leaks_for_fd(fd: int) -> list[leakguard.SocketInfo]:
+    return [s for s in leakguard.snapshot().leaks if s.fd == fd]
+
+
+def wait_close_wait(fd: int, timeout: float = 5.0) -> leakguard.SocketInfo:
+    """Wait until the kernel reports *fd* in CLOSE_WAIT; return its leak entry."""
+    found = wait_for(lambda: leaks_for_fd(fd), timeout)
+    assert found, f"fd {fd} never reached CLOSE_WAIT; sockets: {leakguard.snapshot().sockets}"
+    return found[0]
+
+
+def this_line() -> int:
+    """The line number of the caller (to compare creation sites against)."""
+    import sys
+
+    return sys._getframe(1).f_lineno
+
+
+class HangUpServer:
+    """A loopback TCP server that accepts connections and closes them at once (or on demand).
+
+    Every accepted connection is closed by the server, so the client end goes to
+    CLOSE_WAIT unless the client closes it.
+    """
+
+    def __init__(self, family: int = socket.AF_INET, hang_up: bool = True, greeting: bytes = b"") -> None:
+        host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((host, 0))
+        self.listener.listen(128)
+        self.address = self.listener.getsockname()[:2]
+        self.host, self.port = self.address
+        self.hang_up = hang_up
+        self.greeting = greeting
+        self.accepted: list[socket.socket] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            if self._stop:
+                conn.close()
+                return
+            if self.greeting:
+                try:
+                    conn.sendall(self.greeting)
+                except OSError:
+                    pass
+            if self.hang_up:
+                conn.close()
+            else:
+                self.accepted.append(conn)
+
+    def close(self) -> None:
+        self._stop = True
+        try:  # wake accept()
+            socket.create_connection(self.address, timeout=1).close()
+        except OSError:
+            pass
+        self.listener.close()
+        self._thread.join(5)
+        for c in self.accepted:
+            c.close()
+        self.accepted.clear()
+
+    def __enter__(self) -> HangUpServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
