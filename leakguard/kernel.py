@@ -40,6 +40,10 @@ TCP_STATES = {
 _PSUTIL_STATES = {"NONE": None, "SYN_RECV": "SYN_RECV", "CLOSE": "CLOSE"}
 
 _INET = (socket.AF_INET, socket.AF_INET6)
+# The C-level attributes: socket.socket's properties convert to enums, which costs more than the syscall.
+_family_of = _socket.socket.family.__get__  # type: ignore[attr-defined]
+_type_of = _socket.socket.type.__get__  # type: ignore[attr-defined]
+_STABLE = frozenset(("ESTABLISHED", "CLOSE_WAIT", "LISTEN"))  # addresses no longer change
 _TCP_INFO = getattr(socket, "TCP_INFO", 11)
 _IS_LINUX = sys.platform.startswith("linux")
 
@@ -74,10 +78,14 @@ def format_address(family: int, addr: Any) -> str | None:
     return str(addr) or None
 
 
-def _query(s: Any, family: int, kind: int) -> tuple[str | None, str | None, str | None]:
+def _query(
+    s: Any, family: int, kind: int, known: tuple[str | None, str | None] | None = None
+) -> tuple[str | None, str | None, str | None]:
     state = None
     if family in _INET and kind == socket.SOCK_STREAM:
         state = TCP_STATES.get(s.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0])
+        if known is not None and state in _STABLE:
+            return state, known[0], known[1]
     try:
         local = format_address(family, s.getsockname())
     except OSError:
@@ -91,11 +99,11 @@ def _query(s: Any, family: int, kind: int) -> tuple[str | None, str | None, str 
     return state, local, remote
 
 
-def _read_one(fd: int, obj: Any) -> KernelSocket | None:
+def _read_one(fd: int, obj: Any, known: tuple[str | None, str | None] | None = None) -> KernelSocket | None:
     if obj is not None:
         try:
-            family, kind = int(obj.family), int(obj.type)
-            state, local, remote = _query(obj, family, kind)
+            family, kind = _family_of(obj), _type_of(obj)
+            state, local, remote = _query(obj, family, kind, known)
             return KernelSocket(fd, family, kind, state, local, remote, obj)
         except (OSError, ValueError, AttributeError):
             pass  # closed meanwhile, or not a socket object: ask the raw fd below
@@ -110,7 +118,7 @@ def _read_one(fd: int, obj: Any) -> KernelSocket | None:
     except OSError:
         return None
     try:
-        family, kind = int(raw.family), int(raw.type)
+        family, kind = _family_of(raw), _type_of(raw)
         state, local, remote = _query(raw, family, kind)
         return KernelSocket(fd, family, kind, state, local, remote, None)
     except OSError:
@@ -125,12 +133,18 @@ def _list_fds() -> list[int]:
     return [int(n) for n in os.listdir("/proc/self/fd")]
 
 
-def read_sockets(objects: dict[int, Any]) -> list[KernelSocket]:
-    """Every socket descriptor of this process with its kernel state.
+def read_sockets(
+    objects: dict[int, Any], known: dict[int, tuple[str | None, str | None]] | None = None
+) -> tuple[list[KernelSocket], int | None]:
+    """Every socket descriptor of this process with its kernel state, and the number of open descriptors.
 
     *objects* maps descriptors to Python socket objects leakguard holds for
-    them; they are queried directly (no readlink needed).
+    them; they are queried directly (no readlink needed).  *known* maps
+    descriptors to (local, remote) addresses seen earlier: once a TCP socket is
+    ESTABLISHED, CLOSE_WAIT or LISTEN its addresses are fixed, so only its state
+    is asked again.
     """
+    known = known or {}
     if _IS_LINUX and os.path.isdir("/proc/self/fd"):
         try:
             fds = _list_fds()
@@ -139,12 +153,13 @@ def read_sockets(objects: dict[int, Any]) -> list[KernelSocket]:
         if fds is not None:
             out = []
             get = objects.get
+            kget = known.get
             for fd in fds:
-                ks = _read_one(fd, get(fd))
+                ks = _read_one(fd, get(fd), kget(fd))
                 if ks is not None:
                     out.append(ks)
-            return out
-    return _read_psutil(objects)
+            return out, len(fds) - 1  # minus listdir's own descriptor
+    return _read_psutil(objects), None
 
 
 def _read_psutil(objects: dict[int, Any]) -> list[KernelSocket]:
@@ -165,7 +180,7 @@ def _read_psutil(objects: dict[int, Any]) -> list[KernelSocket]:
     return out
 
 
-def fd_usage() -> tuple[int, int]:
+def fd_usage(open_fds: int | None = None) -> tuple[int, int]:
     """(open descriptors, RLIMIT_NOFILE soft limit; -1 when unlimited/unknown)."""
     limit = -1
     try:
@@ -175,6 +190,8 @@ def fd_usage() -> tuple[int, int]:
         limit = -1 if soft == resource.RLIM_INFINITY else int(soft)
     except (ImportError, OSError, ValueError):
         pass
+    if open_fds is not None:
+        return open_fds, limit
     try:
         open_fds = len(os.listdir("/proc/self/fd")) - 1  # minus listdir's own
     except OSError:

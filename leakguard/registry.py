@@ -99,6 +99,7 @@ class Record:
 
     __slots__ = (
         "__weakref__",
+        "addrs",
         "created",
         "fd",
         "frames",
@@ -126,6 +127,7 @@ class Record:
         self.origin = origin
         self.target = target
         self.pool: PoolInfo | None = None
+        self.addrs: tuple[str | None, str | None] | None = None  # (local, remote) once stable
 
     def alive(self) -> bool:
         """Is the recorded socket object still open on the same descriptor?"""

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from . import kernel, registry, stacks
 
 __all__ = ["Snapshot", "SocketInfo", "take"]
 
-_TYPE_NAMES = {socket.SOCK_STREAM: "tcp", socket.SOCK_DGRAM: "udp"}
+_STABLE = frozenset(("ESTABLISHED", "CLOSE_WAIT", "LISTEN"))
 _FAMILY_TYPES = {
     getattr(socket, "AF_UNIX", -1): "unix",
     getattr(socket, "AF_NETLINK", -1): "netlink",
@@ -20,6 +21,7 @@ _FAMILY_TYPES = {
 }
 
 
+@functools.lru_cache(maxsize=64)
 def _family_name(family: int) -> str:
     try:
         return socket.AddressFamily(family).name
@@ -27,6 +29,7 @@ def _family_name(family: int) -> str:
         return str(family)
 
 
+@functools.lru_cache(maxsize=256)
 def _type_name(family: int, kind: int) -> str:
     if family in (socket.AF_INET, socket.AF_INET6):
         if kind == socket.SOCK_STREAM:
@@ -52,23 +55,76 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-@dataclass
 class SocketInfo:
-    """One socket of the process: kernel state joined with leakguard's record."""
+    """One socket of the process: kernel state joined with leakguard's record.
 
-    fd: int | None
-    family: str
-    type: str
-    state: str | None
-    local: str | None
-    remote: str | None
-    age_s: float | None
-    origin: str
-    target: str | None
-    pool: dict[str, Any] | None
-    stack: list[stacks.Frame]
-    reason: str | None = None
-    record: registry.Record | None = field(default=None, repr=False, compare=False)
+    The stack, pool view and leak reason are rendered on first access, so a
+    snapshot of thousands of sockets costs little more than the kernel reads.
+    """
+
+    __slots__ = (
+        "_reason",
+        "_stack",
+        "age_s",
+        "family",
+        "fd",
+        "leaked",
+        "local",
+        "origin",
+        "record",
+        "remote",
+        "state",
+        "target",
+        "type",
+    )
+
+    def __init__(
+        self,
+        fd: int | None,
+        family: str,
+        type: str,
+        state: str | None,
+        local: str | None,
+        remote: str | None,
+        age_s: float | None,
+        origin: str,
+        target: str | None,
+        record: registry.Record | None = None,
+    ) -> None:
+        self.fd = fd
+        self.family = family
+        self.type = type
+        self.state = state
+        self.local = local
+        self.remote = remote
+        self.age_s = age_s
+        self.origin = origin
+        self.target = target
+        self.record = record
+        #: Judged leaked: every TCP socket in CLOSE_WAIT.
+        self.leaked = type == "tcp" and state == "CLOSE_WAIT"
+        self._stack: list[stacks.Frame] | None = None
+        self._reason: str | None = None
+
+    @property
+    def stack(self) -> list[stacks.Frame]:
+        """Creation stack, outermost first; [] when leakguard did not see the socket created."""
+        if self._stack is None:
+            self._stack = self.record.stack() if self.record is not None else []
+        return self._stack
+
+    @property
+    def pool(self) -> dict[str, Any] | None:
+        """The owning pool's view (checked out or idle, checkout age and stack), if pooled."""
+        rec = self.record
+        return rec.pool.to_dict() if rec is not None and rec.pool is not None else None
+
+    @property
+    def reason(self) -> str | None:
+        """Why this socket is judged leaked, in words; None when it is not."""
+        if self.leaked and self._reason is None:
+            self._reason = _leak_reason(self, self.record)
+        return self._reason
 
     @property
     def site(self) -> stacks.Frame | None:
@@ -79,11 +135,8 @@ class SocketInfo:
     def site_str(self) -> str:
         return stacks.format_site(self.site)
 
-    @property
-    def leaked(self) -> bool:
-        return self.reason is not None
-
     def to_dict(self) -> dict[str, Any]:
+        stack = self.stack
         return {
             "fd": self.fd,
             "family": self.family,
@@ -95,10 +148,16 @@ class SocketInfo:
             "origin": self.origin,
             "target": self.target,
             "pool": self.pool,
-            "stack": [f.to_dict() for f in self.stack],
+            "stack": [f.to_dict() for f in stack],
             "reason": self.reason,
-            "site": self.site_str if self.stack else None,
+            "site": self.site_str if stack else None,
         }
+
+    def __repr__(self) -> str:
+        return (
+            f"<SocketInfo fd={self.fd} {self.type} {self.state} local={self.local} remote={self.remote} "
+            f"origin={self.origin} site={self.site_str if self.stack else None}>"
+        )
 
 
 @dataclass
@@ -133,9 +192,7 @@ class Snapshot:
         return self.format()
 
 
-def _leak_reason(info: SocketInfo, rec: registry.Record | None) -> str | None:
-    if info.type != "tcp" or info.state != "CLOSE_WAIT":
-        return None
+def _leak_reason(info: SocketInfo, rec: registry.Record | None) -> str:
     peer = info.remote or "the peer"
     text = f"peer {peer} closed the connection; this process never closed its end"
     if info.age_s is not None:
@@ -163,44 +220,42 @@ def _leak_reason(info: SocketInfo, rec: registry.Record | None) -> str | None:
 
 
 def _info(ks: kernel.KernelSocket, rec: registry.Record | None, now: float) -> SocketInfo:
-    info = SocketInfo(
-        fd=ks.fd,
-        family=_family_name(ks.family),
-        type=_type_name(ks.family, ks.type),
-        state=ks.state,
-        local=ks.local,
-        remote=ks.remote,
-        age_s=round(now - rec.created, 3) if rec is not None else None,
-        origin=rec.origin if rec is not None else "unknown",
-        target=rec.target if rec is not None else None,
-        pool=rec.pool.to_dict(now) if rec is not None and rec.pool is not None else None,
-        stack=rec.stack() if rec is not None else [],
-        record=rec,
+    if rec is None:
+        return SocketInfo(
+            ks.fd, _family_name(ks.family), _type_name(ks.family, ks.type), ks.state, ks.local, ks.remote,
+            None, "unknown", None,
+        )
+    return SocketInfo(
+        ks.fd, _family_name(ks.family), _type_name(ks.family, ks.type), ks.state, ks.local, ks.remote,
+        round(now - rec.created, 3), rec.origin, rec.target, rec,
     )
-    info.reason = _leak_reason(info, rec)
-    return info
 
 
 def take() -> Snapshot:
     """Read the kernel's view of this process's sockets now and join the records."""
     records = registry.live()
     objects: dict[int, Any] = {}
+    known: dict[int, tuple[str | None, str | None]] = {}
     for fd, rec in records.items():
         obj = rec.ref() if rec.ref is not None else None
         if isinstance(obj, socket.socket):
             objects[fd] = obj
-    kernel_socks = kernel.read_sockets(objects)
+            if rec.addrs is not None:
+                known[fd] = rec.addrs
+    kernel_socks, open_fds = kernel.read_sockets(objects, known)
     now = time.monotonic()
     sockets = []
     counts: dict[str, int] = {}
     for ks in kernel_socks:
         rec = records.get(ks.fd) if ks.fd is not None else None
+        if rec is not None and rec.addrs is None and ks.obj is not None and ks.state in _STABLE:
+            rec.addrs = (ks.local, ks.remote)
         info = _info(ks, rec, now)
         sockets.append(info)
         if info.type == "tcp" and info.state:
             counts[info.state] = counts.get(info.state, 0) + 1
     sockets.sort(key=lambda s: (s.fd is None, s.fd or 0))
-    open_fds, limit = kernel.fd_usage()
+    open_fds, limit = kernel.fd_usage(open_fds)
     return Snapshot(
         pid=os.getpid(),
         taken_at=time.time(),
@@ -208,5 +263,5 @@ def take() -> Snapshot:
         fds_open=open_fds,
         fds_limit=limit,
         sockets=sockets,
-        leaks=[s for s in sockets if s.reason is not None],
+        leaks=[s for s in sockets if s.leaked],
     )

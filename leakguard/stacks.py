@@ -93,10 +93,24 @@ def mark_application(filename: str) -> None:
     """
     _FORCED_APP.add(filename)
     _app_code.clear()
+    _app_files.clear()
+
+
+_app_files: dict[str, bool] = {}
 
 
 def is_app_file(filename: str) -> bool:
     """True for the application's own code: not stdlib, site-packages or leakguard."""
+    r = _app_files.get(filename)
+    if r is None:
+        r = _is_app_file(filename)
+        if len(_app_files) > 10_000:
+            _app_files.clear()
+        _app_files[filename] = r
+    return r
+
+
+def _is_app_file(filename: str) -> bool:
     if filename in _FORCED_APP:
         return True
     if not filename or filename.startswith("<"):
@@ -157,14 +171,24 @@ def _line_of(code: CodeType, lasti: int) -> int:
     return code.co_firstlineno
 
 
+# Formatting memo: sockets created at the same place share one captured tuple
+# value, so a snapshot of 1,000 sockets from one site formats one stack.
+_formatted: dict[Frames, tuple[Frame, ...]] = {}
+
+
 def frames(captured: Frames) -> list[Frame]:
     """The captured stack as :class:`Frame` objects, outermost first."""
-    out = [
-        Frame(captured[i].co_filename, _line_of(captured[i], captured[i + 1]), captured[i].co_name)
-        for i in range(0, len(captured) - 1, 2)
-    ]
-    out.reverse()
-    return out
+    done = _formatted.get(captured)
+    if done is None:
+        out = [
+            Frame(captured[i].co_filename, _line_of(captured[i], captured[i + 1]), captured[i].co_name)
+            for i in range(len(captured) - 2, -1, -2)
+        ]
+        done = tuple(out)
+        if len(_formatted) > 10_000:
+            _formatted.clear()
+        _formatted[captured] = done
+    return list(done)
 
 
 def creation_site(stack: list[Frame]) -> Frame | None:

@@ -1,0 +1,359 @@
+"""Core costs, side by side: socket hooks, snapshot() against psutil and /proc/net/tcp, memory.
+
+Every figure is the best of several rounds, with the baseline and leakguard
+interleaved round by round in this one process (the machine is noisy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import resource
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+import leakguard
+
+Row = dict[str, Any]
+
+
+def _best(fn: Callable[[], float], rounds: int) -> float:
+    return min(fn() for _ in range(rounds))
+
+
+def _interleaved(op: Callable[[int], None], n: int, rounds: int) -> tuple[float, float]:
+    """(plain, installed) seconds per operation, best of *rounds*, interleaved."""
+    plain = installed = float("inf")
+    for _ in range(rounds):
+        for mode in ("plain", "installed"):
+            if mode == "installed":
+                leakguard.install(integrations="none")
+            gc.collect()
+            t = time.perf_counter()
+            op(n)
+            dt = (time.perf_counter() - t) / n
+            if mode == "installed":
+                leakguard.uninstall()
+                installed = min(installed, dt)
+            else:
+                plain = min(plain, dt)
+    return plain, installed
+
+
+def _row(name: str, plain: float, inst: float) -> Row:
+    return {
+        "name": name,
+        "baseline_us": round(plain * 1e6, 3),
+        "leakguard_us": round(inst * 1e6, 3),
+        "added_us": round((inst - plain) * 1e6, 3),
+        "ratio": round(inst / plain, 4),
+    }
+
+
+# --- per-operation overhead -------------------------------------------------------------
+
+
+def _app_frames(depth: int, fn: Callable[[], Any]) -> Any:
+    """Run *fn* a few application frames deep, as real code would be."""
+    return fn() if depth == 0 else _app_frames(depth - 1, fn)
+
+
+def bench_socket_create(quick: bool) -> Row:
+    def op(n: int) -> None:
+        sock = socket.socket
+        for _ in range(n):
+            sock().close()
+
+    n = 20_000 if quick else 100_000
+    p, i = _interleaved(lambda k: _app_frames(5, lambda: op(k)), n, 5 if quick else 9)
+    return _row("socket create+close", p, i)
+
+
+class _Server:
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        self.address = self.listener.getsockname()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                c, _ = self.listener.accept()
+            except OSError:
+                return
+            c.close()
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self.thread.join(2)
+
+
+def bench_connect(quick: bool) -> Row:
+    srv = _Server()
+
+    def op(n: int) -> None:
+        for _ in range(n):
+            s = socket.create_connection(srv.address)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            s.close()  # RST: no TIME_WAIT pile-up across rounds
+
+    try:
+        p, i = _interleaved(op, 1_000 if quick else 3_000, 5 if quick else 9)
+    finally:
+        srv.close()
+    return _row("loopback connect+close", p, i)
+
+
+def bench_asyncio_connect(quick: bool) -> Row:
+    srv = _Server()
+
+    async def many(n: int) -> None:
+        for _ in range(n):
+            r, w = await asyncio.open_connection(*srv.address)
+            w.transport.abort()
+
+    def op(n: int) -> None:
+        asyncio.run(many(n))
+
+    try:
+        p, i = _interleaved(op, 500 if quick else 2_000, 5 if quick else 7)
+    finally:
+        srv.close()
+    return _row("asyncio open_connection+close", p, i)
+
+
+# --- snapshot against the alternatives --------------------------------------------------
+
+
+def _proc_net_tcp() -> int:
+    """The netstat way: /proc/self/fd inodes joined with the machine-wide /proc/net/tcp{,6}."""
+    inodes = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    found = 0
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(path) as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                if parts[9] in inodes:
+                    found += 1
+    return found
+
+
+def _make_sockets(n: int) -> tuple[list[socket.socket], Callable[[], None]]:
+    """n own sockets: half the client ends in CLOSE_WAIT, the rest ESTABLISHED pairs."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    addr = listener.getsockname()
+    held: list[socket.socket] = []
+    half = n // 2
+    for _ in range(half):  # CLOSE_WAIT: the server side hangs up
+        c = socket.create_connection(addr)
+        a, _ = listener.accept()
+        a.close()
+        held.append(c)
+    for _ in range((n - half) // 2):  # ESTABLISHED both ends
+        c = socket.create_connection(addr)
+        a, _ = listener.accept()
+        held.extend((c, a))
+
+    def cleanup() -> None:
+        for s in held:
+            s.close()
+        listener.close()
+
+    return held, cleanup
+
+
+_FOREIGN = textwrap.dedent(
+    """
+    import resource, socket, sys
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    n = int(sys.argv[1])
+    lst = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    held = []
+    for _ in range(n // 2):
+        c = socket.create_connection(lst.getsockname()); a, _ = lst.accept(); held += [c, a]
+    print("ready", flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def _foreign(total: int) -> list[subprocess.Popen[str]]:
+    """Other processes holding *total* TCP sockets on this machine."""
+    procs = []
+    per = 8_000
+    while total > 0:
+        k = min(per, total)
+        p = subprocess.Popen([sys.executable, "-c", _FOREIGN, str(k)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert p.stdout is not None
+        p.stdout.readline()
+        procs.append(p)
+        total -= k
+    return procs
+
+
+def _time(fn: Callable[[], Any], rounds: int) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bench_snapshot(quick: bool) -> list[Row]:
+    import psutil
+
+    proc = psutil.Process()
+    conns = getattr(proc, "net_connections", None) or proc.connections
+    sizes = [10, 100, 1_000] if quick else [10, 100, 1_000, 10_000]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    rows: list[Row] = []
+    leakguard.install(integrations="none")
+    try:
+        for n in sizes:
+            if n + 100 > hard:
+                continue
+            held, cleanup = _make_sockets(n)
+            try:
+                rounds = 5 if n >= 10_000 else 9
+                snap = leakguard.snapshot()
+                assert len(snap.leaks) >= n // 2, (len(snap.leaks), n)
+                t_lg = t_ps = t_proc = float("inf")
+                for _ in range(rounds):  # interleaved
+                    t_lg = min(t_lg, _time(leakguard.snapshot, 1))
+                    t_ps = min(t_ps, _time(lambda: conns("tcp"), 1))
+                    t_proc = min(t_proc, _time(_proc_net_tcp, 1))
+                rows.append(
+                    {
+                        "name": f"snapshot() {n} own sockets",
+                        "baseline_us": round(t_ps * 1e6, 1),
+                        "leakguard_us": round(t_lg * 1e6, 1),
+                        "proc_net_tcp_us": round(t_proc * 1e6, 1),
+                        "ratio": round(t_lg / t_ps, 4),
+                        "sockets": n,
+                        "baseline": "psutil net_connections('tcp')",
+                    }
+                )
+                if n == 1_000:
+                    foreign_n = 20_000
+                    procs = _foreign(foreign_n)
+                    try:
+                        t_lg2 = t_ps2 = t_proc2 = float("inf")
+                        for _ in range(rounds):
+                            t_lg2 = min(t_lg2, _time(leakguard.snapshot, 1))
+                            t_ps2 = min(t_ps2, _time(lambda: conns("tcp"), 1))
+                            t_proc2 = min(t_proc2, _time(_proc_net_tcp, 1))
+                    finally:
+                        for p in procs:
+                            assert p.stdin is not None
+                            p.stdin.close()
+                            p.wait()
+                            if p.stdout is not None:
+                                p.stdout.close()
+                    rows.append(
+                        {
+                            "name": f"snapshot() {n} own + {foreign_n} foreign sockets",
+                            "baseline_us": round(t_ps2 * 1e6, 1),
+                            "leakguard_us": round(t_lg2 * 1e6, 1),
+                            "proc_net_tcp_us": round(t_proc2 * 1e6, 1),
+                            "ratio": round(t_lg2 / t_ps2, 4),
+                            "flat": round(t_lg2 / t_lg, 3),
+                            "sockets": n,
+                        }
+                    )
+            finally:
+                cleanup()
+    finally:
+        leakguard.uninstall()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return rows
+
+
+# --- memory ----------------------------------------------------------------------------
+
+
+def bench_memory(quick: bool) -> list[Row]:
+    n = 10_000
+
+    def allocated(install: bool) -> int:
+        if install:
+            leakguard.install(integrations="none")
+        gc.collect()
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        socks = [_app_frames(5, socket.socket) for _ in range(n)]
+        used = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.stop()
+        for s in socks:
+            s.close()
+        if install:
+            leakguard.uninstall()
+        return used
+
+    plain = min(allocated(False) for _ in range(2))
+    inst = min(allocated(True) for _ in range(2))
+    per = (inst - plain) / n
+    rows: list[Row] = [
+        {"name": "memory per live tracked socket", "value": round(per, 1), "unit": "bytes", "floor": 1024},
+    ]
+
+    import psutil
+
+    proc = psutil.Process()
+    cycles = 100_000 if quick else 1_000_000
+    leakguard.install(integrations="none")
+    try:
+        sock = socket.socket
+        for _ in range(10_000):  # warm up allocator pools
+            sock().close()
+        gc.collect()
+        before = proc.memory_info().rss
+        for _ in range(cycles):
+            sock().close()
+        gc.collect()
+        after = proc.memory_info().rss
+    finally:
+        leakguard.uninstall()
+    rows.append(
+        {
+            "name": f"RSS growth after {cycles:,} create/close cycles",
+            "value": round((after - before) / 2**20, 2),
+            "unit": "MiB",
+            "floor": 2,
+        }
+    )
+    return rows
+
+
+def run(quick: bool = False) -> list[Row]:
+    rows = [bench_socket_create(quick), bench_connect(quick), bench_asyncio_connect(quick)]
+    rows += bench_snapshot(quick)
+    rows += bench_memory(quick)
+    return rows
+
+
+if __name__ == "__main__":
+    import json
+
+    for r in run("--quick" in sys.argv):
+        print(json.dumps(r))
