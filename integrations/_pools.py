@@ -1,0 +1,320 @@
+"""Pool tracking shared by the pool integrations (SQLAlchemy, psycopg_pool, redis-py).
+
+A pool integration calls :func:`pooled` when its pool opens a connection (it is
+then idle in the pool), :func:`checked_out` when the application takes one and
+:func:`checked_in` when it gives it back.  The state lives in a
+:class:`registry.PoolInfo` attached to the connection's socket record, so
+``snapshot()`` shows for every pooled socket whether it is checked out (for how
+long, and the checkout stack) or idle, and a CLOSE_WAIT reason says which.
+
+``checkout_threshold`` (seconds, off by default; HikariCP's
+``leakDetectionThreshold``): a connection held longer than that is reported
+once as the structlog warning ``leakguard.checkout_threshold`` with its checkout
+stack and creation site, and again as ``leakguard.checkout_returned`` ("returned
+after 93 s") when it comes back.  Overdue checkouts are found by
+:func:`check_thresholds`, which the watcher may call every tick; a light daemon
+timer calls it as well while a threshold is set and connections are checked
+out (so reports come within a quarter of the threshold, whatever the watcher's
+interval).  Only checked-out connections are looked at, and only while a
+threshold is set: without one, checkout and check-in cost a dict lookup and
+three attribute stores.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from typing import Any
+
+from leakguard import registry, stacks
+
+__all__ = [
+    "check_thresholds",
+    "checked_in",
+    "checked_out",
+    "fd_of",
+    "info_of",
+    "pooled",
+    "stop",
+    "threshold",
+]
+
+log = logging.getLogger("leakguard")
+
+#: pool connection (driver connection, SQLAlchemy record, redis Connection) -> its PoolInfo
+_infos: weakref.WeakKeyDictionary[Any, registry.PoolInfo] = weakref.WeakKeyDictionary()
+#: checked-out connections watched for the threshold: id(info) -> (info, record)
+_watched: dict[int, tuple[registry.PoolInfo, registry.Record | None]] = {}
+_lock = threading.Lock()
+_timer: list[_Timer | None] = [None]
+
+
+def threshold() -> float | None:
+    """The ``checkout_threshold`` in effect, or None (off, or leakguard not installed)."""
+    from leakguard import _state
+
+    if not _state._state.installed:
+        return None
+    return _state._state.config.checkout_threshold
+
+
+def fd_of(conn: Any) -> int | None:
+    """The socket descriptor behind a driver or pool connection, or None.
+
+    Knows psycopg2 / psycopg (``fileno()``), pymysql and redis (``_sock``),
+    asyncio drivers (``_transport`` / ``_writer``: the transport's socket) and
+    SQLAlchemy's asyncio adapters (``driver_connection``).
+    """
+    try:
+        for _ in range(3):
+            if conn is None:
+                return None
+            inner = getattr(conn, "driver_connection", None)
+            if inner is not None and inner is not conn:
+                conn = inner
+                continue
+            fileno = getattr(conn, "fileno", None)
+            if callable(fileno):
+                fd = fileno()
+                return fd if isinstance(fd, int) and fd >= 0 else None
+            for attr in ("_sock", "_socket"):
+                sock = getattr(conn, attr, None)
+                if sock is not None:
+                    conn = sock
+                    break
+            else:
+                for attr in ("_transport", "_writer"):
+                    t = getattr(conn, attr, None)
+                    if t is not None:
+                        t = getattr(t, "transport", t)  # StreamWriter -> transport
+                        conn = t.get_extra_info("socket")
+                        break
+                else:
+                    return None
+    except Exception:
+        return None
+    return None
+
+
+def _record(fd: int | None, origin: str, owner: Any) -> registry.Record | None:
+    """The live record of *fd*; adopts the descriptor when leakguard never saw it created.
+
+    Such a connection was opened before install() (or by code no integration
+    covers): it gets an empty creation stack, which is the honest answer.
+    """
+    if fd is None:
+        return None
+    rec = registry.get(fd)
+    if rec is None:
+        rec = registry.adopt(fd, origin, frames=(), owner=owner)
+    return rec
+
+
+def info_of(conn: Any) -> registry.PoolInfo | None:
+    try:
+        return _infos.get(conn)
+    except TypeError:
+        return None
+
+
+def _info(conn: Any, name: str) -> registry.PoolInfo:
+    info = info_of(conn)
+    if info is None or info.name != name:
+        info = registry.PoolInfo(name)
+        try:
+            _infos[conn] = info
+        except TypeError:  # not weakly referenceable: the socket record alone holds it
+            pass
+    return info
+
+
+def pooled(conn: Any, name: str, origin: str, fd: int | None = None, owner: Any = None) -> registry.PoolInfo:
+    """*conn* was just opened by pool *name* and sits idle in it."""
+    info = _info(conn, name)
+    rec = _record(fd_of(conn) if fd is None else fd, origin, conn if owner is None else owner)
+    if rec is not None:
+        rec.pool = info
+    return info
+
+
+def checked_out(
+    conn: Any,
+    name: str,
+    origin: str,
+    frames: stacks.Frames,
+    fd: int | None = None,
+    owner: Any = None,
+) -> registry.PoolInfo:
+    """The application took *conn* from pool *name*; *frames* is the checkout stack."""
+    info = _info(conn, name)
+    rec = _record(fd_of(conn) if fd is None else fd, origin, conn if owner is None else owner)
+    if rec is not None and rec.pool is not info:
+        rec.pool = info  # also after a reconnect: the new socket belongs to the same pool slot
+    info.check_out(frames)
+    if threshold() is not None:
+        with _lock:
+            _watched[id(info)] = (info, rec)
+        _ensure_timer()
+    return info
+
+
+def checked_in(conn: Any) -> registry.PoolInfo | None:
+    """*conn* went back to its pool (or was discarded by it)."""
+    info = info_of(conn)
+    if info is None or not info.checked_out:
+        return info
+    now = time.monotonic()
+    held = now - info.checkout_time if info.checkout_time is not None else 0.0
+    info.check_in()
+    watched = _watched.pop(id(info), None) if _watched else None
+    limit = threshold()
+    if limit is not None and held >= limit:
+        rec = watched[1] if watched is not None else registry.get(fd_of(conn) or -1)
+        if info.reported_at is None:  # returned before any tick saw it overdue
+            _emit(_event("leakguard.checkout_threshold", info, rec, held, limit))
+        event = _event("leakguard.checkout_returned", info, rec, held, limit)
+        event["message"] = f"connection of pool {info.name} returned after {_secs(held)}"
+        _emit(event)
+    return info
+
+
+def _secs(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+
+
+def _event(
+    name: str,
+    info: registry.PoolInfo,
+    rec: registry.Record | None,
+    held: float,
+    limit: float,
+) -> dict[str, Any]:
+    checkout_stack = stacks.frames(info.checkout_frames)
+    created = rec.stack() if rec is not None else []
+    event: dict[str, Any] = {
+        "event": name,
+        "pool": info.name,
+        "held_s": round(held, 3),
+        "threshold_s": limit,
+        "checkout_site": stacks.format_site(stacks.creation_site(checkout_stack)) if checkout_stack else None,
+        "checkout_stack": [str(f) for f in checkout_stack],
+        "created_at": stacks.format_site(stacks.creation_site(created)) if created else None,
+        "origin": rec.origin if rec is not None else None,
+        "target": rec.target if rec is not None else None,
+        "fd": rec.fd if rec is not None else None,
+    }
+    if name == "leakguard.checkout_threshold":
+        event["message"] = (
+            f"connection of pool {info.name} checked out for {_secs(held)}"
+            f" (threshold {_secs(limit)}) at {event['checkout_site']}: not returned yet"
+        )
+    return event
+
+
+def _emit(event: dict[str, Any]) -> None:
+    try:
+        from leakguard import _state, report
+
+        logger = report.get_logger(_state._state.config.log_format)
+        fields = {k: v for k, v in event.items() if k != "event"}
+        if event["event"] == "leakguard.checkout_returned":
+            logger.info(event["event"], **fields)
+        else:
+            logger.warning(event["event"], **fields)
+    except Exception:
+        registry._errors[0] += 1
+        log.debug("leakguard: checkout report failed", exc_info=True)
+
+
+def check_thresholds(now: float | None = None) -> list[dict[str, Any]]:
+    """Report (once each) connections checked out longer than ``checkout_threshold``.
+
+    Returns the events emitted (dicts with ``event``, ``pool``, ``held_s``,
+    ``checkout_site``, ``checkout_stack``, ``created_at``, ...).  Cheap: looks
+    only at checked-out connections, and at nothing when no threshold is set.
+    Never raises.
+    """
+    out: list[dict[str, Any]] = []
+    try:
+        limit = threshold()
+        if limit is None or not _watched:
+            return out
+        now = time.monotonic() if now is None else now
+        with _lock:
+            items = list(_watched.items())
+        for key, (info, rec) in items:
+            if not info.checked_out or info.checkout_time is None:
+                _watched.pop(key, None)
+                continue
+            if rec is not None and registry.get(rec.fd) is not rec:
+                _watched.pop(key, None)  # closed (or gone) without a check-in: nothing to return
+                continue
+            held = now - info.checkout_time
+            if held >= limit and info.reported_at is None:
+                info.reported_at = now
+                event = _event("leakguard.checkout_threshold", info, rec, held, limit)
+                _emit(event)
+                out.append(event)
+    except Exception:
+        registry._errors[0] += 1
+        log.debug("leakguard: check_thresholds failed", exc_info=True)
+    return out
+
+
+class _Timer:
+    """Daemon thread calling :func:`check_thresholds` every quarter threshold.
+
+    Exits by itself when leakguard is uninstalled, the threshold is turned off
+    or nothing is checked out any more; the next checkout starts a new one.
+    """
+
+    def __init__(self) -> None:
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="leakguard-checkouts", daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            # Decide to exit under the lock: a checkout that adds to _watched after
+            # that sees _timer[0] cleared and starts a new timer.
+            with _lock:
+                limit = threshold()
+                if limit is None or not _watched or self.stopped.is_set():
+                    if _timer[0] is self:
+                        _timer[0] = None
+                    return
+            if self.stopped.wait(min(max(limit / 4, 0.02), 5.0)):
+                continue
+            check_thresholds()
+
+
+def _ensure_timer() -> None:
+    t = _timer[0]
+    if t is not None and t.thread.is_alive():
+        return
+    with _lock:
+        t = _timer[0]
+        if t is not None and t.thread.is_alive():
+            return
+        t = _timer[0] = _Timer()
+    try:
+        t.thread.start()
+    except RuntimeError:  # interpreter shutting down
+        _timer[0] = None
+
+
+def stop() -> None:
+    """Stop the timer (a pool integration's uninstrument); after uninstall(), forget all checkouts.
+
+    While leakguard stays installed (one integration turned off), the next
+    checkout starts a new timer for the connections still watched.
+    """
+    with _lock:
+        t, _timer[0] = _timer[0], None
+        if threshold() is None:
+            _watched.clear()
+    if t is not None:
+        t.stopped.set()
+        if t.thread.is_alive() and t.thread is not threading.current_thread():
+            t.thread.join(2.0)

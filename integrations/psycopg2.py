@@ -1,0 +1,113 @@
+"""psycopg2: libpq opens the socket in C, so the socket hook never sees it.
+
+``psycopg2.connect`` is wrapped: the application's stack is captured when it is
+called (the creation site is the application's ``connect()`` line) and, once it
+returns, the connection's descriptor (``conn.fileno()``) is adopted with origin
+``psycopg2`` and the target ``postgresql://user:***@host:5432/db`` built from
+the parameters libpq actually used (``conn.info``), never from the DSN text,
+so no password or option can slip through.  The record lives as long as the
+connection object reports that descriptor.
+
+Inside a SQLAlchemy engine (or any other :func:`registry.scope`), the scope's
+origin, target and stack win: such sockets show origin ``sqlalchemy``.
+
+libpq may replace the descriptor (``conn.reset()``, a reconnect); only the
+descriptor of the initial connect is covered.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from leakguard import registry, stacks
+from leakguard._patch import Patches
+
+from ._common import redact_dsn
+
+__all__ = ["REQUIRES", "adopt_connection", "instrument", "pg_target", "uninstrument"]
+
+# The distribution is "psycopg2" or "psycopg2-binary": the gate reads psycopg2.__version__ instead.
+REQUIRES = None
+SUPPORTED = ((2, 8), (3,))
+ORIGIN = "psycopg2"
+
+log = logging.getLogger("leakguard")
+_patches = Patches()
+
+
+def pg_target(conn: Any) -> str | None:
+    """``postgresql://user:***@host:port/db`` from a psycopg2 / psycopg connection's ``info``."""
+    info = conn.info
+    return redact_dsn(
+        {
+            "host": info.host,
+            "port": info.port,
+            "user": info.user,
+            "dbname": info.dbname,
+            "password": "***" if info.password else None,
+        }
+    )
+
+
+def adopt_connection(
+    conn: Any, origin: str, frames: stacks.Frames, sc: registry.Scope | None = None
+) -> None:
+    """Record the libpq socket of *conn* (a connection that just opened); never raises.
+
+    *sc* is the scope in effect when connect() was called (default: the current one).
+    """
+    try:
+        fd = conn.fileno()
+        if not isinstance(fd, int) or fd < 0:
+            return
+        if sc is None:
+            sc = registry.current_scope()
+        target = sc.target if sc is not None and sc.target else pg_target(conn)
+        if sc is not None:
+            origin = sc.origin
+            if sc.frames is not None:
+                frames = sc.frames
+        registry.adopt(fd, origin, target=target, frames=frames, owner=conn)
+    except Exception:
+        registry._errors[0] += 1
+
+
+def capture() -> stacks.Frames:
+    """The application's stack, seen from a wrapper called by wrapt (2 = this + the wrapper)."""
+    try:
+        return stacks.capture(2, registry.depth[0])
+    except Exception:
+        registry._errors[0] += 1
+        return ()
+
+
+def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    frames = capture()
+    conn = wrapped(*args, **kwargs)
+    adopt_connection(conn, ORIGIN, frames)
+    return conn
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """``(2, 9, 13)`` from ``"2.9.13 (dt dec pq3 ext lo64)"``."""
+    out = []
+    for part in text.split()[0].split("."):
+        if not part.isdigit():
+            break
+        out.append(int(part))
+    return tuple(out)
+
+
+def instrument() -> None:
+    import psycopg2
+
+    lo, hi = SUPPORTED
+    if not lo <= version_tuple(psycopg2.__version__) < hi:
+        log.debug("leakguard: psycopg2 %s not supported, skipped", psycopg2.__version__)
+        return
+    _patches.wrap(psycopg2, "connect", _connect)
+
+
+def uninstrument() -> None:
+    _patches.undo()

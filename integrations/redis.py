@@ -1,0 +1,181 @@
+"""redis-py, sync and asyncio: connections, and the connection pool.
+
+Connections: ``AbstractConnection.connect_check_health`` (``connect`` on redis-py
+before 5.x), the one place a connection opens its socket, runs inside a
+:func:`registry.scope`: origin ``redis``, the application's stack (captured once
+there; a connection opened for a command is attributed to the command's line)
+and the target ``redis://user:***@host:6379/0`` (``rediss://`` with TLS,
+``unix:///path.sock`` for a unix socket).  The wrapper returns at once when the
+connection is already connected (the pool calls ``connect()`` for every command).
+
+Pool: ``ConnectionPool.get_connection`` / ``release`` (and BlockingConnectionPool's,
+sync and asyncio) mark the connection checked out (with the checkout stack) or
+idle.  redis-py checks a connection out for each command and releases it right
+after, so a connection idle in the pool is the normal state; one held by a
+PubSub, a pipeline or an explicit ``get_connection()`` shows as checked out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from leakguard import registry, stacks
+from leakguard._patch import Patches
+
+from . import _pools
+from ._common import redact_dsn
+from .psycopg2 import capture
+
+__all__ = ["REQUIRES", "instrument", "redis_target", "uninstrument"]
+
+REQUIRES = "redis >= 4.5, < 9"
+ORIGIN = "redis"
+
+_patches = Patches()
+
+
+def redis_target(conn: Any) -> str | None:
+    """The redacted address a redis-py connection talks to."""
+    db = getattr(conn, "db", 0)
+    password = getattr(conn, "password", None) or getattr(conn, "credential_provider", None)
+    user = getattr(conn, "username", None)
+    path = getattr(conn, "path", None)
+    if path:
+        auth = f"{user or ''}{':***' if password else ''}@" if (user or password) else ""
+        return f"unix://{auth}{path}?db={db}"
+    scheme = "rediss" if "SSL" in type(conn).__name__ else "redis"
+    return redact_dsn(
+        {
+            "host": getattr(conn, "host", None),
+            "port": getattr(conn, "port", None),
+            "user": user,
+            "db": db,
+            "password": "***" if password else None,
+        },
+        scheme=scheme,
+    )
+
+
+def _enter(instance: Any) -> Any:
+    try:
+        cm = registry.scope(ORIGIN, redis_target(instance), capture_outer())
+        cm.__enter__()
+        return cm
+    except Exception:
+        registry._errors[0] += 1
+        return None
+
+
+def capture_outer() -> stacks.Frames:
+    """The application's stack from inside a wrapper (3 = this, _enter, the wrapper)."""
+    try:
+        return stacks.capture(3, registry.depth[0])
+    except Exception:
+        registry._errors[0] += 1
+        return ()
+
+
+def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    if getattr(instance, "_sock", None) is not None:
+        return wrapped(*args, **kwargs)  # connected already: the per-command path stays untouched
+    cm = _enter(instance)
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        if cm is not None:
+            cm.__exit__(None, None, None)
+
+
+def _aconnect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    if getattr(instance, "is_connected", False):
+        return wrapped(*args, **kwargs)
+    # The scope is opened when the coroutine runs (in the task's context), not here.
+    return _aconnect_scoped(wrapped, instance, args, kwargs, capture())
+
+
+async def _aconnect_scoped(wrapped: Any, instance: Any, args: Any, kwargs: Any, frames: stacks.Frames) -> Any:
+    try:
+        cm: Any = registry.scope(ORIGIN, redis_target(instance), frames)
+        cm.__enter__()
+    except Exception:
+        registry._errors[0] += 1
+        return await wrapped(*args, **kwargs)
+    try:
+        return await wrapped(*args, **kwargs)
+    finally:
+        cm.__exit__(None, None, None)
+
+
+def _pool_name(pool: Any) -> str:
+    return f"redis {type(pool).__name__}"
+
+
+def _checked_out(conn: Any, pool: Any, frames: stacks.Frames) -> None:
+    try:
+        _pools.checked_out(conn, _pool_name(pool), ORIGIN, frames)
+    except Exception:
+        registry._errors[0] += 1
+
+
+def _checked_in(conn: Any) -> None:
+    try:
+        _pools.checked_in(conn)
+    except Exception:
+        registry._errors[0] += 1
+
+
+def _get_connection(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    frames = capture()
+    conn = wrapped(*args, **kwargs)
+    _checked_out(conn, instance, frames)
+    return conn
+
+
+def _release(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    if args:
+        _checked_in(args[0])
+    elif "connection" in kwargs:
+        _checked_in(kwargs["connection"])
+    return wrapped(*args, **kwargs)
+
+
+async def _aget_run(wrapped: Any, instance: Any, args: Any, kwargs: Any, frames: stacks.Frames) -> Any:
+    conn = await wrapped(*args, **kwargs)
+    _checked_out(conn, instance, frames)
+    return conn
+
+
+def _aget_connection(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    return _aget_run(wrapped, instance, args, kwargs, capture())
+
+
+def _wrap_defined(module: Any, classes: tuple[str, ...], method: str, wrapper: Any) -> None:
+    """Wrap *method* on each class that defines it itself (subclasses override it)."""
+    for name in classes:
+        cls = getattr(module, name, None)
+        if isinstance(cls, type) and method in vars(cls):
+            _patches.wrap(module, f"{name}.{method}", wrapper)
+
+
+def instrument() -> None:
+    import redis.connection
+
+    conn_method = "connect_check_health" if hasattr(redis.connection.AbstractConnection, "connect_check_health") else "connect"
+    _patches.wrap(redis.connection, f"AbstractConnection.{conn_method}", _connect)
+    pools = ("ConnectionPool", "BlockingConnectionPool")
+    _wrap_defined(redis.connection, pools, "get_connection", _get_connection)
+    _wrap_defined(redis.connection, pools, "release", _release)
+    try:
+        import redis.asyncio.connection as aio
+    except ImportError:  # redis-py without asyncio support
+        return
+    aconn_method = "connect_check_health" if hasattr(aio.AbstractConnection, "connect_check_health") else "connect"
+    _patches.wrap(aio, f"AbstractConnection.{aconn_method}", _aconnect)
+    _wrap_defined(aio, pools, "get_connection", _aget_connection)
+    # asyncio release() is a coroutine in redis-py >= 5: checking in before it is awaited is the same.
+    _wrap_defined(aio, pools, "release", _release)
+
+
+def uninstrument() -> None:
+    _patches.undo()
+    _pools.stop()

@@ -1,0 +1,136 @@
+"""SQLAlchemy: connections opened by an Engine's pool, and that pool's checkouts.
+
+Origin: a socket opened by an Engine's pool shows origin ``sqlalchemy`` (not the
+driver's), with the driver in the target's scheme:
+``postgresql+psycopg2://app:***@db:5432/orders``.  In an application that uses
+SQLAlchemy the engine is what the code asked for, and the pool is what decides
+the connection's life; the driver integrations see the surrounding scope and
+keep it.  Two wrappers open that scope:
+
+- ``_ConnectionRecord.__connect`` (every connection a pool opens, also with a
+  custom ``creator=``): origin and the application's stack, captured there;
+- ``DefaultDialect.connect``: the target, from the dialect's name and driver and
+  the connect arguments it passes to the DBAPI (passwords become ``***``).
+
+Pool: class-level ``checkout`` / ``checkin`` listeners on ``sqlalchemy.pool.Pool``
+(they reach every pool, existing or future) mark the connection checked out,
+with the checkout stack (the application's ``engine.connect()`` /
+``Session`` line), or idle in the pool.  Pool names read ``sqlalchemy QueuePool``.
+Removing the listeners and unwrapping restores SQLAlchemy exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from leakguard import registry, stacks
+from leakguard._patch import Patches
+
+from . import _pools
+from ._common import DEFAULT_PORTS, redact_dsn
+from .psycopg2 import capture
+
+__all__ = ["REQUIRES", "instrument", "uninstrument"]
+
+REQUIRES = "sqlalchemy >= 1.4, < 2.2"
+ORIGIN = "sqlalchemy"
+
+_patches = Patches()
+_listeners: list[tuple[Any, str, Any]] = []
+
+
+def dialect_target(dialect: Any, cargs: Any, cparams: Any) -> str | None:
+    """``postgresql+psycopg2://user:***@host:5432/db`` from what the dialect hands its DBAPI."""
+    name = getattr(dialect, "name", None) or "unknown"
+    driver = getattr(dialect, "driver", None)
+    scheme = f"{name}+{driver}" if driver and driver != name else name
+    dsn = next((a for a in cargs if isinstance(a, str)), None) if cargs else None
+    params = dict(cparams or {})
+    if dsn is None and isinstance(params.get("dsn"), str):
+        dsn = params.pop("dsn")
+    target = redact_dsn(dsn, scheme=scheme, default_port=DEFAULT_PORTS.get(name), **params)
+    if target is not None and dsn is not None and "://" in dsn:
+        # A URL DSN names its own scheme; keep the dialect's, which names the driver.
+        target = scheme + target[target.index("://") :]
+    return target
+
+
+def _scoped(target_of: Any) -> Any:
+    def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            frames = stacks.capture(1, registry.depth[0])
+            cm: Any = registry.scope(ORIGIN, target_of(instance, args, kwargs), frames)
+            cm.__enter__()
+        except Exception:
+            registry._errors[0] += 1
+            return wrapped(*args, **kwargs)
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            cm.__exit__(None, None, None)
+
+    return wrapper
+
+
+def _no_target(instance: Any, args: Any, kwargs: Any) -> None:
+    return None
+
+
+def _dialect_target(instance: Any, args: Any, kwargs: Any) -> str | None:
+    return dialect_target(instance, args, kwargs)
+
+
+def _pool_name(pool: Any) -> str:
+    return f"sqlalchemy {type(pool).__name__}"
+
+
+def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy: Any) -> None:
+    try:
+        frames = stacks.capture(1, registry.depth[0])
+        pool = getattr(connection_proxy, "_pool", None) or getattr(connection_record, "_ConnectionRecord__pool", None)
+        _pools.checked_out(
+            connection_record,
+            _pool_name(pool),
+            ORIGIN,
+            frames,
+            fd=_pools.fd_of(dbapi_connection),
+            owner=dbapi_connection,
+        )
+    except Exception:
+        registry._errors[0] += 1
+
+
+def _on_checkin(dbapi_connection: Any, connection_record: Any) -> None:
+    try:
+        _pools.checked_in(connection_record)
+    except Exception:
+        registry._errors[0] += 1
+
+
+def instrument() -> None:
+    import sqlalchemy.engine.default
+    import sqlalchemy.pool.base
+    from sqlalchemy import event
+    from sqlalchemy.pool import Pool
+
+    if "_ConnectionRecord__connect" in vars(sqlalchemy.pool.base._ConnectionRecord):
+        _patches.wrap(sqlalchemy.pool.base, "_ConnectionRecord._ConnectionRecord__connect", _scoped(_no_target))
+    _patches.wrap(sqlalchemy.engine.default, "DefaultDialect.connect", _scoped(_dialect_target))
+    for name, fn in (("checkout", _on_checkout), ("checkin", _on_checkin)):
+        if not event.contains(Pool, name, fn):
+            event.listen(Pool, name, fn)
+            _listeners.append((Pool, name, fn))
+
+
+def uninstrument() -> None:
+    from sqlalchemy import event
+
+    while _listeners:
+        target, name, fn = _listeners.pop()
+        try:
+            if event.contains(target, name, fn):
+                event.remove(target, name, fn)
+        except Exception:
+            registry._errors[0] += 1
+    _patches.undo()
+    _pools.stop()
