@@ -107,6 +107,29 @@ def _signal(name: str, value: Any) -> int | None:
     raise ValueError(f"{name} must be a signal name such as SIGUSR1, or None, not {value!r}")
 
 
+def _port_or_none(name: str, value: Any) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "off")):
+        return None
+    return _int_range(0, 65535)(name, value)
+
+
+def _int_or_none(lo: int, hi: int) -> Callable[[str, Any], int | None]:
+    check = _int_range(lo, hi)
+
+    def maybe(name: str, value: Any) -> int | None:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "auto")):
+            return None
+        return check(name, value)
+
+    return maybe
+
+
+def _host(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value.strip()):
+        raise ValueError(f"{name} must be an address to bind such as 127.0.0.1, not {value!r}")
+    return value.strip()
+
+
 @dataclass(frozen=True)
 class Config:
     """The effective configuration of an install()."""
@@ -120,6 +143,10 @@ class Config:
     top_sites: int = 10
     max_events_per_report: int = 50
     churn_warning: bool = True
+    churn_limit: int | None = None  # closes per site per 60 s; None = half of ip_local_port_range
+    max_events_per_minute: int = 120
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -136,6 +163,10 @@ OPTIONS: dict[str, Callable[[str, Any], Any]] = {
     "top_sites": _int_range(1, 10_000),
     "max_events_per_report": _int_range(1, 100_000),
     "churn_warning": _bool,
+    "churn_limit": _int_or_none(1, 10_000_000),
+    "max_events_per_minute": _int_range(1, 1_000_000),
+    "metrics_port": _port_or_none,
+    "metrics_addr": _host,
 }
 
 
