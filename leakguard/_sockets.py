@@ -4,7 +4,7 @@
 ``ssl.SSLContext.wrap_socket`` and asyncio's transports all construct a
 ``socket.socket`` (or subclass), so one hook records them all.  It is a plain
 function rather than a wrapt proxy because it runs for every socket: a wrapt
-bound wrapper costs more than the whole budget (see MEASURED.md).  Nothing is
+bound wrapper alone costs about the whole budget (see MEASURED.md).  Nothing is
 hooked on ``close()``; see :mod:`leakguard.registry`.
 """
 
@@ -14,7 +14,7 @@ import socket
 from typing import Any
 
 from ._patch import Patches
-from .registry import record_socket, _errors
+from .registry import _errors, record_socket
 
 __all__ = ["instrument", "uninstrument"]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import itertools
+import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ __all__ = [
     "Record",
     "Scope",
     "adopt",
+    "all_records",
     "annotate",
     "clear",
     "current_scope",
@@ -95,12 +97,19 @@ class Scope:
 
 
 class Record:
-    """One socket leakguard saw created."""
+    """One socket leakguard saw created (or a descriptor an integration adopted).
+
+    The socket hook stores only a tuple ``(ref, created, seq, frames, scope)``;
+    a Record is the view built from it on first use, so creating a socket pays
+    for one small tuple.  A Record stays valid while its entry is the current
+    one for its descriptor.
+    """
 
     __slots__ = (
         "__weakref__",
         "addrs",
         "created",
+        "entry",
         "fd",
         "frames",
         "origin",
@@ -108,41 +117,24 @@ class Record:
         "ref",
         "seq",
         "target",
-        "thread",
     )
 
-    def __init__(
-        self,
-        ref: Any,
-        fd: int,
-        frames: stacks.Frames,
-        origin: str,
-        target: str | None,
-    ) -> None:
-        self.ref = ref  # weakref to the socket object, or None for adopted C-level fds
+    def __init__(self, fd: int, entry: Entry) -> None:
+        ref, created, seq, frames, sc = entry
+        self.entry = entry
         self.fd = fd
-        self.created = time.monotonic()
-        self.seq = next(_seq)
-        self.frames = frames
-        self.origin = origin
-        self.target = target
+        self.ref = ref  # weakref to the socket (or the driver connection owning the fd), or None
+        self.created: float = created  # time.monotonic()
+        self.seq: int = seq  # increases with every record: "created after X" is seq > X.seq
+        self.frames: stacks.Frames = frames
+        self.origin: str = sc.origin if sc is not None else "socket"
+        self.target: str | None = sc.target if sc is not None else None
         self.pool: PoolInfo | None = None
         self.addrs: tuple[str | None, str | None] | None = None  # (local, remote) once stable
 
     def alive(self) -> bool:
-        """Is the recorded socket object still open on the same descriptor?"""
-        ref = self.ref
-        if ref is None:
-            return True  # adopted descriptor without owner: the kernel view decides
-        obj = ref()
-        if obj is None:
-            return False
-        try:
-            return bool(obj.fileno() == self.fd)
-        except AttributeError:
-            return True  # an owner without fileno(): alive while the owner is
-        except Exception:
-            return False  # closed sockets and connections raise or return -1
+        """Is the recorded socket (or owner) still open on the same descriptor?"""
+        return _alive(self.fd, self.ref)
 
     def stack(self) -> list[stacks.Frame]:
         return stacks.frames(self.frames)
@@ -152,11 +144,30 @@ class Record:
         return f"<Record fd={self.fd} origin={self.origin} created at {site}>"
 
 
+# (weakref or None, time.monotonic(), seq, frames, Scope or None)
+Entry = tuple[Any, float, int, stacks.Frames, "Scope | None"]
+
 _seq = itertools.count(1)
-_records: dict[int, Record] = {}
+_records: dict[int, Entry] = {}  # written by the socket hook, lock-free
+_views: dict[int, Record] = {}  # Record views of entries, built on demand
+_views_lock = threading.Lock()
 _scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar("leakguard_scope", default=None)
 _errors = [0]  # failures contained inside hooks, for stats() and tests
-depth = [32]  # frames captured per socket; set by install(stack_depth=...)
+depth = [48]  # frames captured per socket; set by install(stack_depth=...)
+
+
+def _alive(fd: int, ref: Any) -> bool:
+    if ref is None:
+        return True  # adopted descriptor without owner: the kernel view decides
+    obj = ref()
+    if obj is None:
+        return False
+    try:
+        return bool(obj.fileno() == fd)
+    except AttributeError:
+        return True  # an owner without fileno(): alive while the owner is
+    except Exception:
+        return False  # closed sockets and connections raise or return -1
 
 
 def record_socket(sock: Any, inherit: bool = False) -> None:
@@ -168,21 +179,43 @@ def record_socket(sock: Any, inherit: bool = False) -> None:
     original creation stack.
     """
     fd = sock.fileno()
-    if fd < 0:
-        return
     if inherit:
         old = _records.get(fd)
-        if old is not None and old.ref is not None:
-            other = old.ref()
+        if old is not None and old[0] is not None:
+            other = old[0]()
             if other is not None and other is not sock and other.fileno() == fd:
-                old.ref = weakref.ref(sock)
+                _handover(fd, old, sock)
                 return
     sc = _scope.get()
     if sc is None:
-        _records[fd] = Record(weakref.ref(sock), fd, stacks.capture(2, depth[0]), "socket", None)
+        _records[fd] = (_ref(sock), _monotonic(), next(_seq), stacks.capture(2, depth[0]), None)
     else:
         frames = sc.frames if sc.frames is not None else stacks.capture(2, depth[0])
-        _records[fd] = Record(weakref.ref(sock), fd, frames, sc.origin, sc.target)
+        _records[fd] = (_ref(sock), _monotonic(), next(_seq), frames, sc)
+
+
+_ref = weakref.ref
+_monotonic = time.monotonic
+
+
+def _handover(fd: int, old: Entry, sock: Any) -> None:
+    new = (weakref.ref(sock),) + old[1:]
+    with _views_lock:
+        _records[fd] = new  # type: ignore[assignment]
+        view = _views.get(fd)
+        if view is not None and view.entry is old:
+            view.entry, view.ref = new, new[0]  # type: ignore[assignment]
+
+
+def _view(fd: int, entry: Entry) -> Record:
+    view = _views.get(fd)
+    if view is not None and view.entry is entry:
+        return view
+    with _views_lock:
+        view = _views.get(fd)
+        if view is None or view.entry is not entry:
+            view = _views[fd] = Record(fd, entry)
+        return view
 
 
 def adopt(
@@ -206,14 +239,14 @@ def adopt(
             ref = weakref.ref(owner)
         except TypeError:
             ref = None
-    rec = _records[fd] = Record(ref, fd, frames, origin, target)
-    return rec
+    entry = _records[fd] = (ref, time.monotonic(), next(_seq), frames, Scope(origin, target, None))
+    return _view(fd, entry)
 
 
 def annotate(fd: int, origin: str | None = None, target: str | None = None) -> Record | None:
     """Set origin/target of the live record of *fd* (used after a driver connects)."""
-    rec = _records.get(fd)
-    if rec is None or not rec.alive():
+    rec = get(fd)
+    if rec is None:
         return None
     if origin is not None:
         rec.origin = origin
@@ -247,29 +280,41 @@ def current_scope() -> Scope | None:
 
 def get(fd: int) -> Record | None:
     """The live record for *fd*, or None."""
-    rec = _records.get(fd)
-    if rec is None:
+    entry = _records.get(fd)
+    if entry is None:
         return None
-    if rec.alive():
-        return rec
-    _drop(fd, rec)
+    if _alive(fd, entry[0]):
+        return _view(fd, entry)
+    _drop(fd, entry)
     return None
 
 
-def _drop(fd: int, rec: Record) -> None:
-    if _records.get(fd) is rec:  # not replaced by a newer socket meanwhile
-        _records.pop(fd, None)
+def _drop(fd: int, entry: Entry) -> None:
+    """Forget a stale entry, unless a newer socket has taken the descriptor meanwhile."""
+    if _records.get(fd) is entry:
+        popped = _records.pop(fd, None)
+        if popped is not None and popped is not entry:
+            # A new socket got this fd between the check and the pop: put it back.
+            _records.setdefault(fd, popped)
+    view = _views.get(fd)
+    if view is not None and view.entry is entry:
+        _views.pop(fd, None)
 
 
 def live() -> dict[int, Record]:
     """All live records by fd; drops stale ones on the way."""
     out: dict[int, Record] = {}
-    for fd, rec in list(_records.items()):
-        if rec.alive():
-            out[fd] = rec
+    for fd, entry in list(_records.items()):
+        if _alive(fd, entry[0]):
+            out[fd] = _view(fd, entry)
         else:
-            _drop(fd, rec)
+            _drop(fd, entry)
     return out
+
+
+def all_records() -> list[Record]:
+    """Every record still in the table, stale ones included (for churn accounting)."""
+    return [_view(fd, entry) for fd, entry in list(_records.items())]
 
 
 def prune() -> int:
@@ -278,7 +323,9 @@ def prune() -> int:
 
 
 def clear() -> None:
-    _records.clear()
+    with _views_lock:
+        _records.clear()
+        _views.clear()
 
 
 def stats() -> dict[str, int]:

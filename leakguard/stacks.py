@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 #: Frames kept beyond the first application frame (its callers).
-CONTEXT = 4
+CONTEXT = 3
 
 Frames = tuple[Any, ...]  # (code, lasti, code, lasti, ...), innermost first
 
@@ -130,34 +130,36 @@ def _is_app_code(code: CodeType) -> bool:
     return r
 
 
+_getframe = sys._getframe
+
+
 def capture(skip: int = 1, depth: int = 32) -> Frames:
-    """Capture the caller's stack: innermost first, stopping after the app frame.
+    """Capture the caller's stack: innermost first, stopping ``CONTEXT`` frames past the app frame.
 
     *skip* frames are left out (1 = the caller of ``capture``).
     """
     try:
-        f = sys._getframe(skip + 1)
+        f = _getframe(skip + 1)
     except ValueError:
         return ()
     out: list[Any] = []
-    extra = -1
+    add = out.extend
     get = _app_code.get
     while f is not None and depth > 0:
         code = f.f_code
-        out.append(code)
-        out.append(f.f_lasti)
-        if extra < 0:
-            is_app = get(code)
-            if is_app is None:
-                is_app = _is_app_code(code)
-            if is_app:
-                extra = CONTEXT
-        elif extra == 0:
-            break
-        else:
-            extra -= 1
+        add((code, f.f_lasti))
         depth -= 1
+        is_app = get(code)
+        if is_app is None:
+            is_app = _is_app_code(code)
         f = f.f_back
+        if is_app:  # the application's frame: keep a few of its callers, then stop
+            n = CONTEXT if CONTEXT < depth else depth
+            while f is not None and n > 0:
+                add((f.f_code, f.f_lasti))
+                f = f.f_back
+                n -= 1
+            break
     return tuple(out)
 
 
