@@ -14,6 +14,31 @@ from . import _config
 __all__ = ["main"]
 
 
+#: What each option does, for ``leakguard run --help``.
+_HELP = {
+    "report_interval": "seconds between periodic structlog reports (default for 'run': 60; 'none' = off)",
+    "stack_depth": "most frames captured per socket",
+    "integrations": "'all', 'none' or a comma-separated list of integrations",
+    "checkout_threshold": "report pooled connections checked out longer than this many seconds",
+    "log_format": "auto (the program's structlog configuration, else readable lines), console or json",
+    "dump_signal": "a signal (e.g. SIGUSR1) that writes a report at once",
+    "top_sites": "most leak sites reported per report",
+    "max_events_per_report": "most events per report",
+    "max_events_per_minute": "rate limit on report events",
+    "churn_warning": "warn about sites that open and close connections fast enough to exhaust local ports",
+    "churn_limit": "closes per site and peer per 60 s that trigger the churn warning (default: half the port range)",
+    "metrics_port": "serve Prometheus metrics on this port (0 = any free port; needs prometheus_client)",
+    "metrics_addr": "address the metrics server binds (default 127.0.0.1)",
+}
+
+#: ``leakguard run`` turns the watcher on unless told otherwise: nobody calls snapshot() in production.
+RUN_DEFAULTS = {"report_interval": "60"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leakguard", description="Find connection leaks and the line that opened them.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -22,13 +47,43 @@ def _parser() -> argparse.ArgumentParser:
         "run",
         help="run a Python program with leakguard installed from its first line",
         usage="leakguard run [options] -- CMD [ARGS...]",
+        description=(
+            "Run CMD (any command that starts Python: python app.py, gunicorn app:app, ...) with leakguard "
+            "installed before the program's first line. Each option sets the LEAKGUARD_* variable named in its "
+            "help; variables already set in the environment apply too, options win. The program replaces this "
+            "process: its exit code and the signals sent to it are its own."
+        ),
     )
     for name in _config.OPTIONS:
-        run.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="VALUE", help=f"sets LEAKGUARD_{name.upper()}")
+        run.add_argument(
+            _flag(name), dest=name, metavar="VALUE", help=f"{_HELP.get(name, name)} [LEAKGUARD_{name.upper()}]"
+        )
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command to run, after --")
     snap = sub.add_parser("snapshot", help="print this process's sockets (mostly useful under 'run')")
     snap.add_argument("--json", action="store_true")
     return p
+
+
+def run_environment(options: dict[str, str], environ: dict[str, str]) -> dict[str, str]:
+    """The environment for ``run``: options as ``LEAKGUARD_*``, the bootstrap on PYTHONPATH.
+
+    Raises ValueError naming the option (``--report-interval``) or variable at fault.
+    """
+    env = dict(environ)
+    for name, value in options.items():
+        try:
+            _config.OPTIONS[name](name, value)
+        except ValueError as exc:
+            raise ValueError(f"{_flag(name)}: {exc}") from None
+        env[f"LEAKGUARD_{name.upper()}"] = value
+    for name, value in RUN_DEFAULTS.items():
+        env.setdefault(f"LEAKGUARD_{name.upper()}", value)
+    _config.parse({}, env)  # the variables the program will see: a bad one is an error here
+    boot = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bootstrap")
+    old = env.get("PYTHONPATH")
+    # Keep the program's PYTHONPATH exactly (an empty entry means the current directory).
+    env["PYTHONPATH"] = boot + (os.pathsep + old if old else "")
+    return env
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -38,25 +93,23 @@ def _run(args: argparse.Namespace) -> int:
     if not cmd:
         print("leakguard run: nothing to run; usage: leakguard run [options] -- CMD [ARGS...]", file=sys.stderr)
         return 2
-    env = dict(os.environ)
-    for name in _config.OPTIONS:
-        value = getattr(args, name)
-        if value is not None:
-            env[f"LEAKGUARD_{name.upper()}"] = value
-    try:  # validate now: a bad value is a clear error here, not a crash in the child
-        _config.parse({}, env)
+    options = {name: getattr(args, name) for name in _config.OPTIONS if getattr(args, name) is not None}
+    try:  # validate now: a bad value is a clear error here, not a crash in the program
+        env = run_environment(options, dict(os.environ))
     except ValueError as exc:
         print(f"leakguard run: {exc}", file=sys.stderr)
         return 2
-    boot = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bootstrap")
-    env["PYTHONPATH"] = os.pathsep.join([boot] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     exe = cmd[0]
-    if shutil.which(exe, path=env.get("PATH")) is None and not os.path.exists(exe):
+    if shutil.which(exe, path=env.get("PATH")) is None:
         print(f"leakguard run: command not found: {exe}", file=sys.stderr)
         return 127
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execvpe(exe, cmd, env)  # the program replaces us: exit code and signals are its own
+    try:
+        os.execvpe(exe, cmd, env)  # the program replaces us: exit code and signals are its own
+    except OSError as exc:
+        print(f"leakguard run: cannot run {exe}: {exc}", file=sys.stderr)
+        return 126
     return 0  # pragma: no cover
 
 
