@@ -213,8 +213,9 @@ def _leak_reason(info: SocketInfo, rec: registry.Record | None) -> str:
             )
         else:
             text += (
-                f"; it sits idle in pool {pool.name}, which discards it at the next checkout"
-                " (enable pre-ping / recycle to drop dead connections sooner)"
+                f"; it sits idle in pool {pool.name}: the application returned it and the pool"
+                " keeps it until it next checks it or hands it out (a checkout check such as"
+                " pool_pre_ping drops dead connections before a query fails)"
             )
     return text
 
