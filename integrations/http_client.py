@@ -1,0 +1,52 @@
+"""http.client (and urllib.request, which uses it): origin ``http.client``.
+
+``HTTPConnection.connect`` is where the standard library opens its socket
+(``HTTPSConnection.connect`` calls it before wrapping TLS); it runs once per
+connection, never for a request on an open keep-alive connection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from leakguard._patch import Patches
+
+from . import _common
+
+REQUIRES = None  # standard library
+
+_patches = Patches()
+
+
+def _target(conn: Any) -> str | None:
+    import http.client
+
+    scheme = "https" if isinstance(conn, http.client.HTTPSConnection) else "http"
+    host = getattr(conn, "_tunnel_host", None)  # through a proxy: where the app is going
+    if host:
+        return _common.http_target(scheme, host, getattr(conn, "_tunnel_port", None))
+    return _common.http_target(scheme, conn.host, conn.port)
+
+
+def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    try:
+        target = _target(instance)
+    except Exception:
+        target = None
+    entered = _common.enter("http.client", target)
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _common.leave(entered)
+
+
+def instrument() -> None:
+    import http.client
+
+    _common.register_package("http.client", http.client)
+    _patches.wrap(http.client, "HTTPConnection.connect", _connect)
+
+
+def uninstrument() -> None:
+    _patches.undo()
+    _common.unregister_package("http.client")
