@@ -342,12 +342,22 @@ def _origin(frames: stacks.Frames, default: str) -> str:
     return origin
 
 
+# The scope is set on registry's context variable directly rather than through
+# the ``registry.scope()`` generator context manager: this runs once per new
+# connection and the generator costs more than everything else here together.
+# The nesting rule is registry.scope()'s: the outer origin wins, the inner
+# scope only fills in a target or frames the outer one lacked.
+_var = getattr(registry, "_scope", None)
+_Scope = getattr(registry, "Scope", None)
+
+
 class Entered:
     """The scope :func:`enter` opened; close it with :func:`leave`."""
 
-    __slots__ = ("cm",)
+    __slots__ = ("cm", "token")
 
-    def __init__(self, cm: Any) -> None:
+    def __init__(self, token: Any = None, cm: Any = None) -> None:
+        self.token = token
         self.cm = cm
 
 
@@ -355,15 +365,26 @@ def enter(default_origin: str, target: str | None, skip: int = 2) -> Entered | N
     """Open a :func:`registry.scope` for the connection a library is about to open.
 
     Captures the stack once (*skip* frames are left out: 2 = ``enter`` and the
-    wrapper that calls it; wrapt adds no Python frame), names the origin and returns
-    a handle for :func:`leave`, or ``None`` if anything of ours failed (the
-    caller then just calls through).
+    wrapper that calls it; wrapt adds no Python frame), names the origin and
+    returns a handle for :func:`leave`, or ``None`` if anything of ours failed
+    (the caller then just calls through).
     """
     try:
-        frames = stacks.capture(skip, registry.depth[0])
-        cm = registry.scope(_origin(frames, default_origin), target, frames)
-        cm.__enter__()
-        return Entered(cm)
+        if _var is None or _Scope is None:  # a registry without the context variable
+            frames = stacks.capture(skip, registry.depth[0])
+            cm = registry.scope(_origin(frames, default_origin), target, frames)
+            cm.__enter__()
+            return Entered(cm=cm)
+        outer = _var.get()
+        if outer is not None and outer.frames is not None:
+            sc = _Scope(outer.origin, outer.target or target, outer.frames)  # nothing to capture
+        else:
+            frames = stacks.capture(skip, registry.depth[0])
+            if outer is not None:
+                sc = _Scope(outer.origin, outer.target or target, frames)
+            else:
+                sc = _Scope(_origin(frames, default_origin), target, frames)
+        return Entered(token=_var.set(sc))
     except Exception:
         registry._errors[0] += 1
         return None
@@ -378,6 +399,9 @@ def leave(entered: Entered | None) -> None:
     if entered is None:
         return
     try:
-        entered.cm.__exit__(None, None, None)
-    except Exception:
+        if entered.token is not None:
+            _var.reset(entered.token)  # type: ignore[union-attr]
+        else:
+            entered.cm.__exit__(None, None, None)
+    except Exception:  # e.g. a coroutine closed from another context
         registry._errors[0] += 1
