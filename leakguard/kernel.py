@@ -8,7 +8,9 @@ and psutil read every socket of the machine).  Descriptors leakguard never saw
 created are queried through a temporary ``_socket.socket(fileno=fd)`` that is
 always detached, so the host's descriptor is never closed or changed.
 
-Elsewhere: psutil.
+Elsewhere, or when ``/proc`` cannot be read: psutil; when psutil fails too,
+only the socket objects leakguard tracks are asked (a degraded view, never an
+exception).
 """
 
 from __future__ import annotations
@@ -148,9 +150,6 @@ def read_sockets(
     if _IS_LINUX and os.path.isdir("/proc/self/fd"):
         try:
             fds = _list_fds()
-        except OSError:
-            fds = None
-        if fds is not None:
             out = []
             get = objects.get
             kget = known.get
@@ -159,7 +158,27 @@ def read_sockets(
                 if ks is not None:
                     out.append(ks)
             return out, len(fds) - 1  # minus listdir's own descriptor
-    return _read_psutil(objects), None
+        except Exception:  # /proc unreadable or odd: degrade to psutil rather than fail the caller
+            pass
+    try:
+        return _read_psutil(objects), None
+    except Exception:  # psutil refused (permissions, an old version): what leakguard tracks itself
+        return _read_objects(objects, known), None
+
+
+def _read_objects(
+    objects: dict[int, Any], known: dict[int, tuple[str | None, str | None]]
+) -> list[KernelSocket]:
+    """Last resort: ask only the socket objects leakguard tracks (untracked sockets are missed)."""
+    out = []
+    for fd, obj in objects.items():
+        try:
+            family, kind = _family_of(obj), _type_of(obj)
+            state, local, remote = _query(obj, family, kind, known.get(fd))
+        except Exception:
+            continue
+        out.append(KernelSocket(fd, family, kind, state, local, remote, obj))
+    return out
 
 
 def _read_psutil(objects: dict[int, Any]) -> list[KernelSocket]:
