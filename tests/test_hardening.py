@@ -1,0 +1,702 @@
+"""Hardening: leakguard never breaks the host, degrades instead of failing, rejects bad input clearly.
+
+Faults are injected into leakguard's *own* functions (stack capture, the
+registry, the kernel reader), never into the kernel or the socket module: the
+host's calls are real and must behave exactly as without leakguard.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import psutil
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import leakguard
+from leakguard import _config, _sockets, kernel, registry, stacks
+
+from .helpers import HangUpServer, this_line, wait_close_wait, wait_for
+
+HERE = os.path.abspath(__file__)
+
+
+class Boom(RuntimeError):
+    """The failure injected into leakguard's own code."""
+
+
+def _raise(*args: Any, **kwargs: Any) -> Any:
+    raise Boom("injected failure inside leakguard")
+
+
+#: leakguard's own functions a fault can be injected into: name -> (owner, attribute).
+FAULTS: dict[str, tuple[Any, str]] = {
+    "stack_capture": (stacks, "capture"),  # the stack walk raises
+    "record_socket": (_sockets, "record_socket"),  # the registry as a whole fails
+    "registry_ref": (registry, "_ref"),  # weakref creation fails ("registry full")
+    "registry_clock": (registry, "_monotonic"),
+}
+
+
+@pytest.fixture
+def installed_quiet() -> Iterator[None]:
+    leakguard.install(integrations="none")
+    try:
+        yield
+    finally:
+        leakguard.uninstall()
+
+
+def _plain_http_server() -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"hello"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+class TestContainment:
+    """A failure of leakguard's own code never reaches the host: its sockets work, nothing is raised."""
+
+    @pytest.mark.parametrize("fault", sorted(FAULTS))
+    def test_creation_paths_survive(
+        self, fault: str, installed_quiet: None, monkeypatch: pytest.MonkeyPatch, hangup_server: HangUpServer
+    ) -> None:
+        owner, attr = FAULTS[fault]
+        errors = registry.stats()["hook_errors"]
+        monkeypatch.setattr(owner, attr, _raise)
+        opened: list[socket.socket] = []
+        try:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            opened.append(s)
+            s.settimeout(5)
+            s.connect(hangup_server.address)
+            assert s.getpeername() == hangup_server.address
+            opened.append(socket.create_connection(hangup_server.address, timeout=5))
+            a, b = socket.socketpair()
+            opened += [a, b]
+            a.sendall(b"ping")
+            assert b.recv(4) == b"ping"
+            opened.append(socket.fromfd(s.fileno(), socket.AF_INET, socket.SOCK_STREAM))
+            listener = socket.create_server(("127.0.0.1", 0))
+            opened.append(listener)
+            client = socket.create_connection(listener.getsockname())
+            opened.append(client)
+            conn, _ = listener.accept()
+            opened.append(conn)
+            assert conn.getpeername() == client.getsockname()
+        finally:
+            for sock in opened:
+                sock.close()
+        assert registry.stats()["hook_errors"] > errors
+        monkeypatch.undo()
+        # the hook still works once the fault is gone
+        with socket.socket() as s2:
+            assert registry.get(s2.fileno()) is not None
+
+    @pytest.mark.parametrize("fault", ["stack_capture", "record_socket"])
+    def test_unrecorded_socket_still_shows_as_unknown(
+        self, fault: str, installed_quiet: None, monkeypatch: pytest.MonkeyPatch, hangup_server: HangUpServer
+    ) -> None:
+        owner, attr = FAULTS[fault]
+        monkeypatch.setattr(owner, attr, _raise)
+        s = socket.create_connection(hangup_server.address)
+        try:
+            monkeypatch.undo()
+            info = wait_close_wait(s.fileno())
+            assert info.origin == "unknown" and info.stack == [] and info.record is None
+        finally:
+            s.close()
+
+    def test_http_client_survives_stack_capture_failure(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """requests + urllib3 integrations: the request returns the same response."""
+        requests = pytest.importorskip("requests")
+        srv = _plain_http_server()
+        leakguard.install()
+        try:
+            url = f"http://127.0.0.1:{srv.server_address[1]}/"
+            monkeypatch.setattr(stacks, "capture", _raise)
+            with requests.Session() as session:
+                r = session.get(url, timeout=5)
+                assert (r.status_code, r.content) == (200, b"hello")
+            with pytest.raises(requests.ConnectionError):  # the same exception as without leakguard
+                requests.get(f"http://127.0.0.1:{_closed_port()}/", timeout=5)
+        finally:
+            leakguard.uninstall()
+            srv.shutdown()
+            srv.server_close()
+
+    def test_db_driver_survives_registry_failure(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """psycopg2 (a C-level socket adopted by the integration): the connection works."""
+        from .helpers import require_service
+
+        require_service("postgres")
+        psycopg2 = pytest.importorskip("psycopg2")
+        leakguard.install(integrations=["psycopg2"])
+        try:
+            monkeypatch.setattr(registry, "adopt", _raise)
+            monkeypatch.setattr(stacks, "capture", _raise)
+            conn = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="test", connect_timeout=5)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("select 41 + 1")
+                    assert cur.fetchone() == (42,)
+            finally:
+                conn.close()
+            with pytest.raises(psycopg2.OperationalError):
+                psycopg2.connect(host="127.0.0.1", port=_closed_port(), user="postgres", connect_timeout=5)
+        finally:
+            leakguard.uninstall()
+
+    def test_watcher_survives_failing_snapshot(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A watcher whose every tick fails keeps ticking and raises nothing into any thread."""
+        from leakguard import watcher
+
+        hooked: list[Any] = []
+        monkeypatch.setattr(threading, "excepthook", lambda args: hooked.append(args))
+        monkeypatch.setattr(watcher, "take_snapshot", _raise)
+        leakguard.install(report_interval=0.02, integrations="none", log_format="json")
+        try:
+            w = watcher.current()
+            assert w is not None
+            assert wait_for(lambda: w.ticks >= 3)
+            assert w.alive
+        finally:
+            leakguard.uninstall()
+        assert hooked == []
+
+
+def _closed_port() -> int:
+    """A loopback port nobody listens on (bound briefly, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class TestDegradedKernelView:
+    """snapshot() degrades instead of raising: /proc failing -> psutil -> leakguard's own objects."""
+
+    def _leak(self, server: HangUpServer) -> tuple[socket.socket, int]:
+        s = socket.create_connection(server.address); line = this_line()  # noqa: E702
+        return s, line
+
+    def _check_leak(self, s: socket.socket, line: int) -> leakguard.SocketInfo:
+        info = wait_close_wait(s.fileno())
+        assert info.site is not None
+        assert (os.path.abspath(info.site.file), info.site.line) == (HERE, line)
+        return info
+
+    def test_linux_path_off_uses_psutil(
+        self, installed_quiet: None, monkeypatch: pytest.MonkeyPatch, hangup_server: HangUpServer
+    ) -> None:
+        monkeypatch.setattr(kernel, "_IS_LINUX", False)
+        s, line = self._leak(hangup_server)
+        try:
+            info = self._check_leak(s, line)
+            assert info.remote == f"127.0.0.1:{hangup_server.port}" and info.origin == "socket"
+            json.dumps(leakguard.snapshot().to_dict())
+        finally:
+            s.close()
+
+    @pytest.mark.parametrize("failure", ["list_fds_oserror", "list_fds_runtime", "read_one_raises"])
+    def test_proc_failure_falls_back_to_psutil(
+        self, failure: str, installed_quiet: None, monkeypatch: pytest.MonkeyPatch, hangup_server: HangUpServer
+    ) -> None:
+        s, line = self._leak(hangup_server)
+        try:
+            wait_close_wait(s.fileno())
+            if failure == "list_fds_oserror":
+                monkeypatch.setattr(kernel, "_list_fds", lambda: os.listdir("/proc/self/no-such-dir"))
+            elif failure == "list_fds_runtime":
+                monkeypatch.setattr(kernel, "_list_fds", _raise)
+            else:
+                monkeypatch.setattr(kernel, "_read_one", _raise)
+            info = self._check_leak(s, line)
+            assert info.state == "CLOSE_WAIT"
+        finally:
+            s.close()
+
+    def test_psutil_failing_too_keeps_tracked_sockets(
+        self, installed_quiet: None, monkeypatch: pytest.MonkeyPatch, hangup_server: HangUpServer
+    ) -> None:
+        """Neither /proc nor psutil: the sockets leakguard tracks are still judged."""
+        s, line = self._leak(hangup_server)
+        try:
+            wait_close_wait(s.fileno())
+            monkeypatch.setattr(kernel, "_IS_LINUX", False)
+
+            def denied(self: Any, *args: Any, **kwargs: Any) -> Any:
+                raise psutil.AccessDenied(os.getpid())
+
+            monkeypatch.setattr(psutil.Process, "net_connections", denied)
+            snap = leakguard.snapshot()
+            info = self._check_leak(s, line)
+            assert info.state == "CLOSE_WAIT"
+            assert all(x.record is not None for x in snap.sockets)  # only what leakguard tracks
+            json.dumps(snap.to_dict())
+        finally:
+            s.close()
+
+    def test_snapshot_without_install_and_without_proc(
+        self, monkeypatch: pytest.MonkeyPatch, hangup_server: HangUpServer
+    ) -> None:
+        monkeypatch.setattr(kernel, "_IS_LINUX", False)
+        s = socket.create_connection(hangup_server.address)
+        try:
+            info = wait_close_wait(s.fileno())
+            assert info.origin == "unknown"
+        finally:
+            s.close()
+
+
+# --------------------------------------------------------------------------- same behaviour, property based
+
+
+class SubSocket(socket.socket):
+    """A host's socket subclass with its own __init__ (keyword style)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.extra = "mine"
+
+
+def _outcome(make: Callable[[], Any], then: Callable[[Any], Any] | None = None) -> tuple[Any, ...]:
+    """What the host observes: the attributes of the result, or the exception's type, errno and args."""
+    try:
+        s = make()
+    except Exception as exc:
+        return ("raised", type(exc), getattr(exc, "errno", None), exc.args)
+    try:
+        seen: tuple[Any, ...] = (
+            "ok",
+            type(s),
+            s.family,
+            s.type,
+            s.proto,
+            s.gettimeout(),
+            s.getblocking(),
+            getattr(s, "extra", None),
+        )
+        if then is not None:
+            try:
+                seen += ("then", then(s))
+            except Exception as exc:
+                seen += ("then-raised", type(exc), getattr(exc, "errno", None), exc.args)
+        return seen
+    finally:
+        s.close()
+
+
+FAMILIES = [socket.AF_INET, socket.AF_INET6, socket.AF_UNIX, -1, 0, 9999, "inet", 2.0, None]
+TYPES = [
+    socket.SOCK_STREAM,
+    socket.SOCK_DGRAM,
+    socket.SOCK_RAW,
+    socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+    -1,
+    12345,
+    "stream",
+]
+PROTOS = [0, -1, socket.IPPROTO_TCP, socket.IPPROTO_UDP, 255, 99999, "tcp"]
+TIMEOUTS = [None, 0, 0.0, 0.5, 5, -1, math.nan, math.inf, "1", object()]
+
+
+@pytest.fixture(scope="module")
+def refusing_port() -> Iterator[int]:
+    """A loopback port bound but not listening: connect() is refused, deterministically."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    try:
+        yield int(s.getsockname()[1])
+    finally:
+        s.close()
+
+
+def _with_fault(fault: str | None, fn: Callable[[], Any]) -> Any:
+    if fault is None:
+        return fn()
+    owner, attr = FAULTS[fault]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(owner, attr, _raise)
+        return fn()
+
+
+def _compare(fn: Callable[[], Any], fault: str | None) -> None:
+    leakguard.uninstall()
+    plain = fn()
+    leakguard.install(integrations="none")
+    try:
+        hooked = _with_fault(fault, fn)
+    finally:
+        leakguard.uninstall()
+    assert hooked == plain
+
+
+FAULT_MODES = st.sampled_from([None, *sorted(FAULTS)])
+HYP = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+class TestSameBehaviour:
+    """Installed (even with leakguard's own code failing) the socket API returns and raises exactly as plain."""
+
+    @HYP
+    @given(
+        cls=st.sampled_from([socket.socket, SubSocket]),
+        family=st.sampled_from(FAMILIES),
+        kind=st.sampled_from(TYPES),
+        proto=st.sampled_from(PROTOS),
+        keywords=st.booleans(),
+        fault=FAULT_MODES,
+    )
+    def test_constructor(self, cls: type, family: Any, kind: Any, proto: Any, keywords: bool, fault: Any) -> None:
+        if keywords:
+            make = lambda: cls(family=family, type=kind, proto=proto)  # noqa: E731
+        else:
+            make = lambda: cls(family, kind, proto)  # noqa: E731
+        _compare(lambda: _outcome(make), fault)
+
+    @HYP
+    @given(
+        source=st.sampled_from(["socket", "udp", "unix", "file", "closed", "huge", "negative", "str", "float"]),
+        family=st.sampled_from([-1, socket.AF_INET, socket.AF_UNIX]),
+        kind=st.sampled_from([-1, socket.SOCK_STREAM, socket.SOCK_DGRAM]),
+        fault=FAULT_MODES,
+    )
+    def test_fileno(self, source: str, family: int, kind: int, fault: Any) -> None:
+        def run() -> tuple[Any, ...]:
+            owned: list[Any] = []
+            try:
+                if source == "socket":
+                    base = socket.socket()
+                    owned.append(base)
+                    fd: Any = os.dup(base.fileno())
+                elif source == "udp":
+                    base = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    owned.append(base)
+                    fd = os.dup(base.fileno())
+                elif source == "unix":
+                    a, b = socket.socketpair()
+                    owned += [a, b]
+                    fd = os.dup(a.fileno())
+                elif source == "file":
+                    f = open(os.devnull, "rb")  # noqa: SIM115
+                    owned.append(f)
+                    fd = os.dup(f.fileno())
+                elif source == "closed":
+                    fd = _closed_fd()
+                else:
+                    fd = {"huge": 2**30, "negative": -5, "str": "3", "float": 3.0}[source]
+                result = _outcome(lambda: socket.socket(family, kind, 0, fd))
+                if result[0] == "raised" and isinstance(fd, int) and fd >= 0 and source in ("socket", "udp", "unix", "file"):
+                    os.close(fd)  # the constructor failed: the descriptor is still ours
+                return result
+            finally:
+                for o in owned:
+                    o.close()
+
+        _compare(run, fault)
+
+    @HYP
+    @given(
+        family=st.sampled_from([socket.AF_INET, socket.AF_INET6]),
+        kind=st.sampled_from([socket.SOCK_STREAM, socket.SOCK_DGRAM]),
+        timeout=st.sampled_from(TIMEOUTS),
+        fault=FAULT_MODES,
+    )
+    def test_timeouts_and_refused_connect(
+        self, refusing_port: int, family: int, kind: int, timeout: Any, fault: Any
+    ) -> None:
+        host = "127.0.0.1" if family == socket.AF_INET else "::1"
+
+        def then(s: socket.socket) -> Any:
+            steps: list[Any] = []
+            try:
+                s.settimeout(timeout)
+                steps.append(("timeout", s.gettimeout(), s.getblocking()))
+            except Exception as exc:
+                steps.append(("settimeout-raised", type(exc), exc.args))
+            if s.gettimeout() == 0:
+                return tuple(steps)  # a non-blocking connect's first answer depends on timing
+            try:
+                steps.append(("connect", s.connect_ex((host, refusing_port))))
+            except Exception as exc:
+                steps.append(("connect-raised", type(exc), getattr(exc, "errno", None)))
+            return tuple(steps)
+
+        _compare(lambda: _outcome(lambda: socket.socket(family, kind), then), fault)
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        address=st.sampled_from(["refused", "bad-service", "bad-port", "tuple3", "none"]),
+        timeout=st.sampled_from([None, 2.0]),  # a bad timeout makes the stdlib itself leak the socket
+        fault=FAULT_MODES,
+    )
+    def test_create_connection(self, refusing_port: int, address: str, timeout: Any, fault: Any) -> None:
+        addr: Any = {
+            "refused": ("127.0.0.1", refusing_port),
+            "bad-service": ("127.0.0.1", "no-such-service"),  # resolved locally, no DNS
+            "bad-port": ("127.0.0.1", 70000),
+            "tuple3": ("127.0.0.1", refusing_port, 0),
+            "none": None,
+        }[address]
+
+        def run() -> tuple[Any, ...]:
+            return _outcome(lambda: socket.create_connection(addr, timeout=timeout))
+
+        _compare(run, fault)
+
+    def test_connect_refused_exception_identical(self, refusing_port: int) -> None:
+        """The exact exception object the host sees: type, errno, strerror, no chained leakguard context."""
+
+        def run() -> tuple[Any, ...]:
+            with socket.socket() as s:
+                try:
+                    s.connect(("127.0.0.1", refusing_port))
+                except OSError as exc:
+                    return (type(exc), exc.errno, exc.strerror, exc.__context__, exc.__cause__)
+            return ("connected",)
+
+        for fault in [None, *sorted(FAULTS)]:
+            _compare(run, fault)
+        leakguard.uninstall()
+        assert run()[:2] == (ConnectionRefusedError, errno.ECONNREFUSED)
+
+
+def _closed_fd() -> int:
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    return r
+
+
+# --------------------------------------------------------------------------- bad input
+
+_GENERIC_BAD: list[Any] = [object(), {"a": 1}, b"\xff", 1 + 2j, ["x"]]
+#: per option: wrong values of a plausible type
+_BAD_VALUES: dict[str, list[Any]] = {
+    "report_interval": [-1, 0, math.nan, math.inf, "soon", True],
+    "stack_depth": [0, -3, 1025, 2.5, "deep", True, math.nan],
+    "integrations": ["nosuchlib", ["requests", "nosuchlib"], [1, 2], 5],
+    "checkout_threshold": [-0.5, math.nan, "long", False],
+    "log_format": ["xml", "", 1],
+    "dump_signal": ["SIGNOPE", 99999, -1, 1.5, True],
+    "top_sites": [0, -1, 10_001, "many", 2.5],
+    "max_events_per_report": [0, -1, 100_001, "lots"],
+    "churn_warning": ["maybe", 2, -1, 0.5],
+    "churn_limit": [0, -5, "fast", 2.5],
+    "max_events_per_minute": [0, -1, "x"],
+    "metrics_port": [-1, 65536, "http", 1.5, True],
+    "metrics_addr": ["", "a b", 127, None],
+}
+_GOOD_ENV: dict[str, str] = {
+    "report_interval": "2.5",
+    "stack_depth": "12",
+    "integrations": "requests,redis",
+    "checkout_threshold": "30",
+    "log_format": "JSON",
+    "dump_signal": "usr1",
+    "top_sites": "3",
+    "max_events_per_report": "7",
+    "churn_warning": "off",
+    "churn_limit": "500",
+    "max_events_per_minute": "60",
+    "metrics_port": "none",
+    "metrics_addr": "::1",
+}
+
+
+def _bad_cases() -> list[tuple[str, Any]]:
+    out = []
+    for name in _config.OPTIONS:
+        for value in _GENERIC_BAD + _BAD_VALUES.get(name, []):
+            out.append((name, value))
+    return out
+
+
+class TestBadInput:
+    """Every option rejects wrong types and values with a ValueError naming it; the state is unchanged."""
+
+    def test_every_option_is_covered(self) -> None:
+        assert set(_BAD_VALUES) == set(_config.OPTIONS) == set(_GOOD_ENV)
+
+    @pytest.mark.parametrize(("name", "value"), _bad_cases(), ids=lambda v: repr(v)[:20])
+    def test_bad_value(self, name: str, value: Any) -> None:
+        with pytest.raises(ValueError, match=name):
+            leakguard.install(**{name: value})
+        assert not leakguard.installed()
+        assert vars(socket.socket)["__init__"] is _sockets._original_init
+
+    def test_bad_value_keeps_previous_install(self) -> None:
+        leakguard.install(integrations="none", top_sites=4)
+        try:
+            with pytest.raises(ValueError, match="top_sites"):
+                leakguard.install(integrations="none", top_sites=0)
+            assert leakguard.installed() and leakguard.get_config().top_sites == 4
+            with socket.socket() as s:
+                assert registry.get(s.fileno()) is not None
+        finally:
+            leakguard.uninstall()
+
+    @pytest.mark.parametrize("name", sorted(_config.OPTIONS))
+    def test_good_environment_values(self, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv(f"LEAKGUARD_{name.upper()}", _GOOD_ENV[name])
+        cfg = _config.parse({})
+        assert getattr(cfg, name) != getattr(_config.Config(), name) or name in ("metrics_port",)
+
+    @pytest.mark.parametrize(
+        ("name", "value"),
+        [(n, v) for n, vals in _BAD_VALUES.items() for v in vals if isinstance(v, str)]
+        + [(n, "garbage\u2603") for n in _config.OPTIONS if n != "metrics_addr"],
+        ids=lambda v: repr(v)[:20],
+    )
+    def test_bad_environment_variable(self, name: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        var = f"LEAKGUARD_{name.upper()}"
+        with pytest.raises(ValueError) as caught:
+            _config.parse({}, {var: value})
+        assert var in str(caught.value) and name in str(caught.value)
+        monkeypatch.setenv(var, value)
+        with pytest.raises(ValueError, match=var):
+            leakguard.install()
+        assert not leakguard.installed()
+
+    @pytest.mark.parametrize(
+        ("var", "value"),
+        [("LEAKGUARD_REPORT_INTERVAL", "-3"), ("LEAKGUARD_INTEGRATIONS", "nosuchlib"), ("LEAKGUARD_LOG_FORMAT", "xml")],
+    )
+    def test_leakguard_run_bad_variable(self, var: str, value: str) -> None:
+        env = {**os.environ, var: value}
+        proc = subprocess.run(
+            [sys.executable, "-m", "leakguard", "run", "--", sys.executable, "-c", "print('ran')"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert proc.returncode == 2, proc
+        assert "ran" not in proc.stdout
+        assert var in proc.stderr and "Traceback" not in proc.stderr
+        assert proc.stderr.count("\n") <= 2  # one clear line, not a wall of text
+
+    @pytest.mark.parametrize(("flag", "value"), [("--report-interval", "-3"), ("--stack-depth", "zero")])
+    def test_leakguard_run_bad_flag(self, flag: str, value: str) -> None:
+        proc = subprocess.run(
+            [sys.executable, "-m", "leakguard", "run", flag, value, "--", sys.executable, "-c", "print('ran')"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert proc.returncode == 2 and flag in proc.stderr and "Traceback" not in proc.stderr
+
+
+class TestLifecycle:
+    """install/uninstall in any order and number is fine; uninstall restores the exact originals."""
+
+    def test_any_order(self) -> None:
+        original = vars(socket.socket)["__init__"]
+        leakguard.uninstall()  # without install
+        leakguard.uninstall()
+        leakguard.install(integrations="none")
+        leakguard.install(integrations="none")  # twice
+        assert leakguard.installed()
+        leakguard.uninstall()
+        leakguard.uninstall()  # twice
+        assert vars(socket.socket)["__init__"] is original
+        assert not leakguard.installed()
+        leakguard.install(integrations="none", report_interval=0.05)  # after uninstall
+        try:
+            with socket.socket() as s:
+                assert registry.get(s.fileno()) is not None
+        finally:
+            leakguard.uninstall()
+        assert vars(socket.socket)["__init__"] is original
+        assert not [t for t in threading.enumerate() if t.name == "leakguard-watcher"]
+
+    def test_integrations_restored(self) -> None:
+        pytest.importorskip("requests")
+        import urllib3.connection
+
+        before = vars(urllib3.connection.HTTPConnection)["_new_conn"]
+        for _ in range(3):
+            leakguard.install()
+            leakguard.install(integrations=["requests"])
+            leakguard.uninstall()
+            assert vars(urllib3.connection.HTTPConnection)["_new_conn"] is before
+
+    def test_install_uninstall_race(self) -> None:
+        """Threads installing, uninstalling and opening sockets at once: no exception, consistent end state."""
+        errors: list[BaseException] = []
+        stop = threading.Event()
+
+        def flip() -> None:
+            try:
+                for i in range(40):
+                    if i % 2:
+                        leakguard.uninstall()
+                    else:
+                        leakguard.install(integrations="none")
+            except BaseException as exc:  # pragma: no cover - the failure we look for
+                errors.append(exc)
+
+        def churn() -> None:
+            try:
+                while not stop.is_set():
+                    socket.socket().close()
+                    leakguard.snapshot()
+            except BaseException as exc:  # pragma: no cover
+                errors.append(exc)
+
+        flippers = [threading.Thread(target=flip) for _ in range(4)]
+        churners = [threading.Thread(target=churn) for _ in range(2)]
+        for t in churners + flippers:
+            t.start()
+        for t in flippers:
+            t.join(60)
+        stop.set()
+        for t in churners:
+            t.join(60)
+        leakguard.uninstall()
+        assert errors == []
+        assert vars(socket.socket)["__init__"] is _sockets._original_init
+
+    def test_output_redirect_survives(self) -> None:
+        """A host that replaced sys.stderr with something odd still gets no exception from reports."""
+
+        class Broken(io.TextIOBase):
+            def write(self, s: str) -> int:
+                raise OSError(errno.EPIPE, "broken pipe")
+
+        old = sys.stderr
+        sys.stderr = Broken()
+        try:
+            leakguard.install(integrations="none", report_interval=0.02, log_format="console")
+            from leakguard import watcher
+
+            w = watcher.current()
+            assert w is not None
+            with HangUpServer() as srv:
+                s = socket.create_connection(srv.address)
+                try:
+                    ticks = w.ticks
+                    assert wait_for(lambda: w.ticks >= ticks + 3)
+                finally:
+                    s.close()
+        finally:
+            leakguard.uninstall()
+            sys.stderr = old
