@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import itertools
+import os
 import threading
 import time
 import weakref
@@ -154,6 +155,15 @@ _views_lock = threading.Lock()
 _scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar("leakguard_scope", default=None)
 _errors = [0]  # failures contained inside hooks, for stats() and tests
 depth = [48]  # frames captured per socket; set by install(stack_depth=...)
+
+
+def _reinit_after_fork() -> None:
+    global _views_lock
+    _views_lock = threading.Lock()  # another thread may have held it at fork time: it never unlocks here
+
+
+if hasattr(os, "register_at_fork"):  # before _state's at-fork hook, which clears the registry
+    os.register_at_fork(after_in_child=_reinit_after_fork)
 
 
 def _alive(fd: int, ref: Any) -> bool:
