@@ -28,7 +28,7 @@ import time
 import weakref
 from typing import Any
 
-from leakguard import registry, stacks
+from leakguard import _state, registry, stacks
 
 __all__ = [
     "check_thresholds",
@@ -43,8 +43,8 @@ __all__ = [
 
 log = logging.getLogger("leakguard")
 
-#: pool connection (driver connection, SQLAlchemy record, redis Connection) -> its PoolInfo
-_infos: weakref.WeakKeyDictionary[Any, registry.PoolInfo] = weakref.WeakKeyDictionary()
+#: pool connection (driver connection, SQLAlchemy record, redis Connection) -> [PoolInfo, Record]
+_links: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
 #: checked-out connections watched for the threshold: id(info) -> (info, record)
 _watched: dict[int, tuple[registry.PoolInfo, registry.Record | None]] = {}
 _lock = threading.Lock()
@@ -53,11 +53,8 @@ _timer: list[_Timer | None] = [None]
 
 def threshold() -> float | None:
     """The ``checkout_threshold`` in effect, or None (off, or leakguard not installed)."""
-    from leakguard import _state
-
-    if not _state._state.installed:
-        return None
-    return _state._state.config.checkout_threshold
+    state = _state._state
+    return state.config.checkout_threshold if state.installed else None
 
 
 def fd_of(conn: Any) -> int | None:
@@ -113,29 +110,46 @@ def _record(fd: int | None, origin: str, owner: Any) -> registry.Record | None:
 
 
 def info_of(conn: Any) -> registry.PoolInfo | None:
+    """The PoolInfo leakguard keeps for a pool connection, or None."""
     try:
-        return _infos.get(conn)
+        link = _links.get(conn)
     except TypeError:
         return None
+    return link[0] if link is not None else None
 
 
-def _info(conn: Any, name: str) -> registry.PoolInfo:
-    info = info_of(conn)
-    if info is None or info.name != name:
-        info = registry.PoolInfo(name)
+def _link(conn: Any, name: str, origin: str, fd: int | None, owner: Any) -> list[Any]:
+    """``[info, record]`` of a pool connection, linked: ``record.pool is info``.
+
+    Fast path (every checkout of a busy pool): the cached record is still the
+    current one for its descriptor (no reconnect, no new socket on that fd).
+    """
+    try:
+        link = _links.get(conn)
+    except TypeError:
+        link = None
+    if link is not None:
+        rec = link[1]
         try:
-            _infos[conn] = info
-        except TypeError:  # not weakly referenceable: the socket record alone holds it
+            if rec is not None and registry._records.get(rec.fd) is rec.entry and link[0].name == name:
+                return link
+        except AttributeError:  # the registry's internals changed: take the slow path
             pass
-    return info
+    info = link[0] if link is not None and link[0].name == name else registry.PoolInfo(name)
+    rec = _record(fd_of(conn) if fd is None else fd, origin, conn if owner is None else owner)
+    if rec is not None:
+        rec.pool = info  # also after a reconnect: the new socket belongs to the same pool slot
+    link = [info, rec]
+    try:
+        _links[conn] = link
+    except TypeError:  # not weakly referenceable: the socket record alone holds the info
+        pass
+    return link
 
 
 def pooled(conn: Any, name: str, origin: str, fd: int | None = None, owner: Any = None) -> registry.PoolInfo:
     """*conn* was just opened by pool *name* and sits idle in it."""
-    info = _info(conn, name)
-    rec = _record(fd_of(conn) if fd is None else fd, origin, conn if owner is None else owner)
-    if rec is not None:
-        rec.pool = info
+    info: registry.PoolInfo = _link(conn, name, origin, fd, owner)[0]
     return info
 
 
@@ -148,16 +162,13 @@ def checked_out(
     owner: Any = None,
 ) -> registry.PoolInfo:
     """The application took *conn* from pool *name*; *frames* is the checkout stack."""
-    info = _info(conn, name)
-    rec = _record(fd_of(conn) if fd is None else fd, origin, conn if owner is None else owner)
-    if rec is not None and rec.pool is not info:
-        rec.pool = info  # also after a reconnect: the new socket belongs to the same pool slot
+    info, rec = _link(conn, name, origin, fd, owner)
     info.check_out(frames)
     if threshold() is not None:
         with _lock:
             _watched[id(info)] = (info, rec)
         _ensure_timer()
-    return info
+    return info  # type: ignore[no-any-return]
 
 
 def checked_in(conn: Any) -> registry.PoolInfo | None:

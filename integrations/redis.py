@@ -1,12 +1,12 @@
 """redis-py, sync and asyncio: connections, and the connection pool.
 
-Connections: ``AbstractConnection.connect_check_health`` (``connect`` on redis-py
-before 5.x), the one place a connection opens its socket, runs inside a
+Connections: ``_connect`` of each connection class (TCP, TLS, unix socket; sync
+and asyncio), the one place a connection opens its socket, runs inside a
 :func:`registry.scope`: origin ``redis``, the application's stack (captured once
 there; a connection opened for a command is attributed to the command's line)
 and the target ``redis://user:***@host:6379/0`` (``rediss://`` with TLS,
-``unix:///path.sock`` for a unix socket).  The wrapper returns at once when the
-connection is already connected (the pool calls ``connect()`` for every command).
+``unix:///path.sock?db=0`` for a unix socket).  ``_connect`` runs only when a
+socket is really opened, never on the per-command ``connect()`` check.
 
 Pool: ``ConnectionPool.get_connection`` / ``release`` (and BlockingConnectionPool's,
 sync and asyncio) mark the connection checked out (with the checkout stack) or
@@ -76,8 +76,6 @@ def capture_outer() -> stacks.Frames:
 
 
 def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    if getattr(instance, "_sock", None) is not None:
-        return wrapped(*args, **kwargs)  # connected already: the per-command path stays untouched
     cm = _enter(instance)
     try:
         return wrapped(*args, **kwargs)
@@ -87,8 +85,6 @@ def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 
 
 def _aconnect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    if getattr(instance, "is_connected", False):
-        return wrapped(*args, **kwargs)
     # The scope is opened when the coroutine runs (in the task's context), not here.
     return _aconnect_scoped(wrapped, instance, args, kwargs, capture())
 
@@ -160,8 +156,8 @@ def _wrap_defined(module: Any, classes: tuple[str, ...], method: str, wrapper: A
 def instrument() -> None:
     import redis.connection
 
-    conn_method = "connect_check_health" if hasattr(redis.connection.AbstractConnection, "connect_check_health") else "connect"
-    _patches.wrap(redis.connection, f"AbstractConnection.{conn_method}", _connect)
+    connections = ("Connection", "SSLConnection", "UnixDomainSocketConnection")
+    _wrap_defined(redis.connection, connections, "_connect", _connect)
     pools = ("ConnectionPool", "BlockingConnectionPool")
     _wrap_defined(redis.connection, pools, "get_connection", _get_connection)
     _wrap_defined(redis.connection, pools, "release", _release)
@@ -169,8 +165,7 @@ def instrument() -> None:
         import redis.asyncio.connection as aio
     except ImportError:  # redis-py without asyncio support
         return
-    aconn_method = "connect_check_health" if hasattr(aio.AbstractConnection, "connect_check_health") else "connect"
-    _patches.wrap(aio, f"AbstractConnection.{aconn_method}", _aconnect)
+    _wrap_defined(aio, connections, "_connect", _aconnect)
     _wrap_defined(aio, pools, "get_connection", _aget_connection)
     # asyncio release() is a coroutine in redis-py >= 5: checking in before it is awaited is the same.
     _wrap_defined(aio, pools, "release", _release)
