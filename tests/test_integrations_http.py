@@ -56,6 +56,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()  # keep-alive as far as the client knows ...
         self.wfile.write(BODY)
         self.wfile.flush()
+        if self.server.keep_alive:  # type: ignore[attr-defined]
+            return
         self.server.hang_up.wait(30)  # type: ignore[attr-defined]
         self.close_connection = True  # ... but the server hangs up right after
 
@@ -67,11 +69,12 @@ class Server:
     """A loopback HTTP/1.1 server in a thread that closes every connection after one response.
 
     With *hang_up_at_once* false it holds each connection open after the
-    response until :meth:`hang_up_now`.
+    response until :meth:`hang_up_now`.  With *keep_alive* it never hangs up.
     """
 
-    def __init__(self, hang_up_at_once: bool = False) -> None:
+    def __init__(self, hang_up_at_once: bool = False, keep_alive: bool = False) -> None:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.keep_alive = keep_alive  # type: ignore[attr-defined]
         self.httpd.hang_up = threading.Event()  # type: ignore[attr-defined]
         if hang_up_at_once:
             self.httpd.hang_up.set()  # type: ignore[attr-defined]
@@ -405,6 +408,101 @@ def _patched_now() -> dict[str, Any]:
         "httpx async": vars(httpcore._async.connection.AsyncHTTPConnection)["_connect"],
         "aiohttp": vars(aiohttp.connector.TCPConnector)["_create_connection"],
     }
+
+
+_LEAKGUARD_DIRS = tuple(
+    os.path.join(os.path.dirname(os.path.abspath(m.__file__)), "")  # type: ignore[arg-type]
+    for m in (leakguard, _common)
+)
+
+
+def _collector(calls: list[str]) -> Callable[..., None]:
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_filename.startswith(_LEAKGUARD_DIRS):
+            name = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_code.co_name}"
+            # httpx tries ``import sniffio`` on every async request; when it is not
+            # installed the import system asks each finder again, leakguard's
+            # post-import watcher too (one set lookup): that is the import's cost.
+            if name != "_imports.py:find_spec":
+                calls.append(name)
+
+    return profile
+
+
+def _leakguard_calls(fn: Callable[[], Any]) -> list[str]:
+    """The leakguard functions (core or integrations) that run during fn() in this thread."""
+    calls: list[str] = []
+    sys.setprofile(_collector(calls))
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+@pytest.mark.usefixtures("installed")
+class TestNothingRunsPerRequest:
+    """A request on a kept-alive connection runs no leakguard code at all: only new connections pay."""
+
+    @pytest.fixture
+    def keep_server(self) -> Iterator[Server]:
+        srv = Server(keep_alive=True)
+        try:
+            yield srv
+        finally:
+            srv.close()
+
+    def test_requests_and_urllib3(self, keep_server: Server) -> None:
+        with requests.Session() as s:
+            assert _leakguard_calls(lambda: s.get(keep_server.url()))  # the new connection
+            assert _leakguard_calls(lambda: [s.get(keep_server.url()) for _ in range(3)]) == []
+
+    def test_http_client(self, keep_server: Server) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", keep_server.port)
+        try:
+
+            def get() -> None:
+                conn.request("GET", "/")
+                conn.getresponse().read()
+
+            assert _leakguard_calls(get)
+            assert _leakguard_calls(lambda: [get() for _ in range(3)]) == []
+        finally:
+            conn.close()
+
+    def test_httpx(self, keep_server: Server) -> None:
+        with httpx.Client() as client:
+            assert _leakguard_calls(lambda: client.get(keep_server.url()))
+            assert _leakguard_calls(lambda: [client.get(keep_server.url()) for _ in range(3)]) == []
+
+    def test_async_clients(self, keep_server: Server) -> None:
+        async def main() -> None:
+            async with httpx.AsyncClient() as client, aiohttp.ClientSession() as session:
+
+                async def both() -> None:
+                    await client.get(keep_server.url())
+                    async with session.get(keep_server.url()) as r:
+                        await r.read()
+
+                first: list[str] = []
+                later: list[str] = []
+                sys.setprofile(_collector(first))
+                try:
+                    await both()
+                finally:
+                    sys.setprofile(None)
+                sys.setprofile(_collector(later))
+                try:
+                    for _ in range(3):
+                        await both()
+                finally:
+                    sys.setprofile(None)
+                assert first
+                assert later == []
+
+        asyncio.run(main())
+
+
 
 
 class TestInstallUninstall:
