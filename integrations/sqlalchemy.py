@@ -17,10 +17,17 @@ Pool: class-level ``checkout`` / ``checkin`` listeners on ``sqlalchemy.pool.Pool
 with the checkout stack (the application's ``engine.connect()`` /
 ``Session`` line), or idle in the pool.  Pool names read ``sqlalchemy QueuePool``.
 Removing the listeners and unwrapping restores SQLAlchemy exactly.
+
+asyncio engines run the pool in a greenlet whose frames do not lead back to the
+application's coroutine: when the captured stack holds no application frame,
+it is continued from the suspended parent greenlet (where ``greenlet_spawn``
+waits), so creation and checkout sites are the application's ``await`` lines.
 """
 
 from __future__ import annotations
 
+import sys
+from types import FrameType
 from typing import Any
 
 from leakguard import registry, stacks
@@ -55,10 +62,46 @@ def dialect_target(dialect: Any, cargs: Any, cparams: Any) -> str | None:
     return target
 
 
+def _walk(f: FrameType | None, depth: int) -> stacks.Frames:
+    """``stacks.capture`` from a given frame (another greenlet's)."""
+    out: list[Any] = []
+    while f is not None and depth > 0:
+        out.extend((f.f_code, f.f_lasti))
+        depth -= 1
+        app = stacks._is_app_code(f.f_code)
+        f = f.f_back
+        if app:
+            n = min(stacks.CONTEXT, depth)
+            while f is not None and n > 0:
+                out.extend((f.f_code, f.f_lasti))
+                f = f.f_back
+                n -= 1
+            break
+    return tuple(out)
+
+
+def app_stack(skip: int = 1) -> stacks.Frames:
+    """The caller's stack (*skip* as in ``stacks.capture``), continued across SQLAlchemy's greenlet bridge."""
+    frames = stacks.capture(skip + 1, registry.depth[0])
+    try:
+        if any(stacks._is_app_code(frames[i]) for i in range(0, len(frames), 2)):
+            return frames
+        greenlet = sys.modules.get("greenlet")
+        if greenlet is None:
+            return frames
+        parent = greenlet.getcurrent().parent
+        if parent is None:
+            return frames
+        return frames + _walk(parent.gr_frame, max(registry.depth[0] - len(frames) // 2, 1))
+    except Exception:
+        registry._errors[0] += 1
+        return frames
+
+
 def _scoped(target_of: Any) -> Any:
     def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         try:
-            frames = stacks.capture(1, registry.depth[0])
+            frames = app_stack(1)
             cm: Any = registry.scope(ORIGIN, target_of(instance, args, kwargs), frames)
             cm.__enter__()
         except Exception:
@@ -86,7 +129,7 @@ def _pool_name(pool: Any) -> str:
 
 def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy: Any) -> None:
     try:
-        frames = stacks.capture(1, registry.depth[0])
+        frames = app_stack(1)
         pool = getattr(connection_proxy, "_pool", None) or getattr(connection_record, "_ConnectionRecord__pool", None)
         _pools.checked_out(
             connection_record,

@@ -10,6 +10,7 @@ Everything runs against the real servers on this machine.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -148,6 +149,39 @@ class TestSQLAlchemyPool:
         assert [s for s in leakguard.snapshot().sockets if s.origin == "sqlalchemy"] == []
 
 
+@pytest.mark.usefixtures("installed")
+class TestSQLAlchemyAsyncio:
+    """asyncio engines: sites cross SQLAlchemy's greenlet bridge back to the application's await lines."""
+
+    @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+    def test_creation_and_checkout_sites(self, driver: str, pg_kill: Callable[[int], None]) -> None:
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        async def main() -> None:
+            engine = create_async_engine(f"postgresql+{driver}://postgres:{PASSWORD}@127.0.0.1:5432/test")
+            try:
+                async with engine.connect() as conn:
+                    line = this_line() - 1
+                    pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
+                    fd = _pools.fd_of((await conn.get_raw_connection()).dbapi_connection)
+                    assert fd is not None
+                    pg_kill(pid)  # type: ignore[arg-type]
+                    leak = wait_close_wait(fd)  # the loop is blocked: the driver cannot react
+                    assert (leak.origin, leak.target) == (
+                        "sqlalchemy",
+                        f"postgresql+{driver}://postgres:***@127.0.0.1:5432/test",
+                    )
+                    assert site_is(leak, line), leak.stack
+                    assert leak.pool is not None and leak.pool["name"] == "sqlalchemy AsyncAdaptedQueuePool"
+                    assert leak.pool["checked_out"] is True
+                    assert at_line(leak.pool["checkout_stack"], line)
+                    await conn.invalidate()
+            finally:
+                await engine.dispose()
+
+        asyncio.run(main())
+
+
 # --------------------------------------------------------------------------- psycopg_pool
 
 
@@ -198,7 +232,6 @@ class TestPsycopgPool:
 
     def test_async_pool(self) -> None:
         require_service("postgres")
-        import asyncio
 
         async def main() -> None:
             async with psycopg_pool.AsyncConnectionPool(PG_DSN, min_size=1, max_size=1, open=False) as pool:
