@@ -286,15 +286,15 @@ def register_package(origin: str, module: ModuleType) -> None:
     Called by an integration's ``instrument()``; the outermost registered
     package between the application and the socket names the origin.
     """
-    for d in _module_dirs(module):
-        _packages[d] = origin
+    global _packages
+    # Copy on write: _label() may be iterating the old dict in another thread.
+    _packages = {**_packages, **{d: origin for d in _module_dirs(module)}}
     _labels.clear()
 
 
 def unregister_package(origin: str) -> None:
-    for d, o in list(_packages.items()):
-        if o == origin:
-            del _packages[d]
+    global _packages
+    _packages = {d: o for d, o in _packages.items() if o != origin}
     _labels.clear()
 
 
