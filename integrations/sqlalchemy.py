@@ -98,29 +98,41 @@ def app_stack(skip: int = 1) -> stacks.Frames:
         return frames
 
 
-def _scoped(target_of: Any) -> Any:
-    def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-        try:
-            frames = app_stack(1)
-            cm: Any = registry.scope(ORIGIN, target_of(instance, args, kwargs), frames)
-            cm.__enter__()
-        except Exception:
-            registry._errors[0] += 1
-            return wrapped(*args, **kwargs)
-        try:
-            return wrapped(*args, **kwargs)
-        finally:
-            cm.__exit__(None, None, None)
-
-    return wrapper
+def _record_connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    """``_ConnectionRecord.__connect``: origin and the application's stack for the new connection."""
+    try:
+        cm: Any = registry.scope(ORIGIN, None, app_stack(1))
+        cm.__enter__()
+    except Exception:
+        registry._errors[0] += 1
+        return wrapped(*args, **kwargs)
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        cm.__exit__(None, None, None)
 
 
-def _no_target(instance: Any, args: Any, kwargs: Any) -> None:
-    return None
-
-
-def _dialect_target(instance: Any, args: Any, kwargs: Any) -> str | None:
-    return dialect_target(instance, args, kwargs)
+def _dialect_connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    """``DefaultDialect.connect``: the target; adopts a C-level socket no driver integration took."""
+    try:
+        frames = app_stack(1)
+        cm: Any = registry.scope(ORIGIN, dialect_target(instance, args, kwargs), frames)
+        sc = cm.__enter__()
+    except Exception:
+        registry._errors[0] += 1
+        return wrapped(*args, **kwargs)
+    try:
+        conn = wrapped(*args, **kwargs)
+    finally:
+        cm.__exit__(None, None, None)
+    try:
+        fd = _pools.fd_of(conn)
+        if fd is not None and registry.get(fd) is None:
+            # libpq & co. without their own integration (turned off, or an unknown driver)
+            registry.adopt(fd, sc.origin, target=sc.target, frames=sc.frames, owner=conn)
+    except Exception:
+        registry._errors[0] += 1
+    return conn
 
 
 def _pool_name(pool: Any) -> str:
@@ -157,8 +169,8 @@ def instrument() -> None:
     from sqlalchemy.pool import Pool
 
     if "_ConnectionRecord__connect" in vars(sqlalchemy.pool.base._ConnectionRecord):
-        _patches.wrap(sqlalchemy.pool.base, "_ConnectionRecord._ConnectionRecord__connect", _scoped(_no_target))
-    _patches.wrap(sqlalchemy.engine.default, "DefaultDialect.connect", _scoped(_dialect_target))
+        _patches.wrap(sqlalchemy.pool.base, "_ConnectionRecord._ConnectionRecord__connect", _record_connect)
+    _patches.wrap(sqlalchemy.engine.default, "DefaultDialect.connect", _dialect_connect)
     for name, fn in (("checkout", _on_checkout), ("checkin", _on_checkin)):
         if not event.contains(Pool, name, fn):
             event.listen(Pool, name, fn)

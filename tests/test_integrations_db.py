@@ -22,6 +22,11 @@ import asyncpg
 import asyncpg.connection
 import psycopg
 import psycopg2
+import psycopg_pool
+import psycopg_pool.null_pool
+import psycopg_pool.null_pool_async
+import psycopg_pool.pool
+import psycopg_pool.pool_async
 import pymysql
 import pymysql.connections
 import pytest
@@ -372,6 +377,24 @@ class TestSQLAlchemyEngine:
         finally:
             engine.dispose()
 
+    def test_engine_alone_adopts_the_driver_socket(self, pg_kill: Callable[[int], None]) -> None:
+        """With only the sqlalchemy integration, libpq's socket is still adopted at the dialect."""
+        leakguard.install(integrations=["sqlalchemy"])
+        engine = sqlalchemy.create_engine(f"postgresql+psycopg2://postgres:{PASSWORD}@127.0.0.1:5432/test")
+        try:
+            conn = engine.connect()
+            line = this_line() - 1
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+            fd = conn.connection.dbapi_connection.fileno()  # type: ignore[union-attr]
+            pg_kill(pid)  # type: ignore[arg-type]
+            leak = wait_close_wait(fd)
+            assert_traced(leak, line, "sqlalchemy", "postgresql+psycopg2://postgres:***@127.0.0.1:5432/test")
+            assert leak.pool is not None and leak.pool["checked_out"] is True
+            conn.invalidate()
+            conn.close()
+        finally:
+            engine.dispose()
+
     def test_dialect_target_from_connect_arguments(self) -> None:
         dialect = sqlalchemy.create_engine("postgresql+psycopg2://u:pw@db.example:6543/orders").dialect
         url = sqlalchemy.engine.make_url("postgresql+psycopg2://u:pw@db.example:6543/orders")
@@ -404,6 +427,16 @@ def _patched_attributes() -> list[tuple[Any, str]]:
         (redis.asyncio.connection.ConnectionPool, "get_connection"),
         (redis.asyncio.connection.ConnectionPool, "release"),
         (sqlalchemy.engine.default.DefaultDialect, "connect"),
+        (psycopg_pool.pool.ConnectionPool, "__init__"),
+        (psycopg_pool.pool.ConnectionPool, "_connect"),
+        (psycopg_pool.pool.ConnectionPool, "getconn"),
+        (psycopg_pool.pool.ConnectionPool, "putconn"),
+        (psycopg_pool.pool_async.AsyncConnectionPool, "__init__"),
+        (psycopg_pool.pool_async.AsyncConnectionPool, "_connect"),
+        (psycopg_pool.pool_async.AsyncConnectionPool, "getconn"),
+        (psycopg_pool.pool_async.AsyncConnectionPool, "putconn"),
+        (psycopg_pool.null_pool.NullConnectionPool, "__init__"),
+        (psycopg_pool.null_pool_async.AsyncNullConnectionPool, "__init__"),
         (sqlalchemy.pool.base._ConnectionRecord, "_ConnectionRecord__connect"),
     ]
 

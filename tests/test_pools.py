@@ -155,6 +155,7 @@ class TestSQLAlchemyAsyncio:
 
     @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
     def test_creation_and_checkout_sites(self, driver: str, pg_kill: Callable[[int], None]) -> None:
+        pytest.importorskip("greenlet", reason="SQLAlchemy's asyncio support needs greenlet (sqlalchemy[asyncio])")
         from sqlalchemy.ext.asyncio import create_async_engine
 
         async def main() -> None:
