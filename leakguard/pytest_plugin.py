@@ -940,6 +940,8 @@ class _Summary:
         if not info:
             self.checked += 1
             return
+        if info.get("kind") == "test" and report.failed:
+            self._uncount_call(report)
         if info.get("unchecked"):
             self.unchecked += 1
         else:
@@ -951,6 +953,17 @@ class _Summary:
         self.gc_closed += info.get("gc_closed", 0)
         for text in info.get("warnings") or ():
             self.warnings.append((report.nodeid, text))
+
+    def _uncount_call(self, report: pytest.TestReport) -> None:
+        """A leaking test counts once, as failed: not also as passed for its call phase."""
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        passed = getattr(tr, "stats", {}).get("passed") if tr is not None else None
+        if not passed:
+            return
+        for rep in passed:
+            if getattr(rep, "when", None) == "call" and rep.nodeid == report.nodeid:
+                passed.remove(rep)
+                break
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         tr = terminalreporter

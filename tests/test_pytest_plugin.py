@@ -1,0 +1,688 @@
+"""The pytest plugin, run on small generated test suites in a fresh pytest process each.
+
+Every inner run is a subprocess (``runpytest_subprocess``): the plugin installs
+leakguard and hooks ``socket`` in the process it runs in, which must not be
+this test session's own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+# Plugins the inner runs do not need: hypothesis' alone costs seconds per run here.
+_BASE = ("-p", "no:hypothesispytest", "-p", "no:cacheprovider", "-p", "no:randomly")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("LEAKGUARD_"):
+            monkeypatch.delenv(name)
+
+
+def run(pytester: pytest.Pytester, *args: str, on: bool = True) -> pytest.RunResult:
+    flags = ("--leakguard",) if on else ()
+    return pytester.runpytest_subprocess(*_BASE, *flags, *args, timeout=120)
+
+
+def line_of(source: str, marker: str) -> int:
+    """1-based line number of the line containing *marker* in *source*."""
+    for n, line in enumerate(source.splitlines(), 1):
+        if marker in line:
+            return n
+    raise AssertionError(f"{marker!r} not in source")
+
+
+LEAKY = """\
+import socket
+
+KEEP = []
+
+def test_leaks():
+    s = socket.socket()  # LEAK
+    KEEP.append(s)
+
+def test_clean():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+"""
+
+CLOSE_WAIT = """\
+import socket
+
+KEEP = []
+
+def test_close_wait():
+    srv = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(srv.getsockname())  # CONNECT
+    conn, _ = srv.accept()
+    conn.close()
+    srv.close()
+    KEEP.append(client)
+"""
+
+SERVER_CONFTEST = """\
+import http.server
+import socket
+import threading
+
+import pytest
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: pooled client connections stay open
+
+    def do_GET(self):
+        body = b"ok"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def http_url():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads = True
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+    t.join(5)
+
+
+class Echo:
+    \"\"\"A session-wide TCP server that keeps every accepted connection until teardown.\"\"\"
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        self.accepted = []
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            if conn.recv(1) == b"":
+                conn.close()
+                return
+            self.accepted.append(conn)
+
+    def close(self):
+        with socket.create_connection(self.address):
+            pass  # wakes accept(); the empty read tells serve() to stop
+        self.thread.join(5)
+        self.listener.close()
+        for c in self.accepted:
+            c.close()
+
+
+@pytest.fixture(scope="session")
+def echo():
+    server = Echo()
+    yield server
+    server.close()
+"""
+
+
+class TestSwitch:
+    """Off unless --leakguard, ini `leakguard = true` or LEAKGUARD_PYTEST=1; the header says it is on."""
+
+    def test_off_by_default(self, pytester: pytest.Pytester) -> None:
+        pytester.makepyfile(test_leaky=LEAKY)
+        result = run(pytester, on=False)
+        result.assert_outcomes(passed=2)
+        result.stdout.no_fnmatch_line("leakguard: on*")
+        result.stdout.no_fnmatch_line("leakguard (*")
+
+    def test_flag_turns_it_on_and_the_header_names_the_mode(self, pytester: pytest.Pytester) -> None:
+        pytester.makepyfile(test_leaky=LEAKY)
+        result = run(pytester, "--leakguard-mode=fail", "--leakguard-grace=0.1")
+        result.stdout.fnmatch_lines(["leakguard: on (mode=fail, gc=warn, grace=0.1s)"])
+        result.assert_outcomes(passed=1, failed=1)
+
+    def test_ini_turns_it_on(self, pytester: pytest.Pytester) -> None:
+        pytester.makeini("[pytest]\nleakguard = true\nleakguard_mode = warn\n")
+        pytester.makepyfile(test_leaky=LEAKY)
+        result = run(pytester, "--strict-config", on=False)
+        result.stdout.fnmatch_lines(["leakguard: on (mode=warn*"])
+        result.assert_outcomes(passed=2)
+
+    def test_environment_turns_it_on(self, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("LEAKGUARD_PYTEST", "1")
+        monkeypatch.setenv("LEAKGUARD_PYTEST_GC", "off")
+        pytester.makepyfile(test_leaky=LEAKY)
+        result = run(pytester, on=False)
+        result.stdout.fnmatch_lines(["leakguard: on (mode=fail, gc=off*"])
+        result.assert_outcomes(passed=1, failed=1)
+
+    def test_bad_setting_is_a_usage_error_naming_it(self, pytester: pytest.Pytester) -> None:
+        pytester.makepyfile(test_leaky=LEAKY)
+        result = run(pytester, "--leakguard-mode=loud")
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(["*leakguard: --leakguard-mode must be one of fail, warn, not 'loud'*"])
+
+
+class TestTestLeaks:
+    """A socket a test opened and left open fails that test, naming state, peer and the exact line."""
+
+    def test_leaking_test_fails_naming_its_line(self, pytester: pytest.Pytester) -> None:
+        pytester.makepyfile(test_leaky=LEAKY)
+        line = line_of(LEAKY, "# LEAK")
+        result = run(pytester)
+        result.assert_outcomes(passed=1, failed=1)
+        result.stdout.fnmatch_lines(
+            [
+                "*_ test_leaks _*",
+                f"leakguard: this test left 1 socket open, created at test_leaky.py:{line} (*",
+                f"Leaked tcp socket fd=* origin=socket * created at test_leaky.py:{line}",
+                "  created by:",
+                f'    File "test_leaky.py", line {line}, in test_leaks',
+                "*leakguard (fail mode): 2 tests checked, 1 leaked socket in 1 test*",
+            ]
+        )
+        result.stdout.fnmatch_lines(["FAILED test_leaky.py::test_leaks - leakguard: this test left 1*"])
+        # The test runner's own frames are not part of "the relevant stack".
+        assert "_pytest" not in result.stdout.str()
+
+    def test_close_wait_says_the_peer_closed_it(self, pytester: pytest.Pytester) -> None:
+        pytester.makepyfile(test_cw=CLOSE_WAIT)
+        line = line_of(CLOSE_WAIT, "# CONNECT")
+        result = run(pytester)
+        result.assert_outcomes(failed=1)
+        result.stdout.fnmatch_lines(
+            [
+                f"leakguard: this test left 1 socket open, created at test_cw.py:{line} (CLOSE_WAIT, peer 127.0.0.1:*)",
+                "Leaked tcp socket fd=* in CLOSE_WAIT (the peer closed it, your code never did) origin=socket "
+                f"peer=127.0.0.1:* local=127.0.0.1:* age=*s created at test_cw.py:{line}",
+                "  why: peer 127.0.0.1:* closed the connection; this process never closed its end*",
+            ]
+        )
+
+    def test_a_leak_never_fails_another_test(self, pytester: pytest.Pytester) -> None:
+        pytester.makepyfile(
+            test_order="""
+            import socket
+            KEEP = []
+
+            def test_a_leaks():
+                KEEP.append(socket.socket())
+
+            def test_b_opens_and_closes():
+                s = socket.socket()
+                s.close()
+
+            def test_c_uses_the_leaked_one():
+                assert KEEP[0].fileno() >= 0
+            """
+        )
+        result = run(pytester, "-v")
+        result.stdout.fnmatch_lines(
+            [
+                "*test_a_leaks FAILED*",
+                "*test_b_opens_and_closes PASSED*",
+                "*test_c_uses_the_leaked_one PASSED*",
+            ]
+        )
+        result.assert_outcomes(passed=2, failed=1)
+
+    def test_clean_tests_pass(self, pytester: pytest.Pytester) -> None:
+        pytester.makepyfile(
+            test_clean="""
+            import asyncio, socket, threading
+
+            def test_context_managers():
+                with socket.create_server(("127.0.0.1", 0)) as srv:
+                    with socket.create_connection(srv.getsockname()) as c:
+                        conn, _ = srv.accept()
+                        with conn:
+                            c.sendall(b"x")
+                            assert conn.recv(1) == b"x"
+
+            def test_socketpair_and_udp():
+                a, b = socket.socketpair()
+                a.close(); b.close()
+                u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                u.close()
+
+            def test_closed_by_a_thread_a_moment_later():
+                s = socket.socket()
+                threading.Timer(0.05, s.close).start()  # closing: the grace period covers it
+
+            def test_asyncio_run():
+                async def main():
+                    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+                    port = server.sockets[0].getsockname()[1]
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    await reader.read()
+                    writer.close()
+                    await writer.wait_closed()
+                    server.close()
+                    await server.wait_closed()
+                asyncio.run(main())
+
+            def test_fork():
+                import os
+                s = socket.socket()
+                pid = os.fork()
+                if pid == 0:
+                    s.close()
+                    socket.socket().close()
+                    os._exit(0)
+                assert os.waitpid(pid, 0)[1] == 0
+                s.close()
+            """
+        )
+        result = run(pytester, "-W", "error")
+        result.assert_outcomes(passed=5)
+        result.stdout.fnmatch_lines(["*leakguard (fail mode): 5 tests checked, 0 leaked sockets in 0 tests*"])
+
+
+FIXTURE_SCOPES = """\
+import socket
+import pytest
+
+@pytest.fixture(scope="session")
+def session_sock():
+    s = socket.socket()
+    yield s
+    s.close()
+
+@pytest.fixture(scope="package")
+def package_sock():
+    s = socket.socket()
+    yield s
+    s.close()
+
+@pytest.fixture(scope="module")
+def module_pair():
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+@pytest.fixture(scope="class")
+def class_sock(request):
+    s = socket.socket()
+    request.addfinalizer(s.close)
+    return s
+
+@pytest.fixture
+def function_sock():
+    with socket.socket() as s:
+        yield s
+"""
+
+
+class TestFixtures:
+    """Sockets of class-, module-, package- and session-scoped fixtures belong to the fixture, judged at its teardown."""
+
+    def test_fixture_sockets_of_every_scope_pass(self, pytester: pytest.Pytester) -> None:
+        pytester.makeconftest(FIXTURE_SCOPES)
+        pkg = pytester.mkpydir("pkg")
+        (pkg / "test_in_pkg.py").write_text(
+            "class TestA:\n"
+            "    def test_one(self, session_sock, package_sock, module_pair, class_sock, function_sock):\n"
+            "        pass\n"
+            "    def test_two(self, class_sock, module_pair):\n"
+            "        pass\n"
+            "class TestB:\n"
+            "    def test_three(self, class_sock, package_sock):\n"
+            "        pass\n"
+        )
+        pytester.makepyfile(test_top="def test_four(session_sock, module_pair):\n    pass\n")
+        result = run(pytester, "-W", "error")
+        result.assert_outcomes(passed=4)
+
+    def test_wider_fixture_leak_is_an_error_at_its_teardown(self, pytester: pytest.Pytester) -> None:
+        source = """\
+import socket
+import pytest
+
+KEEP = []
+
+@pytest.fixture(scope="module")
+def leaky_server():
+    srv = socket.create_server(("127.0.0.1", 0))  # FIXTURE LINE
+    KEEP.append(srv)
+    yield srv.getsockname()
+
+def test_one(leaky_server):
+    pass
+
+def test_two(leaky_server):
+    pass
+
+def test_three():
+    pass
+"""
+        pytester.makepyfile(test_fx=source)
+        line = line_of(source, "# FIXTURE LINE")
+        result = run(pytester, "-v")
+        result.assert_outcomes(passed=3, errors=1)
+        result.stdout.fnmatch_lines(
+            [
+                "*ERROR at teardown of test_three*",
+                "leakguard: fixture 'leaky_server' (module scope), set up for test_fx.py::test_one, left 1 socket "
+                f"open, created at test_fx.py:{line} (LISTEN)",
+                f"Leaked tcp socket fd=* in LISTEN origin=socket local=127.0.0.1:* age=*s created at test_fx.py:{line}",
+                f'    File "test_fx.py", line {line}, in leaky_server',
+            ]
+        )
+
+    def test_server_fixture_owns_the_connections_it_accepts(self, pytester: pytest.Pytester) -> None:
+        pytester.makeconftest(SERVER_CONFTEST)
+        source = """\
+import socket
+
+KEEP = []
+
+def test_client_closes(echo):
+    c = socket.create_connection(echo.address)
+    c.sendall(b"x")
+    c.close()
+
+def test_client_leaks(echo):
+    c = socket.create_connection(echo.address)  # CLIENT LINE
+    c.sendall(b"x")
+    KEEP.append(c)
+
+def test_after(echo):
+    with socket.create_connection(echo.address) as c:
+        c.sendall(b"x")
+"""
+        pytester.makepyfile(test_echo=source)
+        line = line_of(source, "# CLIENT LINE")
+        result = run(pytester, "-v")
+        # The accepted ends stay open in the server until its teardown: never the tests' leaks.
+        result.stdout.fnmatch_lines(
+            [
+                "*test_client_closes PASSED*",
+                "*test_client_leaks FAILED*",
+                "*test_after PASSED*",
+                f"leakguard: this test left 1 socket open, created at test_echo.py:{line} (ESTABLISHED, peer *)",
+            ]
+        )
+        result.assert_outcomes(passed=2, failed=1)
+        assert "in accept" not in result.stdout.str()
+
+    def test_session_wide_pool_passes(self, pytester: pytest.Pytester) -> None:
+        pytester.makeconftest(
+            SERVER_CONFTEST
+            + """
+
+import requests
+
+@pytest.fixture(scope="session")
+def http_session(http_url):
+    with requests.Session() as s:
+        yield s
+"""
+        )
+        pytester.makepyfile(
+            test_pool="""
+            def test_first(http_session, http_url):
+                assert http_session.get(http_url).text == "ok"
+
+            def test_second(http_session, http_url):
+                assert http_session.get(http_url + "/again").text == "ok"
+            """
+        )
+        result = run(pytester, "-W", "error")
+        result.assert_outcomes(passed=2)
+
+    def test_aiohttp_session_closed_properly_passes(self, pytester: pytest.Pytester) -> None:
+        pytester.makeconftest(SERVER_CONFTEST)
+        pytester.makepyfile(
+            test_aio="""
+            import asyncio
+            import aiohttp
+
+            def test_get(http_url):
+                async def main():
+                    async with aiohttp.ClientSession() as session:
+                        async with session.get(http_url) as resp:
+                            assert await resp.text() == "ok"
+                asyncio.run(main())
+            """
+        )
+        result = run(pytester, "-W", "error")
+        result.assert_outcomes(passed=1)
+
+
+class TestEscapeHatches:
+    """Markers, the leakguard_ignore ini list and warn mode silence or soften known-harmless sockets."""
+
+    def test_markers(self, pytester: pytest.Pytester) -> None:
+        pytester.makepyfile(
+            test_marks="""
+            import socket
+            import pytest
+
+            KEEP = []
+
+            @pytest.mark.no_leakguard
+            def test_not_checked():
+                KEEP.append(socket.socket())
+
+            @pytest.mark.leakguard(allow=1)
+            def test_one_allowed():
+                KEEP.append(socket.socket())
+
+            @pytest.mark.leakguard(allow=1)
+            def test_two_is_too_many():
+                KEEP.append(socket.socket())
+                KEEP.append(socket.socket())
+
+            @pytest.mark.leakguard(allow=["test_marks.py:*"])
+            def test_allowed_by_site():
+                KEEP.append(socket.socket())
+            """
+        )
+        result = run(pytester, "--strict-markers", "-v")
+        result.stdout.fnmatch_lines(
+            [
+                "*test_not_checked PASSED*",
+                "*test_one_allowed PASSED*",
+                "*test_two_is_too_many FAILED*",
+                "*test_allowed_by_site PASSED*",
+            ]
+        )
+        result.assert_outcomes(passed=3, failed=1)
+
+    def test_ini_ignore_matches_sites_and_peers(self, pytester: pytest.Pytester) -> None:
+        pytester.makeini(
+            """
+            [pytest]
+            leakguard_ignore =
+                helpers.py:*
+                127.0.0.1:9
+            """
+        )
+        pytester.makepyfile(
+            helpers="import socket\nKEEP = []\ndef open_one():\n    KEEP.append(socket.socket())\n",
+            test_ignore="""
+            import socket
+            import helpers
+
+            KEEP = []
+
+            def test_ignored_site():
+                helpers.open_one()
+
+            def test_ignored_peer():
+                srv = socket.create_server(("127.0.0.1", 0))
+                KEEP.append(srv)
+                u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                u.connect(("127.0.0.1", 9))
+                KEEP.append(u)
+                srv.close()
+
+            def test_not_ignored():
+                KEEP.append(socket.socket())
+            """,
+        )
+        result = run(pytester, "-v", "--strict-config")
+        result.stdout.fnmatch_lines(
+            ["*test_ignored_site PASSED*", "*test_ignored_peer PASSED*", "*test_not_ignored FAILED*"]
+        )
+        result.assert_outcomes(passed=2, failed=1)
+
+    def test_warn_mode_lists_leaks_without_failing(self, pytester: pytest.Pytester) -> None:
+        pytester.makepyfile(test_leaky=LEAKY)
+        line = line_of(LEAKY, "# LEAK")
+        result = run(pytester, "--leakguard-mode=warn", "-W", "error")
+        result.assert_outcomes(passed=2)
+        result.stdout.fnmatch_lines(
+            [
+                "*= leakguard warnings =*",
+                "test_leaky.py::test_leaks:",
+                f"  leakguard: this test left 1 socket open, created at test_leaky.py:{line} (*",
+                "leakguard (warn mode): 2 tests checked, 1 leaked socket in 1 test*",
+            ]
+        )
+
+
+GC_SOURCE = """\
+import socket
+
+def test_dropped():
+    s = socket.socket()  # DROPPED
+    s.bind(("127.0.0.1", 0))
+    del s
+"""
+
+
+class TestGarbageCollected:
+    """A socket never closed but freed by the garbage collector is reported with its creation line."""
+
+    def test_warning_by_default(self, pytester: pytest.Pytester) -> None:
+        pytester.makepyfile(test_gc=GC_SOURCE)
+        line = line_of(GC_SOURCE, "# DROPPED")
+        result = run(pytester, "-W", "ignore::pytest.PytestUnraisableExceptionWarning")
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines(
+            [
+                "*= leakguard warnings =*",
+                "  leakguard: 1 socket opened by this test never closed; the garbage collector freed it: "
+                f"test_gc.py:{line}",
+                f"  Unclosed tcp socket fd=* freed by the garbage collector: origin=socket * created at test_gc.py:{line}",
+                "*1 socket closed by the garbage collector",
+            ]
+        )
+
+    def test_failure_with_gc_fail(self, pytester: pytest.Pytester) -> None:
+        pytester.makepyfile(test_gc=GC_SOURCE)
+        line = line_of(GC_SOURCE, "# DROPPED")
+        result = run(pytester, "--leakguard-gc=fail", "-W", "ignore::pytest.PytestUnraisableExceptionWarning")
+        result.assert_outcomes(failed=1)
+        result.stdout.fnmatch_lines(
+            [
+                f"Unclosed tcp socket fd=* freed by the garbage collector: origin=socket * created at test_gc.py:{line}",
+                "FAILED test_gc.py::test_dropped - leakguard: 1 socket*",
+            ]
+        )
+
+    def test_pool_left_to_the_garbage_collector_passes(self, pytester: pytest.Pytester) -> None:
+        pytester.makeconftest(SERVER_CONFTEST)
+        pytester.makepyfile(
+            test_gcpool="""
+            import urllib3
+
+            def test_pool_never_cleared(http_url):
+                pool = urllib3.PoolManager()
+                pool.cycle = pool  # only the collector frees it
+                assert pool.request("GET", http_url).data == b"ok"
+            """
+        )
+        result = run(pytester, "-W", "ignore::pytest.PytestUnraisableExceptionWarning")
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines(["*1 test checked, 0 leaked sockets in 0 tests*"])
+
+
+MIXED = {
+    "test_leaky": LEAKY,
+    "test_cw": CLOSE_WAIT,
+    "test_pool": """
+import asyncio
+import aiohttp
+import socket
+
+def test_session_pool(http_session, http_url):
+    assert http_session.get(http_url).text == "ok"
+
+def test_aiohttp(http_url):
+    async def main():
+        async with aiohttp.ClientSession() as session:
+            async with session.get(http_url) as resp:
+                assert await resp.text() == "ok"
+    asyncio.run(main())
+
+def test_echo(echo):
+    with socket.create_connection(echo.address) as c:
+        c.sendall(b"x")
+""",
+}
+
+
+class TestXdist:
+    """Under pytest-xdist (-n 2) every outcome is the same as in one process."""
+
+    def _suite(self, pytester: pytest.Pytester) -> None:
+        pytester.makeconftest(
+            SERVER_CONFTEST
+            + FIXTURE_SCOPES.replace("import socket\nimport pytest\n", "")
+            + """
+
+import requests
+
+@pytest.fixture(scope="session")
+def http_session(http_url):
+    with requests.Session() as s:
+        yield s
+"""
+        )
+        pytester.makepyfile(**MIXED)
+        pytester.makepyfile(
+            test_scopes="""
+            class TestScopes:
+                def test_one(self, session_sock, module_pair, class_sock, function_sock):
+                    pass
+                def test_two(self, class_sock, module_pair):
+                    pass
+            """
+        )
+
+    @staticmethod
+    def _outcomes(result: pytest.RunResult) -> dict[str, str]:
+        out = {}
+        for m in re.finditer(r"^(PASSED|FAILED|ERROR) (test_\w+\.py::[\w:]+)", result.stdout.str(), re.M):
+            out.setdefault(m.group(2), m.group(1))
+        return out
+
+    def test_same_outcomes_with_two_workers(self, pytester: pytest.Pytester) -> None:
+        self._suite(pytester)
+        single = run(pytester, "-rA")
+        single.assert_outcomes(passed=6, failed=2)
+        multi = run(pytester, "-n", "2", "-rA")
+        multi.assert_outcomes(passed=6, failed=2)
+        assert self._outcomes(multi) == self._outcomes(single)
+        assert self._outcomes(single)["test_leaky.py::test_leaks"] == "FAILED"
+        assert self._outcomes(single)["test_cw.py::test_close_wait"] == "FAILED"
+        multi.stdout.fnmatch_lines(
+            [
+                f"leakguard: this test left 1 socket open, created at test_leaky.py:{line_of(LEAKY, '# LEAK')} (*",
+                "*leakguard (fail mode): 8 tests checked, 2 leaked sockets in 2 tests*",
+            ]
+        )
