@@ -15,7 +15,9 @@ import gc
 import http.client
 import json
 import os
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -72,8 +74,13 @@ class Server:
     response until :meth:`hang_up_now`.  With *keep_alive* it never hangs up.
     """
 
-    def __init__(self, hang_up_at_once: bool = False, keep_alive: bool = False) -> None:
+    def __init__(
+        self, hang_up_at_once: bool = False, keep_alive: bool = False, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.scheme = "https" if tls is not None else "http"
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
         self.httpd.keep_alive = keep_alive  # type: ignore[attr-defined]
         self.httpd.hang_up = threading.Event()  # type: ignore[attr-defined]
         if hang_up_at_once:
@@ -86,11 +93,11 @@ class Server:
 
     def url(self, path: str = "/p", credentials: bool = True) -> str:
         auth = "user:secret@" if credentials else ""
-        return f"http://{auth}127.0.0.1:{self.port}{path}?token=abc"
+        return f"{self.scheme}://{auth}127.0.0.1:{self.port}{path}?token=abc"
 
     @property
     def target(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def client_leaks(self) -> list[leakguard.SocketInfo]:
         """CLOSE_WAIT sockets of clients talking to this server (not the server's own)."""
@@ -408,6 +415,96 @@ def _patched_now() -> dict[str, Any]:
         "httpx async": vars(httpcore._async.connection.AsyncHTTPConnection)["_connect"],
         "aiohttp": vars(aiohttp.connector.TCPConnector)["_create_connection"],
     }
+
+
+# ------------------------------------------------------------------ TLS
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A throwaway self-signed certificate for 127.0.0.1 (made by the openssl command)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is not installed")
+    d = tmp_path_factory.mktemp("tls")
+    certfile, keyfile = str(d / "cert.pem"), str(d / "key.pem")
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", keyfile, "-out", certfile, "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return certfile, keyfile
+
+
+@pytest.fixture
+def tls_server(cert: tuple[str, str]) -> Iterator[Server]:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(*cert)
+    srv = Server(tls=ctx)
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+def _client_context(cert: tuple[str, str]) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=cert[0])
+
+
+@pytest.mark.usefixtures("installed")
+class TestTls:
+    """Over TLS the socket keeps its record through the wrap: origin, https target, the app's line."""
+
+    def test_requests(self, tls_server: Server, cert: tuple[str, str]) -> None:
+        seen: list[leakguard.SocketInfo] = []
+        check = expect_leak(tls_server, "requests", seen)
+        s = requests.Session()
+        try:
+            line = this_line() + 1
+            assert s.get(tls_server.url(), verify=cert[0]).content == BODY
+            check(line)
+        finally:
+            s.close()
+        assert seen[0].target.startswith("https://")
+
+    def test_http_client(self, tls_server: Server, cert: tuple[str, str]) -> None:
+        seen: list[leakguard.SocketInfo] = []
+        check = expect_leak(tls_server, "http.client", seen)
+        conn = http.client.HTTPSConnection("127.0.0.1", tls_server.port, context=_client_context(cert))
+        try:
+            line = this_line() + 1
+            conn.request("GET", "/p?token=abc")
+            assert conn.getresponse().read() == BODY
+            check(line)
+        finally:
+            conn.close()
+
+    def test_httpx(self, tls_server: Server, cert: tuple[str, str]) -> None:
+        seen: list[leakguard.SocketInfo] = []
+        check = expect_leak(tls_server, "httpx", seen)
+        with httpx.Client(verify=_client_context(cert)) as client:
+            line = this_line() + 1
+            r = client.send(client.build_request("GET", tls_server.url()), stream=True)
+            try:
+                check(line)
+            finally:
+                r.close()
+
+    def test_aiohttp(self, tls_server: Server, cert: tuple[str, str]) -> None:
+        seen: list[leakguard.SocketInfo] = []
+        check = expect_leak(tls_server, "aiohttp", seen)
+
+        async def main() -> None:
+            async with aiohttp.ClientSession() as session:
+                line = this_line() + 1
+                r = await session.get(tls_server.url(), ssl=_client_context(cert))
+                try:
+                    check(line)
+                finally:
+                    r.release()
+
+        asyncio.run(main())
 
 
 _LEAKGUARD_DIRS = tuple(
