@@ -14,18 +14,25 @@ import socket
 from typing import Any
 
 from ._patch import Patches
+from . import registry
 from .registry import _errors, record_socket
 
 __all__ = ["instrument", "uninstrument"]
 
 _patches = Patches()
-_original_init = socket.socket.__init__
+# The class and its __init__ as they were when leakguard was imported: if a library
+# (gevent's monkey.patch_all) later rebinds socket.socket, the hook stays on the class
+# whose __init__ it calls; hooking the new class with the old __init__ breaks every socket.
+_socket_class = socket.socket
+_original_init = _socket_class.__init__
+_fast = registry.fast_record  # compiled path for the common case, None in pure Python
 
 
 def __init__(self: Any, family: Any = -1, type: Any = -1, proto: Any = -1, fileno: Any = None) -> None:
     _original_init(self, family, type, proto, fileno)
     try:
-        record_socket(self, fileno is not None)
+        if fileno is not None or _fast is None or not _fast(self):
+            record_socket(self, fileno is not None)
     except Exception:  # contained: the host's socket is fine, only our record is missing
         _errors[0] += 1
 
@@ -37,8 +44,8 @@ del __init__
 
 
 def instrument() -> None:
-    if vars(socket.socket).get("__init__") is not _hook:
-        _patches.set(socket.socket, "__init__", _hook)
+    if vars(_socket_class).get("__init__") is not _hook:
+        _patches.set(_socket_class, "__init__", _hook)
 
 
 def uninstrument() -> None:
