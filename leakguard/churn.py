@@ -100,16 +100,6 @@ class ChurnWarning:
         }
 
 
-class _Seen:
-    __slots__ = ("client", "key", "peer", "state")
-
-    def __init__(self, key: SiteKey, peer: str | None, state: str | None, client: bool) -> None:
-        self.key = key
-        self.peer = peer
-        self.state = state
-        self.client = client
-
-
 def _site_key(frames: stacks.Frames) -> tuple[SiteKey, bool]:
     """(creation site key, is it possibly a client connection) from raw captured frames."""
     client = True
@@ -140,7 +130,9 @@ class ChurnTracker:
         #: closes per 60 s per (site, peer) that trigger a warning: half the ports by default
         self.limit = limit if limit is not None else max(1, self.ports // 2)
         self._last_seq: int | None = None
-        self._prev: dict[int, _Seen] = {}  # seq -> what was seen live at the previous tick
+        self._keys: dict[int, tuple[SiteKey, bool]] = {}  # seq -> (site key, client?) of live records
+        # seq -> (site, peer, record) of client connections ESTABLISHED at the last tick
+        self._prev: dict[int, tuple[SiteKey, str | None, registry.Record]] = {}
         self._peers: collections.OrderedDict[SiteKey, str] = collections.OrderedDict()  # site -> last peer
         self._origins: dict[SiteKey, str] = {}
         self._window: collections.deque[tuple[float, dict[tuple[SiteKey, str | None], float]]] = (
@@ -161,22 +153,33 @@ class ChurnTracker:
     def observe(self, snap: Snapshot, pre: tuple[int, list[registry.Record]], now: float | None = None) -> list[ChurnWarning]:
         now = time.monotonic() if now is None else now
         seq_now, records = pre
-        current: dict[int, _Seen] = {}
+        # Live client connections in ESTABLISHED: the ones whose disappearance by the
+        # next tick means this process closed them first.
+        current: dict[int, tuple[SiteKey, str | None, registry.Record]] = {}
+        known, keys = self._keys, {}
+        peers = self._peers
         for info in snap.sockets:
             rec = info.record
-            if rec is None or info.type != "tcp":
+            if rec is None or info.state != "ESTABLISHED" or info.type != "tcp":
                 continue
-            key, client = _site_key(rec.frames)
-            client = client and info.state != "LISTEN"
-            current[rec.seq] = _Seen(key, info.remote, info.state, client)
-            if client and info.remote:
-                self._learn(key, info.remote, rec.origin)
+            seq = rec.seq
+            kc = known.get(seq)  # one stack walk per record, not per tick
+            if kc is None:
+                kc = _site_key(rec.frames)
+            keys[seq] = kc
+            if kc[1]:
+                remote = info.remote
+                current[seq] = (kc[0], remote, rec)
+                if remote and peers.get(kc[0]) != remote:
+                    self._learn(kc[0], remote, rec.origin)
+        self._keys = keys
         closes: dict[tuple[SiteKey, str | None], float] = {}
         if self._last_seq is not None:
             last = self._last_seq
-            for seq, seen in self._prev.items():
-                if seq not in current and seen.client and seen.state == "ESTABLISHED":
-                    k = (seen.key, seen.peer)
+            for seq, (key, peer, rec) in self._prev.items():
+                # gone from ESTABLISHED: closed by us first, unless still open (the peer closed: CLOSE_WAIT)
+                if seq not in current and not rec.alive():
+                    k = (key, peer)
                     closes[k] = closes.get(k, 0.0) + 1
             created = seq_now - last - 1  # minus the number before() consumed itself
             present = 0
@@ -185,7 +188,7 @@ class ChurnTracker:
                 if not last < rec.seq < seq_now:
                     continue
                 present += 1
-                if rec.seq in current or rec.alive():
+                if rec.alive():
                     continue
                 key, client = _site_key(rec.frames)
                 if client:

@@ -197,6 +197,7 @@ class LeakguardCollector:
 def register(registry: Any = None) -> LeakguardCollector:
     """Add leakguard's collector to *registry* (default ``prometheus_client.REGISTRY``)."""
     import prometheus_client
+    import prometheus_client.core  # noqa: F401  # now, not lazily in a scrape (see report._preload)
 
     registry = prometheus_client.REGISTRY if registry is None else registry
     collector = LeakguardCollector()
@@ -238,6 +239,7 @@ def configure(cfg: Any) -> None:
     if want == _parent_endpoint:
         log.debug("leakguard: forked child: the metrics port belongs to the parent; not serving")
         return
+    import prometheus_client.core  # noqa: F401  # now, not lazily in a scrape (see report._preload)
     from prometheus_client import CollectorRegistry, make_wsgi_app
 
     registry = CollectorRegistry(auto_describe=False)

@@ -110,15 +110,34 @@ def get_logger(log_format: str = "auto") -> Any:
     )
 
 
+_PAD: list[bool] = []
+
+
 def _console_has_pad_event_to() -> bool:
-    import inspect
+    if not _PAD:
+        import inspect
 
-    import structlog
+        import structlog.dev
 
-    try:
-        return "pad_event_to" in inspect.signature(structlog.dev.ConsoleRenderer).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
+        try:
+            _PAD.append("pad_event_to" in inspect.signature(structlog.dev.ConsoleRenderer).parameters)
+        except (TypeError, ValueError):  # pragma: no cover
+            _PAD.append(False)
+    return _PAD[0]
+
+
+def _preload() -> None:
+    """Import now, in the installing thread, what reports need later in the watcher thread.
+
+    A module half-imported by the watcher thread at the moment another thread
+    forks stays half-imported in the child forever (its import lock is never
+    released there): nothing may be imported lazily on the watcher's path.
+    """
+    import structlog.dev  # noqa: F401
+    import structlog.processors  # noqa: F401
+    import structlog.testing  # noqa: F401
+
+    _console_has_pad_event_to()
 
 
 class _StderrLogger:
@@ -201,11 +220,13 @@ class Reporter:
     """
 
     def __init__(self, config: Any, logger: Any = None) -> None:
+        _preload()
         self.config = config
         self._fixed_logger = logger
         self._logger: Any = None
         self._logger_kind: str | None = None
         self._groups: dict[str, _Seen] = {}
+        self._sites: dict[int, str] = {}  # record seq -> its creation site, for leaks still open
         self._tokens = float(config.max_events_per_minute)
         self._refilled = time.monotonic()
         self.reports = 0
@@ -255,11 +276,19 @@ class Reporter:
         cfg = self.config
         groups: dict[str, _Group] = {}
         inherited_leaks = 0
+        known, sites = self._sites, {}
         for info in snap.leaks:
-            if info.fd is not None and info.fd in inherited and info.record is None:
-                inherited_leaks += 1
-                continue
-            key = info.site_str if info.stack else f"<unknown: origin={info.origin}>"
+            rec = info.record
+            if rec is None:
+                if info.fd is not None and info.fd in inherited:
+                    inherited_leaks += 1
+                    continue
+                key = f"<unknown: origin={info.origin}>"
+            else:
+                key = known.get(rec.seq)  # formatting a site is the costly part: once per record
+                if key is None:
+                    key = info.site_str if rec.frames else f"<unknown: origin={info.origin}>"
+                sites[rec.seq] = key
             g = groups.get(key)
             if g is None:
                 g = groups[key] = _Group(key)
@@ -287,23 +316,23 @@ class Reporter:
         new: list[tuple[str, str, dict[str, Any]]] = []
         grown: list[tuple[str, str, dict[str, Any]]] = []
         repeat: list[tuple[str, str, dict[str, Any]]] = []
-        shown: list[str] = []
         for g in ranked[: cfg.top_sites]:
             seen = self._groups.get(g.site)
-            fields = g.fields()
             if seen is None or seen.last_emit is None:  # a new group suppressed last time is still new
+                fields = g.fields()
                 fields["status"] = "new"
                 new.append(("warning", "leakguard.leak", fields))
+                continue
+            if dump or len(g.infos) != seen.last_count:
+                into = grown
+            elif now - seen.last_emit >= REPEAT_S:
+                into = repeat
             else:
-                fields["status"] = "still_leaking"
-                fields["leaking_for_s"] = round(now - seen.first, 1)
-                if dump or len(g.infos) != seen.last_count:
-                    grown.append(("warning", "leakguard.leak", fields))
-                elif seen.last_emit is None or now - seen.last_emit >= REPEAT_S:
-                    repeat.append(("warning", "leakguard.leak", fields))
-                else:
-                    continue
-            shown.append(g.site)
+                continue
+            fields = g.fields()
+            fields["status"] = "still_leaking"
+            fields["leaking_for_s"] = round(now - seen.first, 1)
+            into.append(("warning", "leakguard.leak", fields))
         resolved: list[tuple[str, str, dict[str, Any]]] = []
         if not dump:
             for site, seen in self._groups.items():
@@ -327,8 +356,12 @@ class Reporter:
         if not dump:
             self._tokens -= len(kept)
 
-        tracked = sum(1 for s in snap.sockets if s.record is not None)
-        n_inherited = sum(1 for s in snap.sockets if s.fd is not None and s.fd in inherited and s.record is None)
+        tracked = n_inherited = 0
+        for s in snap.sockets:
+            if s.record is not None:
+                tracked += 1
+            elif inherited and s.fd in inherited:
+                n_inherited += 1
         summary: dict[str, Any] = {
             "pid": snap.pid,
             "sockets": len(snap.sockets),
@@ -364,6 +397,7 @@ class Reporter:
                     seen.last_count = len(g.infos)
             for site in [s for s in self._groups if s not in groups]:
                 del self._groups[site]
+            self._sites = sites
             self.reports += 1
         return 1 + len(kept)
 

@@ -50,6 +50,11 @@ _inherited: dict[int, int] = {}  # fd -> socket inode, for sockets this process 
 _signum: int | None = None  # the dump signal our handler is installed for
 _previous: Any = None  # the handler we replaced (restored by stop())
 _exit_hooked = [False]
+# Held while the watcher reports; fork() waits for it (see _before_fork): a fork in the
+# middle of a report would leave the child with the stderr buffer's lock (or a
+# half-imported module) held by a thread that does not exist there.
+_tick_lock = threading.Lock()
+_fork_held = [False]
 
 
 class Watcher:
@@ -87,25 +92,32 @@ class Watcher:
 
     def tick(self) -> None:
         """Snapshot, churn, report, metrics; failures are contained."""
+        if self._stopping:
+            return
         try:
-            churn = self.churn
-            pre = churn.before() if churn is not None else None
-            snap = take_snapshot()
-            inherited = inherited_fds(snap)
-            warnings = churn.observe(snap, pre) if churn is not None and pre is not None else []
-            self.reporter.report(snap, inherited, warnings)
-            metrics = sys.modules.get("leakguard.metrics")
-            if metrics is not None:
-                metrics.update(snap, inherited, churn)
+            with _tick_lock:
+                self._tick()
         except Exception:  # the host must never see our failure
             log.debug("leakguard: watcher tick failed", exc_info=True)
         finally:
             self.ticks += 1
 
+    def _tick(self) -> None:
+        churn = self.churn
+        pre = churn.before() if churn is not None else None
+        snap = take_snapshot()
+        inherited = inherited_fds(snap)
+        warnings = churn.observe(snap, pre) if churn is not None and pre is not None else []
+        self.reporter.report(snap, inherited, warnings)
+        metrics = sys.modules.get("leakguard.metrics")
+        if metrics is not None:
+            metrics.update(snap, inherited, churn)
+
     def dump(self) -> None:
         try:
-            snap = take_snapshot()
-            self.reporter.report(snap, inherited_fds(snap), dump=True)
+            with _tick_lock:
+                snap = take_snapshot()
+                self.reporter.report(snap, inherited_fds(snap), dump=True)
         except Exception:
             log.debug("leakguard: dump failed", exc_info=True)
         finally:
@@ -187,9 +199,35 @@ def stop(state: Any) -> None:
             log.debug("leakguard: stopping metrics failed", exc_info=True)
 
 
+def _before_fork() -> None:
+    # Bounded: a report stuck on a full stderr pipe must not hang the host's fork.
+    _fork_held[0] = _tick_lock.acquire(timeout=2.0)
+
+
+def _after_fork_in_parent() -> None:
+    if _fork_held[0]:
+        _fork_held[0] = False
+        _tick_lock.release()
+
+
+def _after_fork_in_child() -> None:
+    global _tick_lock
+    _tick_lock = threading.Lock()  # whatever the parent held, this process starts free
+    _fork_held[0] = False
+
+
+if hasattr(os, "register_at_fork"):
+    # Hooks cannot be removed: inert unless a watcher reports.  The child's lock is
+    # renewed here and again in after_fork(), whichever hook runs first.
+    os.register_at_fork(
+        before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+    )
+
+
 def after_fork(state: Any) -> None:
     """In a forked child: remember inherited sockets; start the child's own watcher."""
     global _inherited
+    _after_fork_in_child()
     _inherited = _scan_sockets()
     state.watcher = None  # the parent's thread does not exist in the child
     metrics = sys.modules.get("leakguard.metrics")
