@@ -184,7 +184,7 @@ def install(**options: Any) -> None:
 
     with _state.lock:
         _state.config = config
-        registry.depth[0] = config.stack_depth
+        registry.set_depth(config.stack_depth)
         if not _state.installed:
             _sockets.instrument()
             _state.installed = True

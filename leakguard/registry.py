@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 import os
+import os
 import threading
 import time
 import weakref
@@ -164,6 +165,30 @@ def _reinit_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):  # before _state's at-fork hook, which clears the registry
     os.register_at_fork(after_in_child=_reinit_after_fork)
+
+
+def set_depth(n: int) -> None:
+    """Most frames captured per socket (install(stack_depth=...))."""
+    depth[0] = n
+    if _speedups is not None:
+        _speedups.set_depth(n)
+
+
+def _load_speedups() -> Any:
+    """The compiled hot path, or None (not built, or LEAKGUARD_PURE_PYTHON=1)."""
+    if os.environ.get("LEAKGUARD_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from . import _speedups  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    _speedups.configure(_records, stacks._app_code, stacks._is_app_code, _seq, _scope, depth[0], stacks.CONTEXT)
+    return _speedups
+
+
+_speedups = _load_speedups()
+#: ``fast_record(sock) -> bool``: the compiled record_socket for unscoped new sockets, or None.
+fast_record = _speedups.record if _speedups is not None else None
 
 
 def _alive(fd: int, ref: Any) -> bool:

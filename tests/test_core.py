@@ -29,7 +29,19 @@ def assert_site(info: leakguard.SocketInfo, line: int) -> None:
     assert info.site_str.endswith(f"test_core.py:{line}")
 
 
-@pytest.mark.usefixtures("installed")
+@pytest.fixture(params=["compiled", "python"])
+def hot_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test through the compiled hot path and through the pure-Python one."""
+    from leakguard import _sockets
+
+    if request.param == "python":
+        monkeypatch.setattr(_sockets, "_fast", None)
+    elif _sockets._fast is None:
+        pytest.skip("the compiled hot path is not built here (pure-Python install)")
+    return str(request.param)
+
+
+@pytest.mark.usefixtures("installed", "hot_path")
 class TestCreationPaths:
     """Each way Python creates a socket is recorded with the line that created it."""
 
@@ -412,16 +424,35 @@ class TestRegistry:
             os.close(fd)
 
     @pytest.mark.usefixtures("installed")
-    def test_failure_inside_hook_is_contained(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_failure_inside_hook_is_contained(self, hot_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
         from leakguard import stacks
 
-        def broken(*a: object, **k: object) -> None:
-            raise RuntimeError("leakguard bug")
+        class Broken:
+            def __iter__(self) -> Broken:
+                return self
 
-        monkeypatch.setattr(stacks, "capture", broken)
+            def __next__(self) -> int:
+                raise RuntimeError("leakguard bug")
+
+            def __call__(self, *a: object, **k: object) -> None:
+                raise RuntimeError("leakguard bug")
+
+        if hot_path == "compiled":
+            sp = registry._speedups
+            sp.configure(registry._records, stacks._app_code, stacks._is_app_code, Broken(), registry._scope, 48, 3)
+            restore = lambda: sp.configure(  # noqa: E731
+                registry._records, stacks._app_code, stacks._is_app_code, registry._seq, registry._scope, 48, 3
+            )
+        else:
+            monkeypatch.setattr(stacks, "capture", Broken())
+            restore = lambda: None  # noqa: E731
         errors = registry.stats()["hook_errors"]
-        with socket.socket() as s:
-            assert s.fileno() >= 0
+        try:
+            with socket.socket() as s:
+                assert s.fileno() >= 0 and registry.get(s.fileno()) is None
+                s.bind(("127.0.0.1", 0))  # the socket itself works normally
+        finally:
+            restore()
         assert registry.stats()["hook_errors"] == errors + 1
 
     @pytest.mark.usefixtures("installed")

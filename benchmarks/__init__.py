@@ -1,0 +1,1 @@
+"""leakguard's benchmarks: ``python -m benchmarks`` prints every cost side by side with its baseline."""
