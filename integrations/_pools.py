@@ -23,6 +23,7 @@ three attribute stores.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import weakref
@@ -64,35 +65,42 @@ def fd_of(conn: Any) -> int | None:
     asyncio drivers (``_transport`` / ``_writer``: the transport's socket) and
     SQLAlchemy's asyncio adapters (``driver_connection``).
     """
+    return socket_of(conn)[0]
+
+
+def socket_of(conn: Any) -> tuple[int | None, Any]:
+    """``(fd, holder)``: the descriptor and the object whose ``fileno()`` reports it.
+
+    The holder (the socket, or a libpq connection) is what an adopted record
+    should follow: it stops reporting the descriptor once closed.
+    """
     try:
-        for _ in range(3):
+        for _ in range(4):
             if conn is None:
-                return None
+                return None, None
             inner = getattr(conn, "driver_connection", None)
             if inner is not None and inner is not conn:
                 conn = inner
                 continue
+            sock = getattr(conn, "_sock", None)  # redis, pymysql, asyncio's TransportSocket
+            if sock is not None and sock is not conn:
+                conn = sock
+                continue
             fileno = getattr(conn, "fileno", None)
             if callable(fileno):
                 fd = fileno()
-                return fd if isinstance(fd, int) and fd >= 0 else None
-            for attr in ("_sock", "_socket"):
-                sock = getattr(conn, attr, None)
-                if sock is not None:
-                    conn = sock
+                return (fd, conn) if isinstance(fd, int) and fd >= 0 else (None, None)
+            for attr in ("_transport", "_writer"):
+                t = getattr(conn, attr, None)
+                if t is not None:
+                    t = getattr(t, "transport", t)  # StreamWriter -> transport
+                    conn = t.get_extra_info("socket")
                     break
             else:
-                for attr in ("_transport", "_writer"):
-                    t = getattr(conn, attr, None)
-                    if t is not None:
-                        t = getattr(t, "transport", t)  # StreamWriter -> transport
-                        conn = t.get_extra_info("socket")
-                        break
-                else:
-                    return None
+                return None, None
     except Exception:
-        return None
-    return None
+        return None, None
+    return None, None
 
 
 def _record(fd: int | None, origin: str, owner: Any) -> registry.Record | None:
@@ -136,7 +144,10 @@ def _link(conn: Any, name: str, origin: str, fd: int | None, owner: Any) -> list
         except AttributeError:  # the registry's internals changed: take the slow path
             pass
     info = link[0] if link is not None and link[0].name == name else registry.PoolInfo(name)
-    rec = _record(fd_of(conn) if fd is None else fd, origin, conn if owner is None else owner)
+    if fd is None:
+        fd, holder = socket_of(conn)
+        owner = holder if owner is None else owner
+    rec = _record(fd, origin, conn if owner is None else owner)
     if rec is not None:
         rec.pool = info  # also after a reconnect: the new socket belongs to the same pool slot
     link = [info, rec]
@@ -173,16 +184,24 @@ def checked_out(
 
 def checked_in(conn: Any) -> registry.PoolInfo | None:
     """*conn* went back to its pool (or was discarded by it)."""
-    info = info_of(conn)
-    if info is None or not info.checked_out:
+    try:
+        link = _links.get(conn)
+    except TypeError:
+        return None
+    if link is None:
+        return None
+    info: registry.PoolInfo = link[0]
+    if not info.checked_out:
         return info
-    now = time.monotonic()
-    held = now - info.checkout_time if info.checkout_time is not None else 0.0
-    info.check_in()
-    watched = _watched.pop(id(info), None) if _watched else None
     limit = threshold()
+    if limit is None and not _watched:  # the common case: nothing to time
+        info.check_in()
+        return info
+    held = time.monotonic() - info.checkout_time if info.checkout_time is not None else 0.0
+    info.check_in()
+    watched = _watched.pop(id(info), None)
     if limit is not None and held >= limit:
-        rec = watched[1] if watched is not None else registry.get(fd_of(conn) or -1)
+        rec = watched[1] if watched is not None else link[1]
         if info.reported_at is None:  # returned before any tick saw it overdue
             _emit(_event("leakguard.checkout_threshold", info, rec, held, limit))
         event = _event("leakguard.checkout_returned", info, rec, held, limit)
@@ -313,6 +332,19 @@ def _ensure_timer() -> None:
         t.thread.start()
     except RuntimeError:  # interpreter shutting down
         _timer[0] = None
+
+
+def _after_fork_in_child() -> None:
+    # The parent's timer thread is gone and may have held the lock at fork time;
+    # its checkouts are the parent's business (the child's registry starts empty).
+    global _lock
+    _lock = threading.Lock()
+    _timer[0] = None
+    _watched.clear()
+
+
+if hasattr(os, "register_at_fork"):  # registered once at import; inert until a checkout is watched
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def stop() -> None:

@@ -113,13 +113,6 @@ def _checked_out(conn: Any, pool: Any, frames: stacks.Frames) -> None:
         registry._errors[0] += 1
 
 
-def _checked_in(conn: Any) -> None:
-    try:
-        _pools.checked_in(conn)
-    except Exception:
-        registry._errors[0] += 1
-
-
 def _get_connection(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     frames = capture()
     conn = wrapped(*args, **kwargs)
@@ -128,10 +121,10 @@ def _get_connection(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 
 
 def _release(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    if args:
-        _checked_in(args[0])
-    elif "connection" in kwargs:
-        _checked_in(kwargs["connection"])
+    try:
+        _pools.checked_in(args[0] if args else kwargs["connection"])
+    except Exception:
+        registry._errors[0] += 1
     return wrapped(*args, **kwargs)
 
 
