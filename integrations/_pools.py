@@ -32,6 +32,7 @@ from typing import Any
 from leakguard import _state, registry, stacks
 
 __all__ = [
+    "capture",
     "check_thresholds",
     "checked_in",
     "checked_out",
@@ -50,6 +51,19 @@ _links: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
 _watched: dict[int, tuple[registry.PoolInfo, registry.Record | None]] = {}
 _lock = threading.Lock()
 _timer: list[_Timer | None] = [None]
+
+
+def capture() -> stacks.Frames:
+    """The application's stack as seen from an integration's wrapper; never raises.
+
+    Leaves out this function and the wrapper that calls it (wrapt's C proxy adds
+    no Python frame), so the innermost frame is the wrapped call's caller.
+    """
+    try:
+        return stacks.capture(2, registry.depth[0])
+    except Exception:
+        registry._errors[0] += 1
+        return ()
 
 
 def threshold() -> float | None:

@@ -17,8 +17,7 @@ from leakguard import registry, stacks
 from leakguard._patch import Patches
 
 from ._common import redact_dsn
-from ._pools import fd_of
-from .psycopg2 import capture
+from ._pools import capture, fd_of
 
 __all__ = ["REQUIRES", "instrument", "uninstrument"]
 

@@ -18,7 +18,8 @@ from typing import Any
 from leakguard import registry, stacks
 from leakguard._patch import Patches
 
-from .psycopg2 import adopt_connection, capture
+from ._pools import capture
+from .psycopg2 import adopt_connection
 
 __all__ = ["REQUIRES", "instrument", "uninstrument"]
 

@@ -24,6 +24,7 @@ from leakguard import registry, stacks
 from leakguard._patch import Patches
 
 from ._common import redact_dsn
+from ._pools import capture
 
 __all__ = ["REQUIRES", "adopt_connection", "instrument", "pg_target", "uninstrument"]
 
@@ -71,15 +72,6 @@ def adopt_connection(
         registry.adopt(fd, origin, target=target, frames=frames, owner=conn)
     except Exception:
         registry._errors[0] += 1
-
-
-def capture() -> stacks.Frames:
-    """The application's stack, seen from a wrapper called by wrapt (2 = this + the wrapper)."""
-    try:
-        return stacks.capture(2, registry.depth[0])
-    except Exception:
-        registry._errors[0] += 1
-        return ()
 
 
 def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:

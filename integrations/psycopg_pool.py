@@ -22,7 +22,7 @@ from leakguard import registry, stacks
 from leakguard._patch import Patches
 
 from . import _pools
-from .psycopg2 import capture
+from ._pools import capture
 
 __all__ = ["REQUIRES", "instrument", "uninstrument"]
 

@@ -15,7 +15,7 @@ from leakguard import registry
 from leakguard._patch import Patches
 
 from ._common import redact_dsn
-from .psycopg2 import capture
+from ._pools import capture
 
 __all__ = ["REQUIRES", "instrument", "mysql_target", "uninstrument"]
 

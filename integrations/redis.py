@@ -24,7 +24,7 @@ from leakguard._patch import Patches
 
 from . import _pools
 from ._common import redact_dsn
-from .psycopg2 import capture
+from ._pools import capture
 
 __all__ = ["REQUIRES", "instrument", "redis_target", "uninstrument"]
 

@@ -35,7 +35,6 @@ from leakguard._patch import Patches
 
 from . import _pools
 from ._common import DEFAULT_PORTS, redact_dsn
-from .psycopg2 import capture
 
 __all__ = ["REQUIRES", "instrument", "uninstrument"]
 
