@@ -53,8 +53,7 @@ import sys
 import time
 import types
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -72,9 +71,8 @@ _SKIP_MODULES = ("_pytest", "pluggy", "pytest", "leakguard", "xdist", "execnet")
 _MAX_SUMMARY_BLOCKS = 30
 
 
-@dataclass(frozen=True)
-class Settings:
-    """The plugin's settings, merged once from flags, environment and ini."""
+class Settings(NamedTuple):
+    """The plugin's settings, merged once from flags, environment and ini (immutable)."""
 
     enabled: bool = False
     mode: str = "fail"
@@ -254,15 +252,17 @@ def _records_between(after: int, before: int | None, exclude: Any = ()) -> list[
 # --------------------------------------------------------------------------- GC watch
 
 
-@dataclass
 class _GcEvent:
     """A socket that was never closed and was freed by the garbage collector."""
 
-    fd: int
-    entry: Any  # the registry's raw entry: (ref, created, seq, frames, scope)
-    kind: str
-    peer: str | None
-    at: float
+    __slots__ = ("at", "entry", "fd", "kind", "peer")
+
+    def __init__(self, fd: int, entry: Any, kind: str, peer: str | None, at: float) -> None:
+        self.fd = fd
+        self.entry = entry  # the registry's raw entry: (ref, created, seq, frames, scope)
+        self.kind = kind
+        self.peer = peer
+        self.at = at
 
     @property
     def seq(self) -> int:
@@ -317,15 +317,17 @@ def _unwatch_gc() -> None:
 # --------------------------------------------------------------------------- ownership
 
 
-@dataclass(eq=False)
 class _Fixture:
     """A fixture wider than function scope and the sockets it owns."""
 
-    fixturedef: Any
-    name: str
-    scope: str
-    where: str  # the test whose setup created it
-    owned: list[registry.Record] = field(default_factory=list)
+    __slots__ = ("fixturedef", "name", "owned", "scope", "where")
+
+    def __init__(self, fixturedef: Any, name: str, scope: str, where: str) -> None:
+        self.fixturedef = fixturedef
+        self.name = name
+        self.scope = scope
+        self.where = where  # the test whose setup created it
+        self.owned: list[registry.Record] = []
 
     def label(self) -> str:
         return f"fixture '{self.name}' ({self.scope} scope)"
@@ -570,17 +572,17 @@ def _gc_text(events: list[_GcEvent], whose: str) -> str:
     return "\n\n".join([head] + blocks)
 
 
-@dataclass
 class _Verdict:
     """What the teardown check found, for the teardown report."""
 
-    fail_text: list[str] = field(default_factory=list)
-    warn_text: list[str] = field(default_factory=list)
-    test_leaks: int = 0
-    fixture_leaks: int = 0
-    gc_closed: int = 0
-    kind: str | None = None  # "test" when the test itself fails, "fixture" for a fixture error
-    unchecked: str | None = None
+    def __init__(self) -> None:
+        self.fail_text: list[str] = []
+        self.warn_text: list[str] = []
+        self.test_leaks = 0
+        self.fixture_leaks = 0
+        self.gc_closed = 0
+        self.kind: str | None = None  # "test" when the test itself fails, "fixture" for a fixture error
+        self.unchecked: str | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -768,7 +770,8 @@ class _Checker:
             raise
         except Exception as exc:  # never break the run over our own bug
             registry._errors[0] += 1
-            verdict = _Verdict(warn_text=[f"leakguard: internal error while checking this test: {exc!r}"])
+            verdict = _Verdict()
+            verdict.warn_text.append(f"leakguard: internal error while checking this test: {exc!r}")
         finally:
             self.item = None
         if verdict is not None:
@@ -776,15 +779,19 @@ class _Checker:
 
     def _judge(self, item: pytest.Item) -> _Verdict | None:
         settings = self.settings
-        verdict = _Verdict()
         pending, self.pending = self.pending, []
+        cands = self._candidates()
+        if not (cands or pending or _gc_events):
+            return None  # the common case: this test opened no socket that is still open
+        verdict = _Verdict()
         skip = None
         if item.get_closest_marker("no_leakguard") is not None:
             skip = "no_leakguard"
         elif item.stash.get(_failed_key, False):
             skip = "the test failed"
-        cands = [] if skip else self._candidates()
-        allow_n, allow_globs = _marker_allow(item) if not skip else (0, ())
+        if skip:
+            cands = []
+        allow_n, allow_globs = _marker_allow(item) if cands else (0, ())
         globs = settings.ignore + allow_globs
         if cands and globs:
             cands = [r for r in cands if not _matches(r, globs)]
@@ -829,7 +836,7 @@ class _Checker:
                 verdict.kind = "fixture"
         self._judge_gc(verdict, skip, pending)
         verdict.unchecked = skip
-        if not (verdict.fail_text or verdict.warn_text or skip):
+        if not (verdict.fail_text or verdict.warn_text):
             return None
         return verdict
 
@@ -920,7 +927,6 @@ class _Summary:
         self.config = config
         self.settings = settings
         self.checked = 0
-        self.unchecked = 0
         self.leaky_tests = 0
         self.test_leaks = 0
         self.fixture_leaks = 0
@@ -942,10 +948,7 @@ class _Summary:
             return
         if info.get("kind") == "test" and report.failed:
             self._uncount_call(report)
-        if info.get("unchecked"):
-            self.unchecked += 1
-        else:
-            self.checked += 1
+        self.checked += 1
         if info.get("test_leaks"):
             self.leaky_tests += 1
             self.test_leaks += info["test_leaks"]
@@ -983,8 +986,6 @@ class _Summary:
                 tr.write_line(text)
                 tr.write_line("")
         parts = [f"{_plural(self.checked, 'test')} checked"]
-        if self.unchecked:
-            parts.append(f"{self.unchecked} not checked")
         parts.append(f"{_plural(self.test_leaks, 'leaked socket')} in {_plural(self.leaky_tests, 'test')}")
         if self.fixture_leaks:
             parts.append(f"{_plural(self.fixture_leaks, 'leaked socket')} in fixtures")

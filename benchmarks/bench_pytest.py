@@ -1,0 +1,150 @@
+"""What the pytest plugin costs a suite of 2,000 trivial tests.
+
+Each configuration runs the same generated suite in a fresh ``python -m pytest``
+process; runs are interleaved (baseline, leakguard, baseline, ...) and the best
+of the rounds is kept, so a noisy machine hurts both sides alike.  The baseline
+is pytest with the plugin blocked (``-p no:leakguard``): the suite's time
+without leakguard at all.
+
+Rows: ``{"name", "baseline_us", "leakguard_us", "ratio", "wall_ratio"}``: CPU time
+(user + system) of the whole pytest process, start-up included, divided by the
+number of tests.  CPU time rather than wall time because benchmark machines are
+shared: another process's load stretches wall time, not our CPU time (the wall
+ratio is kept too).  With ``quick=False`` the nearest existing tools are measured
+on a smaller suite (they take minutes on 2,000 tests) when available:
+pytest-openfiles' ``--open-files`` and ``-X tracemalloc=16 -W error::ResourceWarning``.
+
+    python benchmarks/bench_pytest.py [--quick]
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+N_TESTS = 2000
+PER_FILE = 100
+
+# Plugins of the development environment that have nothing to do with the measurement
+# (hypothesis' alone takes seconds to import); blocked in every configuration alike.
+_QUIET = ("-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-p", "no:randomly", "-p", "no:xdist")
+
+
+def make_suite(root: Path, n: int = N_TESTS, per_file: int = PER_FILE) -> None:
+    """*n* trivial tests in files of *per_file*, plus an empty ini so no outer config applies."""
+    (root / "pytest.ini").write_text("[pytest]\n")
+    for f in range(0, n, per_file):
+        body = "".join(f"def test_{f + i}():\n    assert {f + i} + 1 > {f + i}\n\n" for i in range(min(per_file, n - f)))
+        (root / f"test_gen_{f // per_file:03d}.py").write_text(body)
+
+
+def _cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _time(cmd: list[str], cwd: Path) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of one run of *cmd*."""
+    # Bytecode caching on, as on a developer's machine (an environment may switch it off).
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LEAKGUARD_", "PYTEST_")) and k != "PYTHONDONTWRITEBYTECODE"
+    }
+    cpu, start = _cpu(), time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall, cpu = time.perf_counter() - start, _cpu() - cpu
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
+    return cpu, wall
+
+
+def _pytest(*args: str, python: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, *python, "-m", "pytest", "-q", *_QUIET, *args]
+
+
+def _compare(
+    root: Path, name: str, baseline: list[str], candidate: list[str], rounds: int, n: int
+) -> dict[str, Any]:
+    base, cand = [], []
+    _time(baseline, root)  # warm-up: bytecode caches, page cache
+    _time(candidate, root)
+    for _ in range(rounds):
+        base.append(_time(baseline, root))
+        cand.append(_time(candidate, root))
+    b, c = min(t[0] for t in base), min(t[0] for t in cand)
+    bw, cw = min(t[1] for t in base), min(t[1] for t in cand)
+    return {
+        "name": name,
+        "baseline_us": round(b / n * 1e6, 1),
+        "leakguard_us": round(c / n * 1e6, 1),
+        "ratio": round(c / b, 3),
+        "wall_ratio": round(cw / bw, 3),
+        "tests": n,
+    }
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    rounds = 3
+    n = 500 if quick else N_TESTS
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="leakguard-bench-pytest-") as tmp:
+        root = Path(tmp) / "suite"
+        root.mkdir()
+        make_suite(root, n)
+        without = _pytest("-p", "no:leakguard")
+        rows.append(
+            _compare(root, f"pytest {n} trivial tests: --leakguard vs without the plugin", without,
+                     _pytest("--leakguard"), rounds, n)
+        )
+        rows.append(
+            _compare(root, f"pytest {n} trivial tests: plugin installed but off vs without it", without,
+                     _pytest(), 2, n)
+        )
+        if not quick:
+            small = Path(tmp) / "small"
+            small.mkdir()
+            k = 200  # these tools take about a minute per 1,000 trivial tests
+            make_suite(small, k)
+            if importlib.util.find_spec("pytest_openfiles") is not None:
+                rows.append(
+                    _compare(small, f"pytest {k} trivial tests: pytest-openfiles --open-files (for comparison)",
+                             without, _pytest("-p", "no:leakguard", "--open-files"), 1, k)
+                )
+            else:
+                print("bench_pytest: pytest-openfiles is not installed; its row is skipped", file=sys.stderr)
+            rows.append(
+                _compare(
+                    small,
+                    f"pytest {k} trivial tests: -X tracemalloc=16 -W error::ResourceWarning (for comparison)",
+                    without,
+                    _pytest("-p", "no:leakguard", "-W", "error::ResourceWarning", python=("-X", "tracemalloc=16")),
+                    1,
+                    k,
+                )
+            )
+            rows.append(
+                _compare(small, f"pytest {k} trivial tests: --leakguard (same suite as the rows above)",
+                         without, _pytest("--leakguard"), 1, k)
+            )
+    return rows
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv[1:]
+    for row in run(quick):
+        print(
+            f"{row['name']}: {row['baseline_us']} -> {row['leakguard_us']} us CPU per test "
+            f"({row['ratio']}x CPU, {row['wall_ratio']}x wall)"
+        )
+
+
+if __name__ == "__main__":
+    main()
