@@ -19,8 +19,7 @@ import _socket
 import os
 import socket
 import sys
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["KernelSocket", "TCP_STATES", "fd_usage", "format_address", "read_sockets"]
 
@@ -47,11 +46,11 @@ _family_of = _socket.socket.family.__get__  # type: ignore[attr-defined]
 _type_of = _socket.socket.type.__get__  # type: ignore[attr-defined]
 _STABLE = frozenset(("ESTABLISHED", "CLOSE_WAIT", "LISTEN"))  # addresses no longer change
 _TCP_INFO = getattr(socket, "TCP_INFO", 11)
+_IPPROTO_TCP = socket.IPPROTO_TCP
 _IS_LINUX = sys.platform.startswith("linux")
 
 
-@dataclass
-class KernelSocket:
+class KernelSocket(NamedTuple):
     """One socket descriptor of this process as the kernel sees it."""
 
     fd: int | None
@@ -65,6 +64,9 @@ class KernelSocket:
     @property
     def is_tcp(self) -> bool:
         return self.family in _INET and self.type == socket.SOCK_STREAM
+
+
+_new_ks = tuple.__new__  # KernelSocket without NamedTuple's Python-level __new__, for the loop below
 
 
 def format_address(family: int, addr: Any) -> str | None:
@@ -151,12 +153,25 @@ def read_sockets(
         try:
             fds = _list_fds()
             out = []
+            add = out.append
             get = objects.get
             kget = known.get
+            states = TCP_STATES.get
             for fd in fds:
-                ks = _read_one(fd, get(fd), kget(fd))
+                obj = get(fd)
+                k = kget(fd) if obj is not None else None
+                if k is not None:
+                    # The common case of a tracked TCP socket whose addresses are known: one syscall.
+                    try:
+                        state = states(obj.getsockopt(_IPPROTO_TCP, _TCP_INFO, 1)[0])
+                    except OSError:
+                        state = None
+                    if state in _STABLE:
+                        add(_new_ks(KernelSocket, (fd, _family_of(obj), _type_of(obj), state, k[0], k[1], obj)))
+                        continue
+                ks = _read_one(fd, obj, k)
                 if ks is not None:
-                    out.append(ks)
+                    add(ks)
             return out, len(fds) - 1  # minus listdir's own descriptor
         except Exception:  # /proc unreadable or odd: degrade to psutil rather than fail the caller
             pass
