@@ -22,8 +22,11 @@ flag                   ini                     environment                  mean
 How a socket is attributed:
 
 - A socket opened during a test's setup, call or teardown and still open once that
-  test's fixtures are torn down is the test's leak: the teardown report fails with one
-  paragraph per socket (state, origin, peer, age, creation site, stack).
+  test's fixtures are torn down is the test's leak: the test fails (its teardown report
+  carries the failure; the test counts once, as failed) with one paragraph per socket:
+  state, origin, peer, age, creation site ``path/to/test_file.py:LINE``, then the stack
+  from the application's outermost frame inwards.  Tests that already failed are not
+  checked (what they left open is a consequence of the failure).
 - Sockets opened while a class-, module-, package- or session-scoped fixture is set up
   belong to that fixture, and so do sockets opened later that are reachable from the
   fixture's value (a pooled connection of a session-wide ``requests.Session``) and
@@ -31,7 +34,9 @@ How a socket is attributed:
   They are judged when the fixture is torn down; a leak is an error at that teardown.
 - Before anything is called leaked it gets a grace period: one ``gc.collect()`` and a
   bounded exponential back-off (goleak's retry), so code that is closing never fails.
-  Tests that opened no socket pay one integer comparison.
+  Tests that opened no socket pay one integer comparison; the kernel is read only for
+  sockets finally judged leaked.
+- Under pytest-xdist each worker checks its own tests; the controller prints the summary.
 - A socket that was never closed but freed by the garbage collector (what
   ``ResourceWarning`` reports) is listed with its creation stack: a warning in the
   terminal summary by default, a failure with ``--leakguard-gc=fail``.
@@ -52,7 +57,7 @@ import socket
 import sys
 import time
 import types
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import pytest
@@ -275,7 +280,7 @@ class _GcEvent:
 
 
 _gc_events: list[_GcEvent] = []
-_orig_socket_del = _socket.socket.__del__
+_orig_socket_del: Any = getattr(_socket.socket, "__del__")  # the C finalizer (warns, closes)
 
 
 def _socket_del(self: Any) -> None:
@@ -303,15 +308,21 @@ def _socket_del(self: Any) -> None:
 _socket_del.__qualname__ = "socket.__del__"
 
 
+_watchers = [0]  # sessions watching (an in-process pytester run nests one in another)
+
+
 def _watch_gc() -> None:
+    _watchers[0] += 1
     if vars(socket.socket).get("__del__") is None:
         socket.socket.__del__ = _socket_del  # type: ignore[attr-defined]
 
 
 def _unwatch_gc() -> None:
-    if vars(socket.socket).get("__del__") is _socket_del:
-        del socket.socket.__del__  # type: ignore[attr-defined]
-    _gc_events.clear()
+    _watchers[0] = max(_watchers[0] - 1, 0)
+    if _watchers[0] == 0:
+        if vars(socket.socket).get("__del__") is _socket_del:
+            del socket.socket.__del__  # type: ignore[attr-defined]
+        _gc_events.clear()
 
 
 # --------------------------------------------------------------------------- ownership
@@ -443,10 +454,6 @@ def _find_listener(local: Any, records: Iterable[registry.Record]) -> tuple[bool
 
 
 # --------------------------------------------------------------------------- judging
-
-
-def _site(rec: registry.Record) -> str:
-    return stacks.format_site(stacks.creation_site(rec.stack()))
 
 
 def _peer(rec: registry.Record) -> str | None:
@@ -596,7 +603,8 @@ class _Verdict:
 
 
 def _marker_allow(item: pytest.Item) -> tuple[int, tuple[str, ...]]:
-    count, globs = 0, ()
+    count = 0
+    globs: tuple[str, ...] = ()
     for mark in item.iter_markers("leakguard"):
         allow = mark.kwargs.get("allow", mark.args[0] if mark.args else 0)
         unknown = set(mark.kwargs) - {"allow"}
@@ -633,14 +641,18 @@ class _Checker:
     def pytest_configure(self, config: pytest.Config) -> None:
         # Called on registration (pytest_configure is historic).
         if not _state.installed():
-            _state.install()
+            try:
+                _state.install()
+            except ValueError as exc:  # a bad LEAKGUARD_<OPTION> in the environment
+                raise pytest.UsageError(f"leakguard: {exc}") from None
             self.we_installed = True
         if self.settings.gc != "off":
             _watch_gc()
         self.mark = self._take()
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
-        _unwatch_gc()
+        if self.settings.gc != "off":
+            _unwatch_gc()
         if self.we_installed:
             _state.uninstall()
             self.we_installed = False
@@ -881,7 +893,9 @@ class _Checker:
             verdict.warn_text.append(_gc_text(others, "opened before this test (at import or by an earlier test)"))
 
     @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         rep = yield
         if call.when != "teardown":
             if rep.failed or hasattr(rep, "wasxfail"):

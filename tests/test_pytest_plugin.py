@@ -174,6 +174,47 @@ class TestSwitch:
         result.stderr.fnmatch_lines(["*leakguard: --leakguard-mode must be one of fail, warn, not 'loud'*"])
 
 
+class TestSettings:
+    """Each setting comes from its flag, else its environment variable, else its ini option."""
+
+    def test_flag_beats_environment_beats_ini(self, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+        from leakguard.pytest_plugin import load_settings
+
+        pytester.makeini(
+            "[pytest]\nleakguard = false\nleakguard_mode = warn\nleakguard_gc = fail\nleakguard_grace = 2\n"
+            "leakguard_ignore =\n    a.py:*\n"
+        )
+        assert load_settings(pytester.parseconfig()) == (False, "warn", "fail", 2.0, ("a.py:*",))
+        monkeypatch.setenv("LEAKGUARD_PYTEST", "yes")
+        monkeypatch.setenv("LEAKGUARD_PYTEST_MODE", "fail")
+        monkeypatch.setenv("LEAKGUARD_PYTEST_IGNORE", "b.py:1,127.0.0.1:*")
+        settings = load_settings(pytester.parseconfig("--leakguard-gc=off", "--leakguard-ignore=c.py:*"))
+        assert settings == (True, "fail", "off", 2.0, ("a.py:*", "b.py:1", "127.0.0.1:*", "c.py:*"))
+
+    @pytest.mark.parametrize(
+        ("args", "env", "message"),
+        [
+            (("--leakguard-grace=soon",), {}, "--leakguard-grace must be a number of seconds"),
+            ((), {"LEAKGUARD_PYTEST_GC": "later"}, "environment variable LEAKGUARD_PYTEST_GC must be one of warn"),
+            ((), {"LEAKGUARD_PYTEST": "maybe"}, "environment variable LEAKGUARD_PYTEST must be true or false"),
+        ],
+    )
+    def test_bad_values_name_the_setting(
+        self,
+        pytester: pytest.Pytester,
+        monkeypatch: pytest.MonkeyPatch,
+        args: tuple[str, ...],
+        env: dict[str, str],
+        message: str,
+    ) -> None:
+        from leakguard.pytest_plugin import load_settings
+
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(pytest.UsageError, match=re.escape(message)):
+            load_settings(pytester.parseconfig(*args))
+
+
 class TestTestLeaks:
     """A socket a test opened and left open fails that test, naming state, peer and the exact line."""
 
@@ -208,6 +249,29 @@ class TestTestLeaks:
                 f"peer=127.0.0.1:* local=127.0.0.1:* age=*s created at test_cw.py:{line}",
                 "  why: peer 127.0.0.1:* closed the connection; this process never closed its end*",
             ]
+        )
+
+    def test_function_fixture_leak_is_the_tests(self, pytester: pytest.Pytester) -> None:
+        source = """\
+import socket
+import pytest
+
+KEEP = []
+
+@pytest.fixture
+def conn():
+    s = socket.socket()  # FIXTURE LINE
+    KEEP.append(s)
+    yield s
+
+def test_uses_it(conn):
+    pass
+"""
+        pytester.makepyfile(test_fn=source)
+        result = run(pytester)
+        result.assert_outcomes(failed=1)
+        result.stdout.fnmatch_lines(
+            [f"leakguard: this test left 1 socket open, created at test_fn.py:{line_of(source, '# FIXTURE LINE')} (*"]
         )
 
     def test_a_leak_never_fails_another_test(self, pytester: pytest.Pytester) -> None:
