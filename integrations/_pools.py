@@ -140,7 +140,7 @@ def info_of(conn: Any) -> registry.PoolInfo | None:
     return link[0] if link is not None else None
 
 
-def _link(conn: Any, name: str, origin: str, fd: int | None, owner: Any) -> list[Any]:
+def _link(conn: Any, name: str, origin: str, source: Any) -> list[Any]:
     """``[info, record]`` of a pool connection, linked: ``record.pool is info``.
 
     Fast path (every checkout of a busy pool): the cached record is still the
@@ -158,10 +158,9 @@ def _link(conn: Any, name: str, origin: str, fd: int | None, owner: Any) -> list
         except AttributeError:  # the registry's internals changed: take the slow path
             pass
     info = link[0] if link is not None and link[0].name == name else registry.PoolInfo(name)
-    if fd is None:
-        fd, holder = socket_of(conn)
-        owner = holder if owner is None else owner
-    rec = _record(fd, origin, conn if owner is None else owner)
+    source = conn if source is None else source
+    fd, holder = socket_of(source)
+    rec = _record(fd, origin, holder if holder is not None else source)
     if rec is not None:
         rec.pool = info  # also after a reconnect: the new socket belongs to the same pool slot
     link = [info, rec]
@@ -172,9 +171,13 @@ def _link(conn: Any, name: str, origin: str, fd: int | None, owner: Any) -> list
     return link
 
 
-def pooled(conn: Any, name: str, origin: str, fd: int | None = None, owner: Any = None) -> registry.PoolInfo:
-    """*conn* was just opened by pool *name* and sits idle in it."""
-    info: registry.PoolInfo = _link(conn, name, origin, fd, owner)[0]
+def pooled(conn: Any, name: str, origin: str, source: Any = None) -> registry.PoolInfo:
+    """*conn* was just opened by pool *name* and sits idle in it.
+
+    *source* is the object holding the socket when that is not *conn* itself
+    (SQLAlchemy: the DBAPI connection of a connection record).
+    """
+    info: registry.PoolInfo = _link(conn, name, origin, source)[0]
     return info
 
 
@@ -183,11 +186,10 @@ def checked_out(
     name: str,
     origin: str,
     frames: stacks.Frames,
-    fd: int | None = None,
-    owner: Any = None,
+    source: Any = None,
 ) -> registry.PoolInfo:
     """The application took *conn* from pool *name*; *frames* is the checkout stack."""
-    info, rec = _link(conn, name, origin, fd, owner)
+    info, rec = _link(conn, name, origin, source)
     info.check_out(frames)
     if threshold() is not None:
         with _lock:

@@ -147,8 +147,7 @@ def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy
             _pool_name(pool),
             ORIGIN,
             frames,
-            fd=_pools.fd_of(dbapi_connection),
-            owner=dbapi_connection,
+            source=dbapi_connection,
         )
     except Exception:
         registry._errors[0] += 1

@@ -285,6 +285,23 @@ class TestRedisPool:
             finally:
                 pool.release(conn)
 
+    def test_connection_opened_before_install_is_adopted_at_checkout(self) -> None:
+        require_service("redis")
+        leakguard.uninstall()  # the class fixture installed it; start from nothing
+        with redis.Redis(host="127.0.0.1", port=6379) as client:
+            assert client.ping() is True  # the pool opens its socket before leakguard exists
+            leakguard.install()
+            pool = client.connection_pool
+            conn = pool.get_connection()
+            line = this_line() - 1
+            try:
+                (entry,) = [s for s in leakguard.snapshot().sockets if s.fd == conn._sock.fileno()]
+                assert entry.origin == "redis" and entry.stack == []  # creation unknown, and said so
+                assert entry.pool is not None and entry.pool["checked_out"] is True
+                assert at_line(entry.pool["checkout_stack"], line)
+            finally:
+                pool.release(conn)
+
     def test_blocking_pool_clean_use(self) -> None:
         require_service("redis")
         pool = redis.BlockingConnectionPool(host="127.0.0.1", port=6379, max_connections=2)
