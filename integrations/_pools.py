@@ -117,17 +117,18 @@ def socket_of(conn: Any) -> tuple[int | None, Any]:
     return None, None
 
 
-def _record(fd: int | None, origin: str, owner: Any) -> registry.Record | None:
+def _record(fd: int | None, origin: str, owner: Any, frames: stacks.Frames = ()) -> registry.Record | None:
     """The live record of *fd*; adopts the descriptor when leakguard never saw it created.
 
     Such a connection was opened before install() (or by code no integration
-    covers): it gets an empty creation stack, which is the honest answer.
+    covers): unless the pool knows better (*frames*), it gets an empty creation
+    stack, which is the honest answer.
     """
     if fd is None:
         return None
     rec = registry.get(fd)
     if rec is None:
-        rec = registry.adopt(fd, origin, frames=(), owner=owner)
+        rec = registry.adopt(fd, origin, frames=frames, owner=owner)
     return rec
 
 
@@ -140,7 +141,7 @@ def info_of(conn: Any) -> registry.PoolInfo | None:
     return link[0] if link is not None else None
 
 
-def _link(conn: Any, name: str, origin: str, source: Any) -> list[Any]:
+def _link(conn: Any, name: str, origin: str, source: Any, frames: stacks.Frames = ()) -> list[Any]:
     """``[info, record]`` of a pool connection, linked: ``record.pool is info``.
 
     Fast path (every checkout of a busy pool): the cached record is still the
@@ -160,7 +161,7 @@ def _link(conn: Any, name: str, origin: str, source: Any) -> list[Any]:
     info = link[0] if link is not None and link[0].name == name else registry.PoolInfo(name)
     source = conn if source is None else source
     fd, holder = socket_of(source)
-    rec = _record(fd, origin, holder if holder is not None else source)
+    rec = _record(fd, origin, holder if holder is not None else source, frames)
     if rec is not None:
         rec.pool = info  # also after a reconnect: the new socket belongs to the same pool slot
     link = [info, rec]
@@ -171,13 +172,16 @@ def _link(conn: Any, name: str, origin: str, source: Any) -> list[Any]:
     return link
 
 
-def pooled(conn: Any, name: str, origin: str, source: Any = None) -> registry.PoolInfo:
+def pooled(
+    conn: Any, name: str, origin: str, source: Any = None, frames: stacks.Frames = ()
+) -> registry.PoolInfo:
     """*conn* was just opened by pool *name* and sits idle in it.
 
     *source* is the object holding the socket when that is not *conn* itself
-    (SQLAlchemy: the DBAPI connection of a connection record).
+    (SQLAlchemy: the DBAPI connection of a connection record); *frames* the
+    creation stack to use if no integration recorded the socket.
     """
-    info: registry.PoolInfo = _link(conn, name, origin, source)[0]
+    info: registry.PoolInfo = _link(conn, name, origin, source, frames)[0]
     return info
 
 

@@ -23,6 +23,7 @@ from leakguard._patch import Patches
 
 from . import _pools
 from ._pools import capture
+from .psycopg2 import pg_target
 
 __all__ = ["REQUIRES", "instrument", "uninstrument"]
 
@@ -57,7 +58,11 @@ def _scope(pool: Any) -> Any:
 
 def _pooled(conn: Any, pool: Any) -> None:
     try:
-        _pools.pooled(conn, _name(pool), ORIGIN)
+        # Without the psycopg integration the socket is adopted here, with the pool's creation stack.
+        _pools.pooled(conn, _name(pool), ORIGIN, frames=_pool_frames.get(pool, ()))
+        rec = registry.get(conn.fileno())
+        if rec is not None and rec.target is None:
+            rec.target = pg_target(conn)
     except Exception:
         registry._errors[0] += 1
 

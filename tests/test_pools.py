@@ -204,6 +204,18 @@ class TestPsycopgPool:
             assert leak.pool["checked_out"] is False
             assert leak.reason is not None and "idle in pool psycopg_pool orders" in leak.reason
 
+    def test_pool_alone_adopts_with_pool_creation_line(self) -> None:
+        """With only the psycopg_pool integration, the libpq socket is adopted when the pool opens it."""
+        require_service("postgres")
+        leakguard.install(integrations=["psycopg_pool"])
+        with psycopg_pool.ConnectionPool(PG_DSN, min_size=1, max_size=1, open=True) as pool:
+            line = this_line() - 1
+            with pool.connection() as conn:
+                (entry,) = [s for s in leakguard.snapshot().sockets if s.fd == conn.fileno()]
+                assert entry.origin == "psycopg" and site_is(entry, line), entry.stack
+                assert entry.target == "postgresql://postgres:***@127.0.0.1:5432/test"
+                assert entry.pool is not None and entry.pool["checked_out"] is True
+
     def test_checked_out(self, pg_kill: Callable[[int], None]) -> None:
         with psycopg_pool.ConnectionPool(PG_DSN, min_size=1, max_size=1, open=True, name="orders") as pool:
             pool.wait()
