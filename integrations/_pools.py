@@ -29,7 +29,7 @@ import time
 import weakref
 from typing import Any
 
-from leakguard import _state, registry, stacks
+from leakguard import _state, registry, report, stacks
 
 __all__ = [
     "capture",
@@ -265,8 +265,6 @@ def _event(
 
 def _emit(event: dict[str, Any]) -> None:
     try:
-        from leakguard import _state, report
-
         logger = report.get_logger(_state._state.config.log_format)
         fields = {k: v for k, v in event.items() if k != "event"}
         if event["event"] == "leakguard.checkout_returned":
@@ -298,7 +296,8 @@ def check_thresholds(now: float | None = None) -> list[dict[str, Any]]:
             if not info.checked_out or info.checkout_time is None:
                 _watched.pop(key, None)
                 continue
-            if rec is not None and registry.get(rec.fd) is not rec:
+            current = registry.get(rec.fd) if rec is not None else None
+            if rec is not None and (current is None or current.entry is not rec.entry):
                 _watched.pop(key, None)  # closed (or gone) without a check-in: nothing to return
                 continue
             held = now - info.checkout_time
