@@ -55,6 +55,7 @@ import gc
 import os
 import socket
 import sys
+import threading
 import time
 import types
 from collections.abc import Generator, Iterable, Iterator
@@ -482,13 +483,20 @@ def _matches(rec: registry.Record, globs: Iterable[str], peer: str | None = None
     return any(fnmatch.fnmatchcase(n, g) for n in names for g in globs)
 
 
-def _settle(recs: list[registry.Record], grace: float) -> list[registry.Record]:
-    """Those of *recs* still open after a gc.collect() and a bounded back-off (goleak's retry)."""
+def _settle(recs: list[registry.Record], grace: float, quiet: frozenset[int] = frozenset()) -> list[registry.Record]:
+    """Those of *recs* still open after a gc.collect() and a bounded back-off (goleak's retry).
+
+    The back-off is skipped when no thread but those in *quiet* (there before the
+    tests began: the main thread, xdist's) is running: then nothing can close a
+    socket while we wait.
+    """
     alive = [r for r in recs if r.alive()]
     if not alive:
         return alive
     gc.collect()
     alive = [r for r in alive if r.alive()]
+    if alive and all(t.ident in quiet for t in threading.enumerate()):
+        return alive
     deadline = time.monotonic() + grace
     delay = 0.001
     while alive:
@@ -635,6 +643,7 @@ class _Checker:
         self.pending: list[_Fixture] = []  # torn down, to be judged at the end of this teardown
         self.item: pytest.Item | None = None
         self.session_notes: list[str] = []
+        self.quiet: frozenset[int] = frozenset()  # threads running before any test
 
     # -- lifecycle
 
@@ -649,6 +658,7 @@ class _Checker:
         if self.settings.gc != "off":
             _watch_gc()
         self.mark = self._take()
+        self.quiet = frozenset(t.ident for t in threading.enumerate() if t.ident is not None)
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         if self.settings.gc != "off":
@@ -823,7 +833,7 @@ class _Checker:
             funcargs = getattr(item, "funcargs", None)
             if isinstance(funcargs, dict):
                 funcargs.clear()
-            still = {id(r) for r in _settle(cands + [r for _, r in fixture_recs], settings.grace)}
+            still = {id(r) for r in _settle(cands + [r for _, r in fixture_recs], settings.grace, self.quiet)}
             cands = [r for r in cands if id(r) in still]
             fixture_recs = [(fx, r) for fx, r in fixture_recs if id(r) in still]
         if len(cands) <= allow_n:
@@ -924,7 +934,7 @@ class _Checker:
         pending = [fx for fx in self.pending if any(r.alive() for r in fx.owned)]
         self.pending = []
         for fx in pending:
-            recs = _settle([r for r in fx.owned if r.alive()], self.settings.grace)
+            recs = _settle([r for r in fx.owned if r.alive()], self.settings.grace, self.quiet)
             if recs:
                 self.session_notes.append(_leak_text(f"leakguard: {fx.label()}, set up for {fx.where}, left", _infos(recs)))
         if _gc_events:
