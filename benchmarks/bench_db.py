@@ -133,7 +133,15 @@ def bench_sqlalchemy(quick: bool) -> list[Row]:
                 with connect() as conn:
                     conn.exec_driver_sql("SELECT 1").scalar()
 
-        return [_row("SQLAlchemy checkout + SELECT 1", *_interleaved(checkout, 150, ROUNDS[quick]))]
+        rows = [_row("SQLAlchemy checkout + SELECT 1", *_interleaved(checkout, 150, ROUNDS[quick]))]
+
+        def pool_only(n: int) -> None:
+            connect = engine.pool.connect
+            for _ in range(n):
+                connect().close()  # no transaction begun: the reset on return sends nothing
+
+        rows.append(_row("SQLAlchemy pool checkout + checkin (no I/O)", *_interleaved(pool_only, 1000, ROUNDS[quick])))
+        return rows
     finally:
         engine.dispose()
 

@@ -83,13 +83,15 @@ def app_stack(skip: int = 1) -> stacks.Frames:
     """The caller's stack (*skip* as in ``stacks.capture``), continued across SQLAlchemy's greenlet bridge."""
     frames = stacks.capture(skip + 1, registry.depth[0])
     try:
-        if any(stacks._is_app_code(frames[i]) for i in range(0, len(frames), 2)):
-            return frames
         greenlet = sys.modules.get("greenlet")
         if greenlet is None:
             return frames
         parent = greenlet.getcurrent().parent
-        if parent is None:
+        if parent is None:  # not inside a spawned greenlet: the stack is complete
+            return frames
+        # capture() stops CONTEXT frames past the first application frame: look there only.
+        tail = range(max(0, len(frames) - 2 * (stacks.CONTEXT + 1)), len(frames), 2)
+        if any(stacks._is_app_code(frames[i]) for i in tail):
             return frames
         return frames + _walk(parent.gr_frame, max(registry.depth[0] - len(frames) // 2, 1))
     except Exception:
