@@ -41,13 +41,22 @@ def _raise(*args: Any, **kwargs: Any) -> Any:
     raise Boom("injected failure inside leakguard")
 
 
-#: leakguard's own functions a fault can be injected into: name -> (owner, attribute).
+#: leakguard's own functions a fault can be injected into: name -> (owner, attribute).  Faults in
+#: the pure-Python path also turn the compiled fast path off (it would bypass them).
 FAULTS: dict[str, tuple[Any, str]] = {
     "stack_capture": (stacks, "capture"),  # the stack walk raises
     "record_socket": (_sockets, "record_socket"),  # the registry as a whole fails
     "registry_ref": (registry, "_ref"),  # weakref creation fails ("registry full")
     "registry_clock": (registry, "_monotonic"),
+    "fast_record": (_sockets, "_fast"),  # the compiled hot path raises
 }
+
+
+def inject(mp: pytest.MonkeyPatch, fault: str) -> None:
+    owner, attr = FAULTS[fault]
+    if fault != "fast_record":
+        mp.setattr(_sockets, "_fast", None)
+    mp.setattr(owner, attr, _raise)
 
 
 @pytest.fixture
@@ -84,9 +93,8 @@ class TestContainment:
     def test_creation_paths_survive(
         self, fault: str, installed_quiet: None, monkeypatch: pytest.MonkeyPatch, hangup_server: HangUpServer
     ) -> None:
-        owner, attr = FAULTS[fault]
         errors = registry.stats()["hook_errors"]
-        monkeypatch.setattr(owner, attr, _raise)
+        inject(monkeypatch, fault)
         opened: list[socket.socket] = []
         try:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -116,12 +124,11 @@ class TestContainment:
         with socket.socket() as s2:
             assert registry.get(s2.fileno()) is not None
 
-    @pytest.mark.parametrize("fault", ["stack_capture", "record_socket"])
+    @pytest.mark.parametrize("fault", ["stack_capture", "record_socket", "fast_record"])
     def test_unrecorded_socket_still_shows_as_unknown(
         self, fault: str, installed_quiet: None, monkeypatch: pytest.MonkeyPatch, hangup_server: HangUpServer
     ) -> None:
-        owner, attr = FAULTS[fault]
-        monkeypatch.setattr(owner, attr, _raise)
+        inject(monkeypatch, fault)
         s = socket.create_connection(hangup_server.address)
         try:
             monkeypatch.undo()
@@ -137,7 +144,7 @@ class TestContainment:
         leakguard.install()
         try:
             url = f"http://127.0.0.1:{srv.server_address[1]}/"
-            monkeypatch.setattr(stacks, "capture", _raise)
+            inject(monkeypatch, "stack_capture")
             with requests.Session() as session:
                 r = session.get(url, timeout=5)
                 assert (r.status_code, r.content) == (200, b"hello")
@@ -157,7 +164,7 @@ class TestContainment:
         leakguard.install(integrations=["psycopg2"])
         try:
             monkeypatch.setattr(registry, "adopt", _raise)
-            monkeypatch.setattr(stacks, "capture", _raise)
+            inject(monkeypatch, "stack_capture")
             conn = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="test", connect_timeout=5)
             try:
                 with conn.cursor() as cur:
@@ -337,9 +344,8 @@ def refusing_port() -> Iterator[int]:
 def _with_fault(fault: str | None, fn: Callable[[], Any]) -> Any:
     if fault is None:
         return fn()
-    owner, attr = FAULTS[fault]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(owner, attr, _raise)
+        inject(mp, fault)
         return fn()
 
 
