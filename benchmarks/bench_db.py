@@ -2,7 +2,10 @@
 
 Against the real local servers (PostgreSQL 127.0.0.1:5432, Redis 127.0.0.1:6379).
 Plain and installed runs are interleaved round by round in this one process and
-the best round counts (the machine is noisy).  Rows:
+the best round counts (the machine is noisy).  Each row has wall-clock figures
+(``baseline_us``, ``leakguard_us``, ``ratio``) and this thread's CPU time
+(``cpu_*``): round trips are dominated by waiting, whose noise can hide a few
+microseconds of client work.  Rows:
 
 - psycopg2 connect + close: the wrapped ``connect()`` (stack capture, ``fileno()``
   adoption, target from ``conn.info``);
@@ -42,33 +45,43 @@ def _app_frames(depth: int, fn: Callable[[], Any]) -> Any:
     return fn() if depth == 0 else _app_frames(depth - 1, fn)
 
 
-def _interleaved(op: Callable[[int], None], n: int, rounds: int) -> tuple[float, float]:
-    """(plain, installed) seconds per operation, best of *rounds*, interleaved."""
-    plain = installed = float("inf")
+def _interleaved(op: Callable[[int], None], n: int, rounds: int) -> tuple[float, float, float, float]:
+    """(plain, installed) seconds per operation, wall clock then this thread's CPU time.
+
+    Best of *rounds*, interleaved (the order alternates round by round).  The
+    CPU figures leave out time spent waiting for the server and for other
+    processes, so on a loaded machine they show the client-side cost more steadily.
+    """
+    plain = installed = cpu_plain = cpu_installed = float("inf")
     op(max(1, n // 10))  # warm up
     for r in range(rounds):
         for mode in ("plain", "installed") if r % 2 == 0 else ("installed", "plain"):
             if mode == "installed":
                 leakguard.install()
             gc.collect()
+            c = time.thread_time()
             t = time.perf_counter()
             _app_frames(4, lambda: op(n))
             dt = (time.perf_counter() - t) / n
+            dc = (time.thread_time() - c) / n
             if mode == "installed":
                 leakguard.uninstall()
-                installed = min(installed, dt)
+                installed, cpu_installed = min(installed, dt), min(cpu_installed, dc)
             else:
-                plain = min(plain, dt)
-    return plain, installed
+                plain, cpu_plain = min(plain, dt), min(cpu_plain, dc)
+    return plain, installed, cpu_plain, cpu_installed
 
 
-def _row(name: str, plain: float, inst: float) -> Row:
+def _row(name: str, plain: float, inst: float, cpu_plain: float, cpu_inst: float) -> Row:
     return {
         "name": name,
         "baseline_us": round(plain * 1e6, 3),
         "leakguard_us": round(inst * 1e6, 3),
         "added_us": round((inst - plain) * 1e6, 3),
         "ratio": round(inst / plain, 4),
+        "cpu_baseline_us": round(cpu_plain * 1e6, 3),
+        "cpu_leakguard_us": round(cpu_inst * 1e6, 3),
+        "cpu_ratio": round(cpu_inst / cpu_plain, 4) if cpu_plain > 0 else None,
     }
 
 
