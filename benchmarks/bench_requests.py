@@ -1,6 +1,7 @@
 """requests against a loopback server, plain vs with leakguard installed, side by side.
 
     python benchmarks/bench_requests.py [--quick]
+    python benchmarks/bench_requests.py --instructions   # valgrind: instructions per request
 
 Two workloads, each timed in batches with the baseline and leakguard
 interleaved batch by batch in this one process (the machine is noisy), best
@@ -177,8 +178,84 @@ def run(quick: bool = False) -> list[Row]:
     return rows
 
 
+def _client_loop(workload: str, n: int, installed: bool, port: int) -> None:
+    """n requests of one workload (the process valgrind measures)."""
+    if installed:
+        leakguard.install()
+    with requests.Session() as session:
+        session.trust_env = False
+        url = f"http://127.0.0.1:{port}/" + ("keep" if workload == "keep-alive" else "close")
+        session.get(url)
+        get = session.get
+        for _ in range(n):
+            get(url)
+    if installed:
+        leakguard.uninstall()
+
+
+def instructions(n_small: int = 200, n_large: int = 1200) -> list[Row]:
+    """Instructions per request (valgrind callgrind), plain vs installed: immune to machine load.
+
+    Each figure is (I(n_large) - I(n_small)) / (n_large - n_small), so start-up and
+    install() cancel out.  Counts this process only, not the server.
+    """
+    import re
+    import shutil
+    import tempfile
+
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        return [{"name": "requests instructions", "error": "valgrind is not installed"}]
+    rows: list[Row] = []
+    srv = _Server()
+    try:
+        for workload in FLOORS:
+            per: dict[bool, float] = {}
+            for installed in (False, True):
+                counts = []
+                for n in (n_small, n_large):
+                    with tempfile.TemporaryDirectory() as d:
+                        out = subprocess.run(
+                            [valgrind, "--tool=callgrind", f"--callgrind-out-file={d}/cg.out",
+                             sys.executable, os.path.abspath(__file__), "--loop", workload, str(n),
+                             "1" if installed else "0", str(srv.port)],
+                            capture_output=True, text=True, check=True,
+                        )  # fmt: skip
+                    m = re.search(r"Collected\s*:\s*(\d+)", out.stderr)
+                    assert m, out.stderr[-2000:]
+                    counts.append(int(m.group(1)))
+                per[installed] = (counts[1] - counts[0]) / (n_large - n_small)
+            rows.append(
+                {
+                    "name": f"requests {workload} (instructions)",
+                    "baseline_instructions": round(per[False]),
+                    "leakguard_instructions": round(per[True]),
+                    "ratio": round(per[True] / per[False], 4),
+                    "floor_ratio": FLOORS[workload],
+                }
+            )
+    finally:
+        srv.close()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
-    quick = "--quick" in (argv if argv is not None else sys.argv[1:])
+    args = argv if argv is not None else sys.argv[1:]
+    if args[:1] == ["--loop"]:
+        _client_loop(args[1], int(args[2]), args[3] == "1", int(args[4]))
+        return 0
+    if "--instructions" in args:
+        for r in instructions():
+            if "error" in r:
+                print(f"{r['name']}: {r['error']}")
+                continue
+            ok = "ok" if r["ratio"] <= r["floor_ratio"] else "OVER"
+            print(
+                f"{r['name']:<44} {r['baseline_instructions']:>10,} {r['leakguard_instructions']:>10,} "
+                f"{r['ratio']:>7.4f}  ≤{r['floor_ratio']:.2f} {ok}"
+            )
+        return 0
+    quick = "--quick" in args
     rows = run(quick)
     print(f"{'workload':<28} {'plain':>10} {'leakguard':>10} {'added':>9} {'ratio':>7}  floor      cpu ratio")
     for r in rows:
