@@ -330,6 +330,13 @@ class TestLeakedConnectionIsTraced:
         # once the scenario cleaned up, nothing of the client's is left over
         assert wait_for(lambda: not server.client_leaks())
 
+    def test_outer_scope_wins(self, held_server: Server) -> None:
+        """An enclosing scope (another integration, or the application) keeps its origin and target."""
+        seen: list[leakguard.SocketInfo] = []
+        check = expect_leak(held_server, "billing-client", seen)
+        with registry.scope("billing-client", held_server.target):
+            requests_session_never_closed(held_server, check)
+
     def test_report_names_library_and_site(self, held_server: Server) -> None:
         server = held_server
 
