@@ -168,6 +168,8 @@ def configure(state: Any) -> None:
             state.watcher = None
             w.stop()
             w = None
+    if not need:
+        return  # nothing will report: build no reporter (keeps structlog unimported)
     if reporter is None:
         reporter = report.Reporter(cfg)
     else:
