@@ -48,21 +48,21 @@ app(PyObject *code)
     return out;
 }
 
+/* The stack from the current Python frame's skip-th caller: see stacks.capture. */
 static PyObject *
-capture(void)
+capture_from(int skip, int left)
 {
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
-    /* The current frame is the hook's __init__; start at its caller. */
     PyFrameObject *f = PyEval_GetFrame();
     Py_XINCREF(f);
-    if (f != NULL) {
+    while (f != NULL && skip-- > 0) {
         PyFrameObject *back = PyFrame_GetBack(f);
         Py_DECREF(f);
         f = back;
     }
-    int left = depth, extra = -1;
+    int extra = -1;
     while (f != NULL && left > 0 && extra != 0) {
         PyObject *code = (PyObject *)PyFrame_GetCode(f);
         PyObject *lasti = PyLong_FromLong(lasti_of(f));
@@ -120,7 +120,7 @@ record(PyObject *self, PyObject *sock)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     PyObject *created = PyFloat_FromDouble((double)ts.tv_sec + (double)ts.tv_nsec * 1e-9);
     PyObject *n = PyIter_Next(seq);
-    PyObject *frames = capture();
+    PyObject *frames = capture_from(1, depth);  /* skip the hook's own __init__ frame */
     PyObject *key = PyLong_FromLong(fd);
     if (created == NULL || n == NULL || frames == NULL || key == NULL) {
         Py_DECREF(ref);
@@ -147,6 +147,19 @@ record(PyObject *self, PyObject *sock)
     if (rc < 0)
         return NULL;
     Py_RETURN_TRUE;
+}
+
+static PyObject *
+capture(PyObject *self, PyObject *args)
+{
+    int skip = 1, d = 32;
+    if (!PyArg_ParseTuple(args, "|ii", &skip, &d))
+        return NULL;
+    if (app_code == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "leakguard._speedups is not configured");
+        return NULL;
+    }
+    return capture_from(skip, d);
 }
 
 static PyObject *
@@ -183,6 +196,7 @@ set_depth(PyObject *self, PyObject *arg)
 
 static PyMethodDef methods[] = {
     {"record", record, METH_O, "Record a new socket outside any scope; False if a scope is active."},
+    {"capture", capture, METH_VARARGS, "capture(skip=1, depth=32): stacks.capture, compiled."},
     {"configure", configure, METH_VARARGS, "configure(records, app_code, is_app_code, seq, scope_var, depth, context)"},
     {"set_depth", set_depth, METH_O, "Set the most frames captured per socket."},
     {NULL, NULL, 0, NULL},

@@ -183,6 +183,8 @@ def _load_speedups() -> Any:
     except ImportError:
         return None
     _speedups.configure(_records, stacks._app_code, stacks._is_app_code, _seq, _scope, depth[0], stacks.CONTEXT)
+    # Integrations capture the application's stack at their entry points: same walk, compiled.
+    stacks.capture = _speedups.capture
     return _speedups
 
 

@@ -133,10 +133,11 @@ def _is_app_code(code: CodeType) -> bool:
 _getframe = sys._getframe
 
 
-def capture(skip: int = 1, depth: int = 32) -> Frames:
+def capture_py(skip: int = 1, depth: int = 32) -> Frames:
     """Capture the caller's stack: innermost first, stopping ``CONTEXT`` frames past the app frame.
 
-    *skip* frames are left out (1 = the caller of ``capture``).
+    *skip* frames are left out (1 = the caller of ``capture``).  :mod:`leakguard.registry`
+    replaces :func:`capture` with the compiled equivalent when it is built.
     """
     try:
         f = _getframe(skip + 1)
@@ -161,6 +162,9 @@ def capture(skip: int = 1, depth: int = 32) -> Frames:
                 n -= 1
             break
     return tuple(out)
+
+
+capture = capture_py
 
 
 def _line_of(code: CodeType, lasti: int) -> int:
