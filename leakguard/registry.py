@@ -182,9 +182,13 @@ def _load_speedups() -> Any:
         from . import _speedups  # type: ignore[attr-defined]
     except ImportError:
         return None
-    _speedups.configure(_records, stacks._app_code, stacks._is_app_code, _seq, _scope, depth[0], stacks.CONTEXT)
+    try:
+        _speedups.configure(_records, stacks._app_code, stacks._is_app_code, _seq, _scope, depth[0], stacks.CONTEXT)
+        capture, _ = _speedups.capture, _speedups.record
+    except Exception:  # a stale or mismatched build: the pure-Python path, never a failed import
+        return None
     # Integrations capture the application's stack at their entry points: same walk, compiled.
-    stacks.capture = _speedups.capture
+    stacks.capture = capture
     return _speedups
 
 
