@@ -177,6 +177,28 @@ class TestContainment:
         finally:
             leakguard.uninstall()
 
+    @pytest.mark.parametrize("broken", ["configure_raises", "missing_attributes"])
+    def test_mismatched_compiled_module_falls_back(self, broken: str) -> None:
+        """A stale or foreign ``leakguard._speedups`` never fails ``import leakguard``: pure Python takes over."""
+        body = "raise RuntimeError('built from other sources')" if broken == "configure_raises" else "pass"
+        prog = (
+            "import sys, types, socket\n"
+            "fake = types.ModuleType('leakguard._speedups')\n"
+            f"def configure(*a):\n    {body}\n"
+            "fake.configure = configure\n"
+            "sys.modules['leakguard._speedups'] = fake\n"
+            "import leakguard\n"
+            "from leakguard import registry\n"
+            "assert registry._speedups is None and registry.fast_record is None\n"
+            "leakguard.install(integrations='none')\n"
+            "s = socket.socket()\n"
+            "assert registry.get(s.fileno()) is not None\n"
+            "s.close()\n"
+            "print('ok')\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=60)
+        assert (proc.returncode, proc.stdout.strip()) == (0, "ok"), proc.stderr
+
     def test_watcher_survives_failing_snapshot(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """A watcher whose every tick fails keeps ticking and raises nothing into any thread."""
         from leakguard import watcher
