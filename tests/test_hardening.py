@@ -33,6 +33,13 @@ from .helpers import HangUpServer, this_line, wait_close_wait, wait_for
 HERE = os.path.abspath(__file__)
 
 
+class Opaque:
+    """An object of no accepted type, with a stable repr (test ids must match across xdist workers)."""
+
+    def __repr__(self) -> str:
+        return "<opaque>"
+
+
 class Boom(RuntimeError):
     """The failure injected into leakguard's own code."""
 
@@ -349,7 +356,7 @@ TYPES = [
     "stream",
 ]
 PROTOS = [0, -1, socket.IPPROTO_TCP, socket.IPPROTO_UDP, 255, 99999, "tcp"]
-TIMEOUTS = [None, 0, 0.0, 0.5, 5, -1, math.nan, math.inf, "1", object()]
+TIMEOUTS = [None, 0, 0.0, 0.5, 5, -1, math.nan, math.inf, "1", Opaque()]
 
 
 @pytest.fixture(scope="module")
@@ -521,7 +528,7 @@ def _closed_fd() -> int:
 
 # --------------------------------------------------------------------------- bad input
 
-_GENERIC_BAD: list[Any] = [object(), {"a": 1}, b"\xff", 1 + 2j, ["x"]]
+_GENERIC_BAD: list[Any] = [Opaque(), {"a": 1}, b"\xff", 1 + 2j, ["x"]]
 #: per option: wrong values of a plausible type
 _BAD_VALUES: dict[str, list[Any]] = {
     "report_interval": [-1, 0, math.nan, math.inf, "soon", True],
