@@ -8,8 +8,36 @@
 
 from __future__ import annotations
 
-from ._state import get_config, install, installed, uninstall
-from .snapshot import Snapshot, SocketInfo, take as _take
+
+def _source_checkout() -> None:
+    """Make ``leakguard.integrations`` importable from a source checkout.
+
+    The integrations live in ``integrations/`` beside this package and ship inside the
+    wheel as ``leakguard.integrations``; an editable install maps them.  Running from the
+    repository root without one (``python -m leakguard demo`` right after ``pip install .``,
+    where the working directory shadows the installed copy) needs this one mapping.
+    """
+    import importlib.util
+    import os
+    import sys
+
+    if "leakguard.integrations" in sys.modules or importlib.util.find_spec("leakguard.integrations") is not None:
+        return
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "integrations")
+    spec = importlib.util.spec_from_file_location(
+        "leakguard.integrations", os.path.join(here, "__init__.py"), submodule_search_locations=[here]
+    )
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["leakguard.integrations"] = module
+    spec.loader.exec_module(module)
+
+
+_source_checkout()
+
+from ._state import get_config, install, installed, uninstall  # noqa: E402
+from .snapshot import Snapshot, SocketInfo, take as _take  # noqa: E402
 
 __all__ = [
     "Snapshot",
