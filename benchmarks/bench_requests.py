@@ -219,8 +219,11 @@ def instructions(n_small: int = 200, n_large: int = 1200) -> list[Row]:
                             [valgrind, "--tool=callgrind", f"--callgrind-out-file={d}/cg.out",
                              sys.executable, os.path.abspath(__file__), "--loop", workload, str(n),
                              "1" if installed else "0", str(srv.port)],
-                            capture_output=True, text=True, check=True,
+                            capture_output=True, text=True,
                         )  # fmt: skip
+                    if out.returncode != 0:
+                        tail = [ln for ln in out.stderr.splitlines() if not ln.startswith("==")][-20:]
+                        raise RuntimeError("client loop failed under valgrind:\n" + "\n".join(tail))
                     m = re.search(r"Collected\s*:\s*(\d+)", out.stderr)
                     assert m, out.stderr[-2000:]
                     counts.append(int(m.group(1)))
