@@ -206,6 +206,11 @@ def instructions(n_small: int = 200, n_large: int = 1200) -> list[Row]:
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         return [{"name": "requests instructions", "error": "valgrind is not installed"}]
+    # Without these the counts move by ±50k instructions per request from run to
+    # run: address-space layout and string hashing change dict probe lengths.
+    setarch = shutil.which("setarch")
+    norandom = [setarch, os.uname().machine, "-R"] if setarch else []
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
     rows: list[Row] = []
     srv = _Server()
     try:
@@ -216,10 +221,10 @@ def instructions(n_small: int = 200, n_large: int = 1200) -> list[Row]:
                 for n in (n_small, n_large):
                     with tempfile.TemporaryDirectory() as d:
                         out = subprocess.run(
-                            [valgrind, "--tool=callgrind", f"--callgrind-out-file={d}/cg.out",
+                            [*norandom, valgrind, "--tool=callgrind", f"--callgrind-out-file={d}/cg.out",
                              sys.executable, os.path.abspath(__file__), "--loop", workload, str(n),
                              "1" if installed else "0", str(srv.port)],
-                            capture_output=True, text=True,
+                            capture_output=True, text=True, env=env,
                         )  # fmt: skip
                     if out.returncode != 0:
                         tail = [ln for ln in out.stderr.splitlines() if not ln.startswith("==")][-20:]
