@@ -14,6 +14,11 @@ ratio is kept too).  With ``quick=False`` the nearest existing tools are measure
 on a smaller suite (they take minutes on 2,000 tests) when available:
 pytest-openfiles' ``--open-files`` and ``-X tracemalloc=16 -W error::ResourceWarning``.
 
+On a shared 2-core machine the timed ratios swing by +-15 % from run to run.
+Instruction counts do not: under ``valgrind --tool=callgrind`` the 2,000-test
+suite took 12.299 G instructions without the plugin, 12.596 G with
+``--leakguard`` (1.024x) and 12.335 G with the plugin installed but off (1.003x).
+
     python benchmarks/bench_pytest.py [--quick]
 """
 
