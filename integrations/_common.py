@@ -387,7 +387,7 @@ def enter(default_origin: str, target: str | None, skip: int = 2) -> Entered | N
                 sc = _Scope(_origin(frames, default_origin), target, frames)
         return Entered(token=_var.set(sc))
     except Exception:
-        registry._errors[0] += 1
+        registry.count_error()
         return None
 
 
@@ -405,4 +405,4 @@ def leave(entered: Entered | None) -> None:
         else:
             entered.cm.__exit__(None, None, None)
     except Exception:  # e.g. a coroutine closed from another context
-        registry._errors[0] += 1
+        registry.count_error()

@@ -62,7 +62,7 @@ def capture() -> stacks.Frames:
     try:
         return stacks.capture(2, registry.depth[0])
     except Exception:
-        registry._errors[0] += 1
+        registry.count_error()
         return ()
 
 
@@ -154,7 +154,7 @@ def _link(conn: Any, name: str, origin: str, source: Any, frames: stacks.Frames 
     if link is not None:
         rec = link[1]
         try:
-            if rec is not None and registry._records.get(rec.fd) is rec.entry and link[0].name == name:
+            if rec is not None and registry.entry(rec.fd) is rec.entry and link[0].name == name:
                 return link
         except AttributeError:  # the registry's internals changed: take the slow path
             pass
@@ -272,7 +272,7 @@ def _emit(event: dict[str, Any]) -> None:
         else:
             logger.warning(event["event"], **fields)
     except Exception:
-        registry._errors[0] += 1
+        registry.count_error()
         log.debug("leakguard: checkout report failed", exc_info=True)
 
 
@@ -307,7 +307,7 @@ def check_thresholds(now: float | None = None) -> list[dict[str, Any]]:
                 _emit(event)
                 out.append(event)
     except Exception:
-        registry._errors[0] += 1
+        registry.count_error()
         log.debug("leakguard: check_thresholds failed", exc_info=True)
     return out
 

@@ -70,7 +70,7 @@ async def _run(
             if fd is not None:
                 registry.annotate(fd, target=_resolved(conn))
         except Exception:
-            registry._errors[0] += 1
+            registry.count_error()
     return conn
 
 
@@ -85,7 +85,7 @@ def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         if target is None:
             target, refine = _target(args, kwargs), True
     except Exception:
-        registry._errors[0] += 1
+        registry.count_error()
     return _run(wrapped, args, kwargs, origin, target, frames, refine)
 
 

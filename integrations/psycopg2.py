@@ -71,7 +71,7 @@ def adopt_connection(
                 frames = sc.frames
         registry.adopt(fd, origin, target=target, frames=frames, owner=conn)
     except Exception:
-        registry._errors[0] += 1
+        registry.count_error()
 
 
 def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:

@@ -42,7 +42,7 @@ def _init(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     try:
         _pool_frames[instance] = capture()
     except Exception:
-        registry._errors[0] += 1
+        registry.count_error()
     return wrapped(*args, **kwargs)
 
 
@@ -52,7 +52,7 @@ def _scope(pool: Any) -> Any:
         cm.__enter__()
         return cm
     except Exception:
-        registry._errors[0] += 1
+        registry.count_error()
         return None
 
 
@@ -64,14 +64,14 @@ def _pooled(conn: Any, pool: Any) -> None:
         if rec is not None and rec.target is None:
             rec.target = pg_target(conn)
     except Exception:
-        registry._errors[0] += 1
+        registry.count_error()
 
 
 def _checked_out(conn: Any, pool: Any, frames: stacks.Frames) -> None:
     try:
         _pools.checked_out(conn, _name(pool), ORIGIN, frames)
     except Exception:
-        registry._errors[0] += 1
+        registry.count_error()
 
 
 def _checked_in(args: Any, kwargs: Any) -> None:
@@ -80,7 +80,7 @@ def _checked_in(args: Any, kwargs: Any) -> None:
         if conn is not None:
             _pools.checked_in(conn)
     except Exception:
-        registry._errors[0] += 1
+        registry.count_error()
 
 
 # --------------------------------------------------------------------------- sync pool

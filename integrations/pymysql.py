@@ -51,7 +51,7 @@ def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         cm: Any = registry.scope(ORIGIN, mysql_target(instance), frames)
         cm.__enter__()
     except Exception:
-        registry._errors[0] += 1
+        registry.count_error()
         return wrapped(*args, **kwargs)
     try:
         return wrapped(*args, **kwargs)

@@ -62,7 +62,7 @@ def _enter(instance: Any) -> Any:
         cm.__enter__()
         return cm
     except Exception:
-        registry._errors[0] += 1
+        registry.count_error()
         return None
 
 
@@ -71,7 +71,7 @@ def capture_outer() -> stacks.Frames:
     try:
         return stacks.capture(3, registry.depth[0])
     except Exception:
-        registry._errors[0] += 1
+        registry.count_error()
         return ()
 
 
@@ -94,7 +94,7 @@ async def _aconnect_scoped(wrapped: Any, instance: Any, args: Any, kwargs: Any, 
         cm: Any = registry.scope(ORIGIN, redis_target(instance), frames)
         cm.__enter__()
     except Exception:
-        registry._errors[0] += 1
+        registry.count_error()
         return await wrapped(*args, **kwargs)
     try:
         return await wrapped(*args, **kwargs)
@@ -110,7 +110,7 @@ def _checked_out(conn: Any, pool: Any, frames: stacks.Frames) -> None:
     try:
         _pools.checked_out(conn, _pool_name(pool), ORIGIN, frames)
     except Exception:
-        registry._errors[0] += 1
+        registry.count_error()
 
 
 def _get_connection(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
@@ -124,7 +124,7 @@ def _release(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     try:
         _pools.checked_in(args[0] if args else kwargs["connection"])
     except Exception:
-        registry._errors[0] += 1
+        registry.count_error()
     return wrapped(*args, **kwargs)
 
 

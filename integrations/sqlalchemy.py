@@ -95,7 +95,7 @@ def app_stack(skip: int = 1) -> stacks.Frames:
             return frames
         return frames + _walk(parent.gr_frame, max(registry.depth[0] - len(frames) // 2, 1))
     except Exception:
-        registry._errors[0] += 1
+        registry.count_error()
         return frames
 
 
@@ -105,7 +105,7 @@ def _record_connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         cm: Any = registry.scope(ORIGIN, None, app_stack(1))
         cm.__enter__()
     except Exception:
-        registry._errors[0] += 1
+        registry.count_error()
         return wrapped(*args, **kwargs)
     try:
         return wrapped(*args, **kwargs)
@@ -120,7 +120,7 @@ def _dialect_connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any
         cm: Any = registry.scope(ORIGIN, dialect_target(instance, args, kwargs), frames)
         sc = cm.__enter__()
     except Exception:
-        registry._errors[0] += 1
+        registry.count_error()
         return wrapped(*args, **kwargs)
     try:
         conn = wrapped(*args, **kwargs)
@@ -132,7 +132,7 @@ def _dialect_connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any
             # libpq & co. without their own integration (turned off, or an unknown driver)
             registry.adopt(fd, sc.origin, target=sc.target, frames=sc.frames, owner=conn)
     except Exception:
-        registry._errors[0] += 1
+        registry.count_error()
     return conn
 
 
@@ -152,14 +152,14 @@ def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy
             source=dbapi_connection,
         )
     except Exception:
-        registry._errors[0] += 1
+        registry.count_error()
 
 
 def _on_checkin(dbapi_connection: Any, connection_record: Any) -> None:
     try:
         _pools.checked_in(connection_record)
     except Exception:
-        registry._errors[0] += 1
+        registry.count_error()
 
 
 def instrument() -> None:
@@ -186,6 +186,6 @@ def uninstrument() -> None:
             if event.contains(target, name, fn):
                 event.remove(target, name, fn)
         except Exception:
-            registry._errors[0] += 1
+            registry.count_error()
     _patches.undo()
     _pools.stop()

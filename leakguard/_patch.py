@@ -62,7 +62,7 @@ def contained(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except Exception:
-            registry._errors[0] += 1
+            registry.count_error()
             log.debug("leakguard: contained failure in %s", getattr(fn, "__qualname__", fn), exc_info=True)
             return None
 

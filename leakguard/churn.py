@@ -146,9 +146,7 @@ class ChurnTracker:
 
     def before(self) -> tuple[int, list[registry.Record]]:
         """The registry's sequence number and every record, live or not, before the snapshot prunes them."""
-        seq = next(registry._seq)  # consumes one number; seq only has to increase
-        every = getattr(registry, "all_records", None)
-        return seq, list(every() if every is not None else registry._records.values())
+        return registry.mark(), registry.all_records()
 
     def observe(self, snap: Snapshot, pre: tuple[int, list[registry.Record]], now: float | None = None) -> list[ChurnWarning]:
         now = time.monotonic() if now is None else now

@@ -231,30 +231,6 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     return settings.describe()
 
 
-# --------------------------------------------------------------------------- records
-
-
-def _records_between(after: int, before: int | None, exclude: Any = ()) -> list[registry.Record]:
-    """Live records with ``after < seq < before`` whose seq is not in *exclude*.
-
-    Reads the raw table so that records of older sockets cost one integer
-    comparison each (no view objects, no liveness check).
-    """
-    try:
-        items = list(registry._records.items())
-        alive, view = registry._alive, registry._view
-    except AttributeError:  # the table changed shape: the public, slower way
-        return [
-            r
-            for r in registry.live().values()
-            if r.seq > after and (before is None or r.seq < before) and r.seq not in exclude
-        ]
-    top = before if before is not None else float("inf")
-    return [
-        view(fd, e) for fd, e in items if after < e[2] < top and e[2] not in exclude and alive(fd, e[0])
-    ]
-
-
 # --------------------------------------------------------------------------- GC watch
 
 
@@ -291,7 +267,7 @@ def _socket_del(self: Any) -> None:
     try:
         fd = _socket.socket.fileno(self)
         if fd >= 0:
-            entry = registry._records.get(fd)
+            entry = registry.entry(fd)
             if entry is not None and entry[0] is not None:
                 obj = entry[0]()
                 if (obj is None or obj is self) and len(_gc_events) < 10_000:
@@ -669,7 +645,7 @@ class _Checker:
 
     def _take(self) -> int:
         self.taken += 1
-        return next(registry._seq)
+        return registry.mark()
 
     # -- attribution
 
@@ -677,7 +653,7 @@ class _Checker:
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
         self.item = item
         self.taken = 0
-        self.mark = next(registry._seq)
+        self.mark = registry.mark()
 
     @pytest.hookimpl(wrapper=True)
     def pytest_fixture_setup(self, fixturedef: Any, request: Any) -> Iterator[Any]:
@@ -691,13 +667,13 @@ class _Checker:
             try:
                 self._claim(fixturedef, request, begin, end)
             except Exception:  # bookkeeping only; never break a fixture
-                registry._errors[0] += 1
+                registry.count_error()
 
     def _claim(self, fixturedef: Any, request: Any, begin: int, end: int) -> None:
         node = self.item if self.item is not None else getattr(request, "node", None)
         fx = _Fixture(fixturedef, fixturedef.argname, fixturedef.scope, getattr(node, "nodeid", "?"))
         if end - begin > 1:  # sockets were created meanwhile (or nested fixtures took numbers)
-            for rec in _records_between(begin, end, self.claimed):
+            for rec in registry.live_between(begin, end, self.claimed):
                 fx.owned.append(rec)
                 self.claimed[rec.seq] = fx
         self.fixtures[fixturedef] = fx
@@ -713,18 +689,18 @@ class _Checker:
             if cands:
                 self._adopt_reachable(cands, [fx])
         except Exception:
-            registry._errors[0] += 1
+            registry.count_error()
         self.pending.append(fx)
 
     def _candidates(self) -> list[registry.Record]:
         """The current test's sockets that are still open and not owned by a fixture."""
         if self.item is None:
             return []
-        seq = next(registry._seq)
+        seq = registry.mark()
         self.taken += 1
         if seq - self.mark - self.taken <= 0:
             return []  # fast path: no socket was created since the test started
-        return _records_between(self.mark, None, self.claimed)
+        return registry.live_between(self.mark, None, self.claimed)
 
     def _adopt_reachable(self, cands: list[registry.Record], fixtures: Iterable[_Fixture]) -> list[registry.Record]:
         """Hand sockets reachable from a fixture's value to that fixture; return the rest."""
@@ -791,7 +767,7 @@ class _Checker:
         except pytest.UsageError:
             raise
         except Exception as exc:  # never break the run over our own bug
-            registry._errors[0] += 1
+            registry.count_error()
             verdict = _Verdict()
             verdict.warn_text.append(f"leakguard: internal error while checking this test: {exc!r}")
         finally:

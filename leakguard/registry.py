@@ -34,7 +34,11 @@ __all__ = [
     "Scope",
     "adopt",
     "all_records",
+    "live_between",
+    "mark",
     "annotate",
+    "count_error",
+    "entry",
     "clear",
     "current_scope",
     "get",
@@ -351,6 +355,33 @@ def live() -> dict[int, Record]:
         else:
             _drop(fd, entry)
     return out
+
+
+def entry(fd: int) -> Entry | None:
+    """The raw entry for *fd* (``(ref, created, seq, frames, scope)``), stale or not, without building a view."""
+    return _records.get(fd)
+
+
+def count_error() -> None:
+    """Count a failure contained inside one of leakguard's hooks (see :func:`stats`)."""
+    _errors[0] += 1
+
+
+def mark() -> int:
+    """A sequence number: every record created after this call has a greater ``seq``."""
+    return next(_seq)
+
+
+def live_between(after: int, before: int | None = None, exclude: Any = ()) -> list[Record]:
+    """Live records with ``after < seq < before`` whose seq is not in *exclude*.
+
+    Older records cost one integer comparison each (no view, no liveness check):
+    the pytest plugin asks this after every test.
+    """
+    top = before if before is not None else float("inf")
+    return [
+        _view(fd, e) for fd, e in list(_records.items()) if after < e[2] < top and e[2] not in exclude and _alive(fd, e[0])
+    ]
 
 
 def all_records() -> list[Record]:
