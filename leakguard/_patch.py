@@ -6,7 +6,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import wrapt
 
 __all__ = ["Patches", "contained"]
 
@@ -25,6 +24,8 @@ class Patches:
 
     def wrap(self, module: Any, name: str, wrapper: Callable[..., Any]) -> None:
         """``wrapt.wrap_function_wrapper(module, "Class.method", wrapper)``, remembered."""
+        import wrapt  # only integrations need it: a bare install() stays cheap to import
+
         parent, attribute, original = wrapt.resolve_path(module, name)
         if isinstance(original, wrapt.ObjectProxy) and getattr(original, "_self_leakguard", False):
             return  # already ours (a second instrument() of the same module)
