@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import logging
 import os
 import re
@@ -72,6 +71,8 @@ def version_ok(requires: str) -> bool:
     m = _VERSION_RE.match(requires)
     if not m:
         raise ValueError(f"bad version gate {requires!r}")
+    import importlib.metadata  # 50 ms to import: only when an integration is applied
+
     dist, spec = m.group(1), m.group(2)
     try:
         have = _vtuple(importlib.metadata.version(dist))
