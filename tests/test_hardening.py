@@ -735,3 +735,50 @@ class TestLifecycle:
         finally:
             leakguard.uninstall()
             sys.stderr = old
+
+
+_LOOP_SUITE = '''
+import asyncio
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def event_loop_policy():
+    return asyncio.get_event_loop_policy()
+
+
+@pytest.fixture
+def event_loop(event_loop_policy):
+    loop = event_loop_policy.new_event_loop()
+    yield loop
+    loop.close()
+    # what pytest-asyncio 0.23 does after each test: a fresh loop, set on the policy, never closed
+    event_loop_policy.set_event_loop(event_loop_policy.new_event_loop())
+
+
+def test_one(event_loop):
+    assert event_loop.run_until_complete(asyncio.sleep(0, 1)) == 1
+
+
+def test_two(event_loop):
+    assert event_loop.run_until_complete(asyncio.sleep(0, 2)) == 2
+'''
+
+
+class TestPluginOnRealSuitePatterns:
+    """Patterns met in real suites (docs/REAL_SUITES.md) cause no false failure under ``--leakguard``."""
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason=(
+            "pytest plugin bug (reported): the self-pipe socketpair of an asyncio event loop that a "
+            "session-scoped fixture keeps (pytest-asyncio 0.23's event_loop_policy after "
+            "_provide_clean_event_loop) fails the session's last test with 'left 2 sockets open' "
+            "(unix, created in asyncio/selector_events.py _make_self_pipe): not a connection"
+        ),
+    )
+    def test_event_loop_kept_by_session_fixture(self, pytester: pytest.Pytester) -> None:
+        pytester.makepyfile(test_loop=_LOOP_SUITE)
+        result = pytester.runpytest_subprocess("--leakguard", "-p", "no:cacheprovider")
+        result.assert_outcomes(passed=2, errors=0)
