@@ -14,8 +14,8 @@
 #include <time.h>
 
 static PyObject *records;      /* dict: fd -> entry tuple */
-static PyObject *app_code;     /* dict: code -> bool (cache shared with stacks.py) */
-static PyObject *is_app_code;  /* stacks._is_app_code, for cache misses */
+static PyObject *app_files;    /* dict: filename -> bool (stacks._app_files, shared) */
+static PyObject *is_app_file;  /* stacks.is_app_file, for cache misses */
 static PyObject *seq;          /* itertools.count */
 static PyObject *scope_var;    /* registry._scope ContextVar */
 static int depth = 48;
@@ -35,12 +35,14 @@ lasti_of(PyFrameObject *f)
 static int
 app(PyObject *code)
 {
-    PyObject *r = PyDict_GetItemWithError(app_code, code);
+    /* By filename: a str caches its hash, a code object recomputes it every time. */
+    PyObject *filename = ((PyCodeObject *)code)->co_filename;
+    PyObject *r = PyDict_GetItemWithError(app_files, filename);
     if (r != NULL)
         return r == Py_True;
     if (PyErr_Occurred())
         return -1;
-    r = PyObject_CallOneArg(is_app_code, code);
+    r = PyObject_CallOneArg(is_app_file, filename);
     if (r == NULL)
         return -1;
     int out = PyObject_IsTrue(r);
@@ -155,7 +157,7 @@ capture(PyObject *self, PyObject *args)
     int skip = 1, d = 32;
     if (!PyArg_ParseTuple(args, "|ii", &skip, &d))
         return NULL;
-    if (app_code == NULL) {
+    if (app_files == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "leakguard._speedups is not configured");
         return NULL;
     }
@@ -175,8 +177,8 @@ configure(PyObject *self, PyObject *args)
     Py_INCREF(s);
     Py_INCREF(v);
     Py_XSETREF(records, r);
-    Py_XSETREF(app_code, a);
-    Py_XSETREF(is_app_code, f);
+    Py_XSETREF(app_files, a);
+    Py_XSETREF(is_app_file, f);
     Py_XSETREF(seq, s);
     Py_XSETREF(scope_var, v);
     depth = d;
@@ -197,7 +199,7 @@ set_depth(PyObject *self, PyObject *arg)
 static PyMethodDef methods[] = {
     {"record", record, METH_O, "Record a new socket outside any scope; False if a scope is active."},
     {"capture", capture, METH_VARARGS, "capture(skip=1, depth=32): stacks.capture, compiled."},
-    {"configure", configure, METH_VARARGS, "configure(records, app_code, is_app_code, seq, scope_var, depth, context)"},
+    {"configure", configure, METH_VARARGS, "configure(records, app_files, is_app_file, seq, scope_var, depth, context)"},
     {"set_depth", set_depth, METH_O, "Set the most frames captured per socket."},
     {NULL, NULL, 0, NULL},
 };

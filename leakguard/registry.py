@@ -187,7 +187,7 @@ def _load_speedups() -> Any:
     except ImportError:
         return None
     try:
-        _speedups.configure(_records, stacks._app_code, stacks._is_app_code, _seq, _scope, depth[0], stacks.CONTEXT)
+        _speedups.configure(_records, stacks._app_files, stacks.is_app_file, _seq, _scope, depth[0], stacks.CONTEXT)
         capture, _ = _speedups.capture, _speedups.record
     except Exception:  # a stale or mismatched build: the pure-Python path, never a failed import
         return None

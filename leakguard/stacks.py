@@ -83,7 +83,6 @@ _INTEGRATIONS_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "integrations", ""
 )
 _FORCED_APP: set[str] = set()
-_app_code: dict[CodeType, bool] = {}  # per code object: is it application code?
 
 
 def mark_application(filename: str) -> None:
@@ -92,10 +91,11 @@ def mark_application(filename: str) -> None:
     ``python -m leakguard demo`` uses this for its own demonstration program.
     """
     _FORCED_APP.add(filename)
-    _app_code.clear()
     _app_files.clear()
 
 
+# Keyed by filename, not code object: a str caches its hash, a code object
+# recomputes one over its bytecode and constants at every lookup.
 _app_files: dict[str, bool] = {}
 
 
@@ -122,12 +122,8 @@ def _is_app_file(filename: str) -> bool:
 
 
 def _is_app_code(code: CodeType) -> bool:
-    r = _app_code.get(code)
-    if r is None:
-        r = _app_code[code] = is_app_file(code.co_filename)
-        if len(_app_code) > 50_000:  # code objects of exec()'d strings: stay bounded
-            _app_code.clear()
-    return r
+    r = _app_files.get(code.co_filename)
+    return is_app_file(code.co_filename) if r is None else r
 
 
 _getframe = sys._getframe
@@ -145,14 +141,14 @@ def capture_py(skip: int = 1, depth: int = 32) -> Frames:
         return ()
     out: list[Any] = []
     add = out.extend
-    get = _app_code.get
+    get = _app_files.get
     while f is not None and depth > 0:
         code = f.f_code
         add((code, f.f_lasti))
         depth -= 1
-        is_app = get(code)
+        is_app = get(code.co_filename)
         if is_app is None:
-            is_app = _is_app_code(code)
+            is_app = is_app_file(code.co_filename)
         f = f.f_back
         if is_app:  # the application's frame: keep a few of its callers, then stop
             n = CONTEXT if CONTEXT < depth else depth

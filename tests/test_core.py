@@ -439,9 +439,9 @@ class TestRegistry:
 
         if hot_path == "compiled":
             sp = registry._speedups
-            sp.configure(registry._records, stacks._app_code, stacks._is_app_code, Broken(), registry._scope, 48, 3)
+            sp.configure(registry._records, stacks._app_files, stacks.is_app_file, Broken(), registry._scope, 48, 3)
             restore = lambda: sp.configure(  # noqa: E731
-                registry._records, stacks._app_code, stacks._is_app_code, registry._seq, registry._scope, 48, 3
+                registry._records, stacks._app_files, stacks.is_app_file, registry._seq, registry._scope, 48, 3
             )
         else:
             monkeypatch.setattr(stacks, "capture", Broken())
