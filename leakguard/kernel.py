@@ -66,6 +66,9 @@ class KernelSocket(NamedTuple):
         return self.family in _INET and self.type == socket.SOCK_STREAM
 
 
+#: What is remembered of a settled TCP socket: (local, remote, family, type).
+Known = tuple[str | None, str | None, int, int]
+
 _new_ks = tuple.__new__  # KernelSocket without NamedTuple's Python-level __new__, for the loop below
 
 
@@ -83,7 +86,7 @@ def format_address(family: int, addr: Any) -> str | None:
 
 
 def _query(
-    s: Any, family: int, kind: int, known: tuple[str | None, str | None] | None = None
+    s: Any, family: int, kind: int, known: Known | None = None
 ) -> tuple[str | None, str | None, str | None]:
     state = None
     if family in _INET and kind == socket.SOCK_STREAM:
@@ -103,7 +106,7 @@ def _query(
     return state, local, remote
 
 
-def _read_one(fd: int, obj: Any, known: tuple[str | None, str | None] | None = None) -> KernelSocket | None:
+def _read_one(fd: int, obj: Any, known: Known | None = None) -> KernelSocket | None:
     if obj is not None:
         try:
             family, kind = _family_of(obj), _type_of(obj)
@@ -138,15 +141,15 @@ def _list_fds() -> list[int]:
 
 
 def read_sockets(
-    objects: dict[int, Any], known: dict[int, tuple[str | None, str | None]] | None = None
+    objects: dict[int, Any], known: dict[int, Known] | None = None
 ) -> tuple[list[KernelSocket], int | None]:
     """Every socket descriptor of this process with its kernel state, and the number of open descriptors.
 
     *objects* maps descriptors to Python socket objects leakguard holds for
     them; they are queried directly (no readlink needed).  *known* maps
-    descriptors to (local, remote) addresses seen earlier: once a TCP socket is
-    ESTABLISHED, CLOSE_WAIT or LISTEN its addresses are fixed, so only its state
-    is asked again.
+    descriptors to (local, remote, family, type) seen earlier: once a TCP socket
+    is ESTABLISHED, CLOSE_WAIT or LISTEN these are fixed, so only its state is
+    asked again.
     """
     known = known or {}
     if _IS_LINUX and os.path.isdir("/proc/self/fd"):
@@ -167,7 +170,7 @@ def read_sockets(
                     except OSError:
                         state = None
                     if state in _STABLE:
-                        add(_new_ks(KernelSocket, (fd, _family_of(obj), _type_of(obj), state, k[0], k[1], obj)))
+                        add(_new_ks(KernelSocket, (fd, k[2], k[3], state, k[0], k[1], obj)))
                         continue
                 ks = _read_one(fd, obj, k)
                 if ks is not None:
@@ -182,7 +185,7 @@ def read_sockets(
 
 
 def _read_objects(
-    objects: dict[int, Any], known: dict[int, tuple[str | None, str | None]]
+    objects: dict[int, Any], known: dict[int, Known]
 ) -> list[KernelSocket]:
     """Last resort: ask only the socket objects leakguard tracks (untracked sockets are missed)."""
     out = []

@@ -35,6 +35,7 @@ __all__ = [
     "adopt",
     "all_records",
     "live_between",
+    "live_holders",
     "mark",
     "annotate",
     "count_error",
@@ -136,7 +137,8 @@ class Record:
         self.origin: str = sc.origin if sc is not None else "socket"
         self.target: str | None = sc.target if sc is not None else None
         self.pool: PoolInfo | None = None
-        self.addrs: tuple[str | None, str | None] | None = None  # (local, remote) once stable
+        #: (local, remote, family, type) once the kernel showed them settled: they never change again
+        self.addrs: tuple[str | None, str | None, int, int] | None = None
 
     def alive(self) -> bool:
         """Is the recorded socket (or owner) still open on the same descriptor?"""
@@ -201,18 +203,23 @@ _speedups = _load_speedups()
 fast_record = _speedups.record if _speedups is not None else None
 
 
-def _alive(fd: int, ref: Any) -> bool:
+def _holder(fd: int, ref: Any) -> Any:
+    """The live object holding *fd* (socket or owner), True for an adopted fd without owner, None if stale."""
     if ref is None:
         return True  # adopted descriptor without owner: the kernel view decides
     obj = ref()
     if obj is None:
-        return False
+        return None
     try:
-        return bool(obj.fileno() == fd)
+        return obj if obj.fileno() == fd else None
     except AttributeError:
-        return True  # an owner without fileno(): alive while the owner is
+        return obj  # an owner without fileno(): alive while the owner is
     except Exception:
-        return False  # closed sockets and connections raise or return -1
+        return None  # closed sockets and connections raise or return -1
+
+
+def _alive(fd: int, ref: Any) -> bool:
+    return _holder(fd, ref) is not None
 
 
 def record_socket(sock: Any, inherit: bool = False) -> None:
@@ -355,6 +362,20 @@ def live() -> dict[int, Record]:
         else:
             _drop(fd, entry)
     return out
+
+
+def live_holders() -> tuple[dict[int, Record], dict[int, Any]]:
+    """Like :func:`live`, plus the live object holding each descriptor (for the kernel reader)."""
+    records: dict[int, Record] = {}
+    holders: dict[int, Any] = {}
+    for fd, entry in list(_records.items()):
+        obj = _holder(fd, entry[0])
+        if obj is None:
+            _drop(fd, entry)
+            continue
+        records[fd] = _view(fd, entry)
+        holders[fd] = obj
+    return records, holders
 
 
 def entry(fd: int) -> Entry | None:

@@ -144,7 +144,7 @@ class SocketInfo:
             "state": self.state,
             "local": self.local,
             "remote": self.remote,
-            "age_s": self.age_s,
+            "age_s": round(self.age_s, 3) if self.age_s is not None else None,
             "origin": self.origin,
             "target": self.target,
             "pool": self.pool,
@@ -228,21 +228,22 @@ def _info(ks: kernel.KernelSocket, rec: registry.Record | None, now: float) -> S
         )
     return SocketInfo(
         ks.fd, _family_name(ks.family), _type_name(ks.family, ks.type), ks.state, ks.local, ks.remote,
-        round(now - rec.created, 3), rec.origin, rec.target, rec,
+        now - rec.created, rec.origin, rec.target, rec,
     )
 
 
 def take() -> Snapshot:
     """Read the kernel's view of this process's sockets now and join the records."""
-    records = registry.live()
+    records, holders = registry.live_holders()
     objects: dict[int, Any] = {}
-    known: dict[int, tuple[str | None, str | None]] = {}
-    for fd, rec in records.items():
-        obj = rec.ref() if rec.ref is not None else None
-        if isinstance(obj, socket.socket):
+    known: dict[int, tuple[str | None, str | None, int, int]] = {}
+    sock_type = socket.socket
+    for fd, obj in holders.items():
+        if isinstance(obj, sock_type):
             objects[fd] = obj
-            if rec.addrs is not None:
-                known[fd] = rec.addrs
+            addrs = records[fd].addrs
+            if addrs is not None:
+                known[fd] = addrs
     kernel_socks, open_fds = kernel.read_sockets(objects, known)
     now = time.monotonic()
     sockets = []
@@ -250,7 +251,7 @@ def take() -> Snapshot:
     for ks in kernel_socks:
         rec = records.get(ks.fd) if ks.fd is not None else None
         if rec is not None and rec.addrs is None and ks.obj is not None and ks.state in _STABLE:
-            rec.addrs = (ks.local, ks.remote)
+            rec.addrs = (ks.local, ks.remote, ks.family, ks.type)
         info = _info(ks, rec, now)
         sockets.append(info)
         if info.type == "tcp" and info.state:
