@@ -459,6 +459,15 @@ def _matches(rec: registry.Record, globs: Iterable[str], peer: str | None = None
     return any(fnmatch.fnmatchcase(n, g) for n in names for g in globs)
 
 
+def _loop_internal(rec: registry.Record) -> bool:
+    """An asyncio event loop's self-pipe (a socketpair the loop makes for itself).
+
+    It belongs to the loop object, not to a connection: a loop left unclosed (some
+    plugins keep one per session) is not a socket leak of the test that ran last.
+    """
+    return any(f.function == "_make_self_pipe" and "asyncio" in f.file for f in rec.stack()[-3:])
+
+
 def _settle(recs: list[registry.Record], grace: float, quiet: frozenset[int] = frozenset()) -> list[registry.Record]:
     """Those of *recs* still open after a gc.collect() and a bounded back-off (goleak's retry).
 
@@ -793,6 +802,7 @@ class _Checker:
         globs = settings.ignore + allow_globs
         if cands and globs:
             cands = [r for r in cands if not _matches(r, globs)]
+        cands = [r for r in cands if not _loop_internal(r)]
         if cands:
             cands = self._adopt_accepted(cands)
         if cands and self.fixtures:
@@ -801,7 +811,9 @@ class _Checker:
         for fx in pending:
             for r in fx.owned:
                 self.claimed.pop(r.seq, None)
-        fixture_recs = [(fx, r) for fx, r in fixture_recs if not _matches(r, settings.ignore)]
+        fixture_recs = [
+            (fx, r) for fx, r in fixture_recs if not _matches(r, settings.ignore) and not _loop_internal(r)
+        ]
         if cands or fixture_recs:
             # Every fixture of this test is torn down, but pytest drops the values it
             # handed the test only after this hook: let go of them now, so that an

@@ -769,15 +769,6 @@ def test_two(event_loop):
 class TestPluginOnRealSuitePatterns:
     """Patterns met in real suites (docs/REAL_SUITES.md) cause no false failure under ``--leakguard``."""
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason=(
-            "pytest plugin bug (reported): the self-pipe socketpair of an asyncio event loop that a "
-            "session-scoped fixture keeps (pytest-asyncio 0.23's event_loop_policy after "
-            "_provide_clean_event_loop) fails the session's last test with 'left 2 sockets open' "
-            "(unix, created in asyncio/selector_events.py _make_self_pipe): not a connection"
-        ),
-    )
     def test_event_loop_kept_by_session_fixture(self, pytester: pytest.Pytester) -> None:
         pytester.makepyfile(test_loop=_LOOP_SUITE)
         result = pytester.runpytest_subprocess("--leakguard", "-p", "no:cacheprovider")
