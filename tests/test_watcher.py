@@ -149,9 +149,11 @@ class TestVolume:
             assert len(reports[i]) <= 8
             assert len([e for e in reports[i] if e["event"] == "leakguard.leak"]) <= 10
         first = events(logs, "leakguard.summary")[storm[0]]
-        assert first["leak_sites"] == 50 and first["suppressed"] >= 40
+        # >= : a CLOSE_WAIT socket another test of this worker left to the garbage collector may add a site
+        assert first["leak_sites"] >= 50 and first["suppressed"] >= 40
         leak_events = [e for e in logs if e["event"] == "leakguard.leak"]
-        assert leak_events and all(e["count"] == 6 and "stormy.py:" in e["site"] for e in leak_events)
+        storm_events = [e for e in leak_events if "stormy.py:" in e["site"]]
+        assert storm_events and all(e["count"] == 6 for e in storm_events)
         # The token bucket (30 at once, then 30 per minute) bounds all these reports together.
         others = [e for e in logs if e["event"] != "leakguard.summary"]
         assert len(others) <= 30 + 30 * elapsed / 60 + 1, (len(others), elapsed)
