@@ -32,7 +32,7 @@ class Patches:
         # What the class itself stored (maybe nothing: an inherited method), to put back exactly.
         stored = vars(parent).get(attribute, _ABSENT) if isinstance(parent, type) else original
         proxy = wrapt.FunctionWrapper(original, wrapper)
-        proxy._self_leakguard = True
+        proxy._self_leakguard = True  # type: ignore[attr-defined]
         setattr(parent, attribute, proxy)
         self._done.append((parent, attribute, stored, proxy))
 

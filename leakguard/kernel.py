@@ -42,8 +42,8 @@ _PSUTIL_STATES = {"NONE": None, "SYN_RECV": "SYN_RECV", "CLOSE": "CLOSE"}
 
 _INET = (socket.AF_INET, socket.AF_INET6)
 # The C-level attributes: socket.socket's properties convert to enums, which costs more than the syscall.
-_family_of = _socket.socket.family.__get__  # type: ignore[attr-defined]
-_type_of = _socket.socket.type.__get__  # type: ignore[attr-defined]
+_family_of = _socket.socket.family.__get__
+_type_of = _socket.socket.type.__get__
 _STABLE = frozenset(("ESTABLISHED", "CLOSE_WAIT", "LISTEN"))  # addresses no longer change
 _TCP_INFO = getattr(socket, "TCP_INFO", 11)
 _IPPROTO_TCP = socket.IPPROTO_TCP
@@ -155,7 +155,7 @@ def read_sockets(
     if _IS_LINUX and os.path.isdir("/proc/self/fd"):
         try:
             fds = _list_fds()
-            out = []
+            out: list[KernelSocket] = []
             add = out.append
             get = objects.get
             kget = known.get
@@ -163,7 +163,7 @@ def read_sockets(
             for fd in fds:
                 obj = get(fd)
                 k = kget(fd) if obj is not None else None
-                if k is not None:
+                if k is not None and obj is not None:
                     # The common case of a tracked TCP socket whose addresses are known: one syscall.
                     try:
                         state = states(obj.getsockopt(_IPPROTO_TCP, _TCP_INFO, 1)[0])

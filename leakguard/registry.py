@@ -251,12 +251,12 @@ _monotonic = time.monotonic
 
 
 def _handover(fd: int, old: Entry, sock: Any) -> None:
-    new = (weakref.ref(sock),) + old[1:]
+    new: Entry = (weakref.ref(sock), old[1], old[2], old[3], old[4])
     with _views_lock:
-        _records[fd] = new  # type: ignore[assignment]
+        _records[fd] = new
         view = _views.get(fd)
         if view is not None and view.entry is old:
-            view.entry, view.ref = new, new[0]  # type: ignore[assignment]
+            view.entry, view.ref = new, new[0]
 
 
 def _view(fd: int, entry: Entry) -> Record:

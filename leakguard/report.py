@@ -285,8 +285,10 @@ class Reporter:
                     continue
                 key = f"<unknown: origin={info.origin}>"
             else:
-                key = known.get(rec.seq)  # formatting a site is the costly part: once per record
-                if key is None:
+                cached = known.get(rec.seq)  # formatting a site is the costly part: once per record
+                if cached is not None:
+                    key = cached
+                else:
                     key = info.site_str if rec.frames else f"<unknown: origin={info.origin}>"
                 sites[rec.seq] = key
             g = groups.get(key)

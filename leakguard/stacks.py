@@ -17,7 +17,7 @@ import os
 import site
 import sys
 import sysconfig
-from types import CodeType
+from types import CodeType, FrameType
 from typing import Any, NamedTuple
 
 __all__ = [
@@ -135,6 +135,7 @@ def capture_py(skip: int = 1, depth: int = 32) -> Frames:
     *skip* frames are left out (1 = the caller of ``capture``).  :mod:`leakguard.registry`
     replaces :func:`capture` with the compiled equivalent when it is built.
     """
+    f: FrameType | None
     try:
         f = _getframe(skip + 1)
     except ValueError:
