@@ -343,52 +343,56 @@ def _origin(frames: stacks.Frames, default: str) -> str:
     return origin
 
 
-# The scope is set on registry's context variable directly rather than through
-# the ``registry.scope()`` generator context manager: this runs once per new
-# connection and the generator costs more than everything else here together.
-# The nesting rule is registry.scope()'s: the outer origin wins, the inner
-# scope only fills in a target or frames the outer one lacked.
-_var = getattr(registry, "_scope", None)
-_Scope = getattr(registry, "Scope", None)
-
-
 class Entered:
     """The scope :func:`enter` opened; close it with :func:`leave`."""
 
-    __slots__ = ("cm", "token")
+    __slots__ = ("token",)
 
-    def __init__(self, token: Any = None, cm: Any = None) -> None:
+    def __init__(self, token: Any) -> None:
         self.token = token
-        self.cm = cm
 
 
 def enter(default_origin: str, target: str | None, skip: int = 2) -> Entered | None:
-    """Open a :func:`registry.scope` for the connection a library is about to open.
+    """Open a scope (:func:`registry.push_scope`) for the connection a library is about to open.
 
     Captures the stack once (*skip* frames are left out: 2 = ``enter`` and the
     wrapper that calls it; wrapt adds no Python frame), names the origin and
     returns a handle for :func:`leave`, or ``None`` if anything of ours failed
-    (the caller then just calls through).
+    (the caller then just calls through).  Inside an enclosing scope that already
+    has the application's stack, nothing is captured: the outer scope wins.
     """
     try:
-        if _var is None or _Scope is None:  # a registry without the context variable
-            frames = stacks.capture(skip, registry.depth[0])
-            cm = registry.scope(_origin(frames, default_origin), target, frames)
-            cm.__enter__()
-            return Entered(cm=cm)
-        outer = _var.get()
+        outer = registry.current_scope()
         if outer is not None and outer.frames is not None:
-            sc = _Scope(outer.origin, outer.target or target, outer.frames)  # nothing to capture
-        else:
-            frames = stacks.capture(skip, registry.depth[0])
-            if outer is not None:
-                sc = _Scope(outer.origin, outer.target or target, frames)
-            else:
-                sc = _Scope(_origin(frames, default_origin), target, frames)
-        return Entered(token=_var.set(sc))
+            return Entered(registry.push_scope(outer.origin, target, None))
+        frames = stacks.capture(skip, registry.depth[0])
+        origin = outer.origin if outer is not None else _origin(frames, default_origin)
+        return Entered(registry.push_scope(origin, target, frames))
     except Exception:
         registry.count_error()
         return None
+
+
+def call_in_scope(
+    origin: str, target: str | None, frames: stacks.Frames | None, wrapped: Any, args: Any, kwargs: Any
+) -> Any:
+    """``wrapped(*args, **kwargs)`` with the sockets it opens attributed to *origin*, *target*, *frames*.
+
+    leakguard's own failures are contained; the wrapped call's result and
+    exceptions pass through untouched.
+    """
+    try:
+        token = registry.push_scope(origin, target, frames)
+    except Exception:
+        registry.count_error()
+        return wrapped(*args, **kwargs)
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        try:
+            registry.pop_scope(token)
+        except Exception:  # a token from another context: nothing of the host's to disturb
+            registry.count_error()
 
 
 def leave(entered: Entered | None) -> None:
@@ -400,9 +404,6 @@ def leave(entered: Entered | None) -> None:
     if entered is None:
         return
     try:
-        if entered.token is not None:
-            _var.reset(entered.token)  # type: ignore[union-attr]
-        else:
-            entered.cm.__exit__(None, None, None)
+        registry.pop_scope(entered.token)
     except Exception:  # e.g. a coroutine closed from another context
         registry.count_error()

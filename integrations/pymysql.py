@@ -14,7 +14,7 @@ from typing import Any
 from leakguard import registry
 from leakguard._patch import Patches
 
-from ._common import redact_dsn
+from ._common import call_in_scope, redact_dsn
 from ._pools import capture
 
 __all__ = ["REQUIRES", "instrument", "mysql_target", "uninstrument"]
@@ -48,15 +48,11 @@ def mysql_target(conn: Any) -> str | None:
 def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     frames = capture()
     try:
-        cm: Any = registry.scope(ORIGIN, mysql_target(instance), frames)
-        cm.__enter__()
+        target = mysql_target(instance)
     except Exception:
         registry.count_error()
-        return wrapped(*args, **kwargs)
-    try:
-        return wrapped(*args, **kwargs)
-    finally:
-        cm.__exit__(None, None, None)
+        target = None
+    return call_in_scope(ORIGIN, target, frames, wrapped, args, kwargs)
 
 
 def instrument() -> None:

@@ -34,7 +34,7 @@ from leakguard import registry, stacks
 from leakguard._patch import Patches
 
 from . import _pools
-from ._common import DEFAULT_PORTS, redact_dsn
+from ._common import DEFAULT_PORTS, call_in_scope, redact_dsn
 
 __all__ = ["REQUIRES", "instrument", "uninstrument"]
 
@@ -101,16 +101,7 @@ def app_stack(skip: int = 1) -> stacks.Frames:
 
 def _record_connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     """``_ConnectionRecord.__connect``: origin and the application's stack for the new connection."""
-    try:
-        cm: Any = registry.scope(ORIGIN, None, app_stack(1))
-        cm.__enter__()
-    except Exception:
-        registry.count_error()
-        return wrapped(*args, **kwargs)
-    try:
-        return wrapped(*args, **kwargs)
-    finally:
-        cm.__exit__(None, None, None)
+    return call_in_scope(ORIGIN, None, app_stack(1), wrapped, args, kwargs)
 
 
 def _dialect_connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:

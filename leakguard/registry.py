@@ -37,6 +37,8 @@ __all__ = [
     "live_between",
     "live_holders",
     "mark",
+    "pop_scope",
+    "push_scope",
     "annotate",
     "count_error",
     "entry",
@@ -307,6 +309,24 @@ def annotate(fd: int, origin: str | None = None, target: str | None = None) -> R
     return rec
 
 
+def push_scope(origin: str, target: str | None = None, frames: stacks.Frames | None = None) -> Any:
+    """Open a :func:`scope` without a context manager (cheaper on a wrapper's path).
+
+    Returns the token to give :func:`pop_scope`.  The new scope is
+    ``current_scope()`` until then.
+    """
+    outer = _scope.get()
+    if outer is not None:
+        sc = Scope(outer.origin, outer.target or target, outer.frames if outer.frames is not None else frames)
+    else:
+        sc = Scope(origin, target, frames)
+    return _scope.set(sc)
+
+
+def pop_scope(token: Any) -> None:
+    _scope.reset(token)
+
+
 @contextmanager
 def scope(origin: str, target: str | None = None, frames: stacks.Frames | None = None) -> Iterator[Scope]:
     """Sockets created inside this block belong to *origin* and *target*.
@@ -314,16 +334,11 @@ def scope(origin: str, target: str | None = None, frames: stacks.Frames | None =
     Nested scopes keep the outermost origin (requests wins over the urllib3 it
     calls) unless the inner one adds a target the outer one lacked.
     """
-    outer = _scope.get()
-    if outer is not None:
-        sc = Scope(outer.origin, outer.target or target, outer.frames if outer.frames is not None else frames)
-    else:
-        sc = Scope(origin, target, frames)
-    token = _scope.set(sc)
+    token = push_scope(origin, target, frames)
     try:
-        yield sc
+        yield _scope.get()  # type: ignore[misc]
     finally:
-        _scope.reset(token)
+        pop_scope(token)
 
 
 def current_scope() -> Scope | None:
