@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 import leakguard
 
-from .helpers import HangUpServer
+from .helpers import HangUpServer, require_service
 
 
 @pytest.fixture
@@ -23,3 +23,62 @@ def installed() -> Iterator[None]:
 def hangup_server() -> Iterator[HangUpServer]:
     with HangUpServer() as srv:
         yield srv
+
+
+# --------------------------------------------------------------------------- servers killing connections
+# A server closing the connection is how a real CLOSE_WAIT arises on the client side.
+
+
+@pytest.fixture
+def pg_kill() -> Iterator[Callable[[int], None]]:
+    """Terminate a PostgreSQL backend by pid (``pg_terminate_backend``), from a second connection."""
+    require_service("postgres")
+    import psycopg2
+
+    admin = psycopg2.connect(host="127.0.0.1", port=5432, dbname="test", user="postgres")
+    admin.autocommit = True
+
+    def kill(pid: int) -> None:
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            assert cur.fetchone() == (True,)
+
+    try:
+        yield kill
+    finally:
+        admin.close()
+
+
+@pytest.fixture
+def mysql_kill() -> Iterator[Callable[[int], None]]:
+    """``KILL <thread id>`` on MariaDB, from a second connection."""
+    require_service("mariadb")
+    import pymysql
+
+    admin = pymysql.connect(host="127.0.0.1", port=3306, user="root", database="test")
+
+    def kill(thread_id: int) -> None:
+        with admin.cursor() as cur:
+            cur.execute(f"KILL {int(thread_id)}")
+
+    try:
+        yield kill
+    finally:
+        admin.close()
+
+
+@pytest.fixture
+def redis_kill() -> Iterator[Callable[[int], None]]:
+    """``CLIENT KILL ID <id>`` on Redis, from a second connection."""
+    require_service("redis")
+    import redis
+
+    admin = redis.Redis(host="127.0.0.1", port=6379)
+
+    def kill(client_id: int) -> None:
+        assert admin.client_kill_filter(_id=str(client_id)) == 1
+
+    try:
+        yield kill
+    finally:
+        admin.close()

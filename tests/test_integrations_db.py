@@ -73,41 +73,7 @@ def db_sockets() -> list[leakguard.SocketInfo]:
     return [s for s in leakguard.snapshot().sockets if s.origin in DB_ORIGINS]
 
 
-# --------------------------------------------------------------------------- server-side killers
-
-
-@pytest.fixture
-def pg_kill() -> Iterator[Callable[[int], None]]:
-    """Terminate a PostgreSQL backend by pid, from a second connection."""
-    require_service("postgres")
-    admin = psycopg2.connect(host="127.0.0.1", port=5432, dbname="test", user="postgres")
-    admin.autocommit = True
-
-    def kill(pid: int) -> None:
-        with admin.cursor() as cur:
-            cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            assert cur.fetchone() == (True,)
-
-    try:
-        yield kill
-    finally:
-        admin.close()
-
-
-@pytest.fixture
-def mysql_kill() -> Iterator[Callable[[int], None]]:
-    """``KILL <thread id>`` on MariaDB, from a second connection."""
-    require_service("mariadb")
-    admin = pymysql.connect(host="127.0.0.1", port=3306, user="root", database="test")
-
-    def kill(thread_id: int) -> None:
-        with admin.cursor() as cur:
-            cur.execute(f"KILL {int(thread_id)}")
-
-    try:
-        yield kill
-    finally:
-        admin.close()
+# --------------------------------------------------------------------------- fixtures (the killers are in conftest.py)
 
 
 @pytest.fixture
@@ -125,21 +91,6 @@ def mysql_user() -> Iterator[str]:
     finally:
         with admin.cursor() as cur:
             cur.execute(f"DROP USER IF EXISTS '{name}'@'%'")
-        admin.close()
-
-
-@pytest.fixture
-def redis_kill() -> Iterator[Callable[[int], None]]:
-    """``CLIENT KILL ID <id>`` on Redis, from a second connection."""
-    require_service("redis")
-    admin = redis.Redis(host="127.0.0.1", port=6379)
-
-    def kill(client_id: int) -> None:
-        assert admin.client_kill_filter(_id=str(client_id)) == 1
-
-    try:
-        yield kill
-    finally:
         admin.close()
 
 

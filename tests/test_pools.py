@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
-import psycopg2
 import psycopg_pool
 import pytest
 import redis
@@ -49,33 +48,6 @@ def site_is(info: leakguard.SocketInfo, line: int) -> bool:
 
 def checkout_events(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in logs if e.get("event") in EVENTS]
-
-
-@pytest.fixture
-def pg_kill() -> Iterator[Callable[[int], None]]:
-    require_service("postgres")
-    admin = psycopg2.connect(host="127.0.0.1", port=5432, dbname="test", user="postgres")
-    admin.autocommit = True
-
-    def kill(pid: int) -> None:
-        with admin.cursor() as cur:
-            cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            assert cur.fetchone() == (True,)
-
-    try:
-        yield kill
-    finally:
-        admin.close()
-
-
-@pytest.fixture
-def redis_kill() -> Iterator[Callable[[int], None]]:
-    require_service("redis")
-    admin = redis.Redis(host="127.0.0.1", port=6379)
-    try:
-        yield lambda client_id: admin.client_kill_filter(_id=str(client_id))
-    finally:
-        admin.close()
 
 
 @pytest.fixture
