@@ -54,7 +54,6 @@ import fnmatch
 import gc
 import os
 import socket
-import sys
 import threading
 import time
 import types

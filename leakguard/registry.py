@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextvars
 import itertools
 import os
-import os
 import threading
 import time
 import weakref

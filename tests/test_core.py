@@ -17,7 +17,7 @@ import pytest
 import leakguard
 from leakguard import registry
 
-from .helpers import HangUpServer, this_line, wait_close_wait, wait_for
+from .helpers import HangUpServer, this_line, wait_close_wait
 
 HERE = os.path.abspath(__file__)
 
@@ -217,7 +217,7 @@ class TestJudgement:
                 a, _ = listener.accept()
                 c.close()
                 a.close()
-            with socket.create_connection(listener.getsockname()) as c2:
+            with socket.create_connection(listener.getsockname()):
                 a2, _ = listener.accept()
                 a2.close()
             snap = leakguard.snapshot()
@@ -250,7 +250,7 @@ class TestJudgement:
             assert "this process never closed its end, opened " in reason and " ago at " in reason
             text = leakguard.snapshot().format()
             assert "CLOSE_WAIT (the peer closed it, your code never did)" in text
-            assert f"test_core.py:" in text
+            assert "test_core.py:" in text
 
     def test_socket_opened_before_install_still_shows(self, hangup_server: HangUpServer) -> None:
         early = socket.create_connection(hangup_server.address)

@@ -14,10 +14,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
