@@ -77,25 +77,32 @@ def bench_socket_create(quick: bool) -> Row:
     return _row("socket create+close", p, i)
 
 
-class _Server:
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
-        self.address = self.listener.getsockname()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+_SERVER = textwrap.dedent(
+    """
+    import socket, sys
+    listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    print(listener.getsockname()[1], flush=True)
+    while True:
+        conn, _ = listener.accept()
+        conn.close()
+    """
+)
 
-    def _run(self) -> None:
-        while True:
-            try:
-                c, _ = self.listener.accept()
-            except OSError:
-                return
-            c.close()
+
+class _Server:
+    """A loopback peer in another process: what is measured is this process's side only
+    (an in-process server thread would add its accept() hook and GIL hand-offs to the figure)."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _SERVER], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.address = ("127.0.0.1", int(self.proc.stdout.readline()))
 
     def close(self) -> None:
-        self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        self.thread.join(2)
+        self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 def bench_connect(quick: bool) -> Row:
