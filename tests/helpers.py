@@ -122,3 +122,39 @@ class HangUpServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_PROCESS_SERVER = """
+import socket, sys
+listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+print(listener.getsockname()[1], flush=True)
+while True:
+    conn, _ = listener.accept()
+    conn.close()
+"""
+
+
+class ProcessHangUpServer:
+    """Like :class:`HangUpServer`, in another process: its accepted sockets are not this process's."""
+
+    def __init__(self) -> None:
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-c", _PROCESS_SERVER], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+        self.host = "127.0.0.1"
+        self.address = (self.host, self.port)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> ProcessHangUpServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

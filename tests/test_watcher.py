@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 import leakguard
 from leakguard import watcher
 
-from .helpers import HangUpServer, this_line, wait_for
+from .helpers import HangUpServer, ProcessHangUpServer, this_line, wait_for
 
 HERE = os.path.basename(__file__)
 
@@ -188,7 +188,9 @@ class TestChurn:
 
     def test_short_lived_connections_warn_naming_the_site(self, logs: list[dict[str, Any]]) -> None:
         leakguard.install(report_interval=0.1, integrations="none", churn_limit=100)
-        with HangUpServer() as srv:
+        # The peer is another process: this one's only sockets are the client's (no accepted ones
+        # sharing and reusing the same descriptors, which would make the sampling flaky).
+        with ProcessHangUpServer() as srv:
             wait_ticks(1)
             for _ in range(300):
                 socket.create_connection(srv.address).close(); line = this_line()  # noqa: E702
