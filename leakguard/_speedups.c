@@ -18,6 +18,7 @@ static PyObject *app_files;    /* dict: filename -> bool (stacks._app_files, sha
 static PyObject *is_app_file;  /* stacks.is_app_file, for cache misses */
 static PyObject *seq;          /* itertools.count */
 static PyObject *scope_var;    /* registry._scope ContextVar */
+static PyObject *fileno_of;    /* _socket.socket.fileno: no attribute lookup through the subclass */
 static int depth = 48;
 static int context = 3;
 
@@ -50,13 +51,23 @@ app(PyObject *code)
     return out;
 }
 
-/* The stack from the current Python frame's skip-th caller: see stacks.capture. */
+#define MAX_DEPTH 1024  /* stack_depth's upper bound (leakguard._config) */
+
+/* The stack from the current Python frame's skip-th caller: see stacks.capture.
+ * Items go to a buffer on the C stack and straight into the tuple: no list to grow. */
 static PyObject *
 capture_from(int skip, int left)
 {
-    PyObject *out = PyList_New(0);
-    if (out == NULL)
-        return NULL;
+    PyObject *small[128];  /* the default depth fits: no allocation */
+    PyObject **buf = small;
+    Py_ssize_t n = 0;
+    if (left > MAX_DEPTH)
+        left = MAX_DEPTH;
+    if (2 * left > 128) {
+        buf = PyMem_Malloc(sizeof(PyObject *) * 2 * (size_t)left);
+        if (buf == NULL)
+            return PyErr_NoMemory();
+    }
     PyFrameObject *f = PyEval_GetFrame();
     Py_XINCREF(f);
     while (f != NULL && skip-- > 0) {
@@ -66,39 +77,44 @@ capture_from(int skip, int left)
     }
     int extra = -1;
     while (f != NULL && left > 0 && extra != 0) {
-        PyObject *code = (PyObject *)PyFrame_GetCode(f);
+        PyObject *code = (PyObject *)PyFrame_GetCode(f);  /* new reference, kept by buf */
         PyObject *lasti = PyLong_FromLong(lasti_of(f));
-        if (lasti == NULL || PyList_Append(out, code) < 0 || PyList_Append(out, lasti) < 0) {
-            Py_XDECREF(lasti);
-            Py_DECREF(code);
+        buf[n++] = code;
+        if (lasti == NULL)
             goto error;
-        }
-        Py_DECREF(lasti);
+        buf[n++] = lasti;
         left--;
         if (extra < 0) {
             int a = app(code);
-            if (a < 0) {
-                Py_DECREF(code);
+            if (a < 0)
                 goto error;
-            }
             if (a)
                 extra = context;
         }
         else {
             extra--;
         }
-        Py_DECREF(code);
         PyFrameObject *back = PyFrame_GetBack(f);
         Py_DECREF(f);
         f = back;
     }
     Py_XDECREF(f);
-    PyObject *t = PyList_AsTuple(out);
-    Py_DECREF(out);
+    PyObject *t = PyTuple_New(n);
+    if (t == NULL) {
+        f = NULL;
+        goto error;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyTuple_SET_ITEM(t, i, buf[i]);  /* steals */
+    if (buf != small)
+        PyMem_Free(buf);
     return t;
 error:
     Py_XDECREF(f);
-    Py_DECREF(out);
+    for (Py_ssize_t i = 0; i < n; i++)
+        Py_DECREF(buf[i]);
+    if (buf != small)
+        PyMem_Free(buf);
     return NULL;
 }
 
@@ -112,9 +128,15 @@ record(PyObject *self, PyObject *sock)
     Py_DECREF(sc);
     if (scoped)
         Py_RETURN_FALSE;
-    int fd = PyObject_AsFileDescriptor(sock);
-    if (fd < 0)
+    PyObject *fdobj = PyObject_CallOneArg(fileno_of, sock);
+    if (fdobj == NULL)
         return NULL;
+    long fd = PyLong_AsLong(fdobj);
+    Py_DECREF(fdobj);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd < 0)
+        Py_RETURN_TRUE;  /* no descriptor: nothing to record */
     PyObject *ref = PyWeakref_NewRef(sock, NULL);
     if (ref == NULL)
         return NULL;
@@ -209,5 +231,16 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "leakguard._speedups"
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    PyObject *mod = PyImport_ImportModule("_socket");
+    if (mod == NULL)
+        return NULL;
+    PyObject *cls = PyObject_GetAttrString(mod, "socket");
+    Py_DECREF(mod);
+    if (cls == NULL)
+        return NULL;
+    fileno_of = PyObject_GetAttrString(cls, "fileno");  /* the method descriptor */
+    Py_DECREF(cls);
+    if (fileno_of == NULL)
+        return NULL;
     return PyModule_Create(&module);
 }
