@@ -19,6 +19,7 @@ static PyObject *is_app_file;  /* stacks.is_app_file, for cache misses */
 static PyObject *seq;          /* itertools.count */
 static PyObject *scope_var;    /* registry._scope ContextVar */
 static PyObject *fileno_of;    /* _socket.socket.fileno: no attribute lookup through the subclass */
+static PyTypeObject *raw_socket; /* _socket.socket */
 static int depth = 48;
 static int context = 3;
 
@@ -128,13 +129,21 @@ record(PyObject *self, PyObject *sock)
     Py_DECREF(sc);
     if (scoped)
         Py_RETURN_FALSE;
-    PyObject *fdobj = PyObject_CallOneArg(fileno_of, sock);
-    if (fdobj == NULL)
-        return NULL;
-    long fd = PyLong_AsLong(fdobj);
-    Py_DECREF(fdobj);
-    if (fd == -1 && PyErr_Occurred())
-        return NULL;
+    long fd;
+    if (PyObject_TypeCheck(sock, raw_socket)) {
+        PyObject *fdobj = PyObject_CallOneArg(fileno_of, sock);
+        if (fdobj == NULL)
+            return NULL;
+        fd = PyLong_AsLong(fdobj);
+        Py_DECREF(fdobj);
+        if (fd == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    else {  /* a socket class of another lineage (gevent's): ask it */
+        fd = PyObject_AsFileDescriptor(sock);
+        if (fd < 0)
+            return NULL;
+    }
     if (fd < 0)
         Py_RETURN_TRUE;  /* no descriptor: nothing to record */
     PyObject *ref = PyWeakref_NewRef(sock, NULL);
@@ -239,8 +248,10 @@ PyInit__speedups(void)
     if (cls == NULL)
         return NULL;
     fileno_of = PyObject_GetAttrString(cls, "fileno");  /* the method descriptor */
-    Py_DECREF(cls);
-    if (fileno_of == NULL)
+    if (fileno_of == NULL || !PyType_Check(cls)) {
+        Py_DECREF(cls);
         return NULL;
+    }
+    raw_socket = (PyTypeObject *)cls;  /* kept for the module's lifetime */
     return PyModule_Create(&module);
 }

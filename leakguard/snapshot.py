@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from operator import itemgetter as _itemgetter
 import os
 import socket
 import time
@@ -55,31 +56,18 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-class SocketInfo:
+class SocketInfo(tuple):  # type: ignore[type-arg]
     """One socket of the process: kernel state joined with leakguard's record.
 
-    The stack, pool view and leak reason are rendered on first access, so a
-    snapshot of thousands of sockets costs little more than the kernel reads.
+    An immutable record (a tuple underneath: a snapshot of thousands of sockets
+    builds thousands of these).  The stack, pool view and leak reason are
+    rendered on access.
     """
 
-    __slots__ = (
-        "_reason",
-        "_stack",
-        "age_s",
-        "family",
-        "fd",
-        "leaked",
-        "local",
-        "origin",
-        "record",
-        "remote",
-        "state",
-        "target",
-        "type",
-    )
+    __slots__ = ()
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         fd: int | None,
         family: str,
         type: str,
@@ -90,28 +78,30 @@ class SocketInfo:
         origin: str,
         target: str | None,
         record: registry.Record | None = None,
-    ) -> None:
-        self.fd = fd
-        self.family = family
-        self.type = type
-        self.state = state
-        self.local = local
-        self.remote = remote
-        self.age_s = age_s
-        self.origin = origin
-        self.target = target
-        self.record = record
-        #: Judged leaked: every TCP socket in CLOSE_WAIT.
-        self.leaked = type == "tcp" and state == "CLOSE_WAIT"
-        self._stack: list[stacks.Frame] | None = None
-        self._reason: str | None = None
+    ) -> SocketInfo:
+        return tuple.__new__(cls, (fd, family, type, state, local, remote, age_s, origin, target, record))
+
+    fd: int | None = property(_itemgetter(0), doc="file descriptor")  # type: ignore[assignment]
+    family: str = property(_itemgetter(1), doc='"AF_INET", "AF_INET6", "AF_UNIX", ...')  # type: ignore[assignment]
+    type: str = property(_itemgetter(2), doc='"tcp", "udp", "unix", ...')  # type: ignore[assignment]
+    state: str | None = property(_itemgetter(3), doc="TCP state as netstat prints it")  # type: ignore[assignment]
+    local: str | None = property(_itemgetter(4))  # type: ignore[assignment]
+    remote: str | None = property(_itemgetter(5))  # type: ignore[assignment]
+    age_s: float | None = property(_itemgetter(6), doc="seconds since leakguard saw it created")  # type: ignore[assignment]
+    origin: str = property(_itemgetter(7))  # type: ignore[assignment]
+    target: str | None = property(_itemgetter(8))  # type: ignore[assignment]
+    record: registry.Record | None = property(_itemgetter(9))  # type: ignore[assignment]
+
+    @property
+    def leaked(self) -> bool:
+        """Judged leaked: every TCP socket in CLOSE_WAIT."""
+        return bool(self[3] == "CLOSE_WAIT" and self[2] == "tcp")
 
     @property
     def stack(self) -> list[stacks.Frame]:
         """Creation stack, outermost first; [] when leakguard did not see the socket created."""
-        if self._stack is None:
-            self._stack = self.record.stack() if self.record is not None else []
-        return self._stack
+        rec = self[9]
+        return rec.stack() if rec is not None else []
 
     @property
     def pool(self) -> dict[str, Any] | None:
@@ -122,9 +112,7 @@ class SocketInfo:
     @property
     def reason(self) -> str | None:
         """Why this socket is judged leaked, in words; None when it is not."""
-        if self.leaked and self._reason is None:
-            self._reason = _leak_reason(self, self.record)
-        return self._reason
+        return _leak_reason(self, self[9]) if self.leaked else None
 
     @property
     def site(self) -> stacks.Frame | None:
@@ -220,15 +208,15 @@ def _leak_reason(info: SocketInfo, rec: registry.Record | None) -> str:
     return text
 
 
+_new = tuple.__new__  # SocketInfo without its Python-level __new__, in the loop below
+
+
 def _info(ks: kernel.KernelSocket, rec: registry.Record | None, now: float) -> SocketInfo:
+    fam, kind = _family_name(ks[1]), _type_name(ks[1], ks[2])
     if rec is None:
-        return SocketInfo(
-            ks.fd, _family_name(ks.family), _type_name(ks.family, ks.type), ks.state, ks.local, ks.remote,
-            None, "unknown", None,
-        )
-    return SocketInfo(
-        ks.fd, _family_name(ks.family), _type_name(ks.family, ks.type), ks.state, ks.local, ks.remote,
-        now - rec.created, rec.origin, rec.target, rec,
+        return _new(SocketInfo, (ks[0], fam, kind, ks[3], ks[4], ks[5], None, "unknown", None, None))
+    return _new(
+        SocketInfo, (ks[0], fam, kind, ks[3], ks[4], ks[5], now - rec.created, rec.origin, rec.target, rec)
     )
 
 
