@@ -234,17 +234,24 @@ def take() -> Snapshot:
                 known[fd] = addrs
     kernel_socks, open_fds = kernel.read_sockets(objects, known)
     now = time.monotonic()
-    sockets = []
+    sockets: list[SocketInfo] = []
+    leaks: list[SocketInfo] = []
     counts: dict[str, int] = {}
-    for ks in kernel_socks:
-        rec = records.get(ks.fd) if ks.fd is not None else None
-        if rec is not None and rec.addrs is None and ks.obj is not None and ks.state in _STABLE:
-            rec.addrs = (ks.local, ks.remote, ks.family, ks.type)
-        info = _info(ks, rec, now)
-        sockets.append(info)
-        if info.type == "tcp" and info.state:
-            counts[info.state] = counts.get(info.state, 0) + 1
-    sockets.sort(key=lambda s: (s.fd is None, s.fd or 0))
+    get, add, info_of = records.get, sockets.append, _info
+    for ks in kernel_socks:  # indexes, not names: this loop runs once per socket of the process
+        kfd, state = ks[0], ks[3]
+        rec = get(kfd) if kfd is not None else None
+        if rec is not None and rec.addrs is None and ks[6] is not None and state in _STABLE:
+            rec.addrs = (ks[4], ks[5], ks[1], ks[2])
+        info = info_of(ks, rec, now)
+        add(info)
+        if state and info[2] == "tcp":
+            counts[state] = counts.get(state, 0) + 1
+            if state == "CLOSE_WAIT":
+                leaks.append(info)
+    if open_fds is None:  # psutil's order; /proc/self/fd lists descriptors in ascending order already
+        sockets.sort(key=lambda s: (s.fd is None, s.fd or 0))
+        leaks.sort(key=lambda s: (s.fd is None, s.fd or 0))
     open_fds, limit = kernel.fd_usage(open_fds)
     return Snapshot(
         pid=os.getpid(),
@@ -253,5 +260,5 @@ def take() -> Snapshot:
         fds_open=open_fds,
         fds_limit=limit,
         sockets=sockets,
-        leaks=[s for s in sockets if s.leaked],
+        leaks=leaks,
     )
