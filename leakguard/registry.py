@@ -232,6 +232,8 @@ def record_socket(sock: Any, inherit: bool = False) -> None:
     original creation stack.
     """
     fd = sock.fileno()
+    if fd < 0:
+        return
     if inherit:
         old = _records.get(fd)
         if old is not None and old[0] is not None:
