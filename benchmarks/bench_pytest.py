@@ -111,7 +111,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         )
         rows.append(
             _compare(root, f"pytest {n} trivial tests: plugin installed but off vs without it", without,
-                     _pytest(), 2, n)
+                     _pytest(), 1, n)
         )
         if not quick:
             small = Path(tmp) / "small"
