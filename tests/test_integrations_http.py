@@ -55,6 +55,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(BODY)))
+        if self.server.announce_close:  # type: ignore[attr-defined]
+            self.send_header("Connection", "close")
         self.end_headers()  # keep-alive as far as the client knows ...
         self.wfile.write(BODY)
         self.wfile.flush()
@@ -75,9 +77,16 @@ class Server:
     """
 
     def __init__(
-        self, hang_up_at_once: bool = False, keep_alive: bool = False, tls: ssl.SSLContext | None = None
+        self,
+        hang_up_at_once: bool = False,
+        keep_alive: bool = False,
+        tls: ssl.SSLContext | None = None,
+        announce_close: bool = False,
     ) -> None:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        # Announcing the hang-up (Connection: close) keeps a client from reusing a connection
+        # the server is closing, a race that fails the request itself (not leakguard's concern).
+        self.httpd.announce_close = announce_close  # type: ignore[attr-defined]
         self.scheme = "https" if tls is not None else "http"
         if tls is not None:
             self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
@@ -354,6 +363,15 @@ class TestLeakedConnectionIsTraced:
 @pytest.mark.usefixtures("installed")
 class TestCleanUseReportsNothing:
     """Clients used with context managers or closed properly leave no CLOSE_WAIT socket."""
+
+    @pytest.fixture
+    def server(self) -> Iterator[Server]:
+        """Hangs up after each response, at once, and says so."""
+        srv = Server(hang_up_at_once=True, announce_close=True)
+        try:
+            yield srv
+        finally:
+            srv.close()
 
     def test_requests(self, server: Server) -> None:
         with requests.Session() as s:
