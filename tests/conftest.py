@@ -20,6 +20,16 @@ def installed() -> Iterator[None]:
 
 
 @pytest.fixture
+def installed_quiet() -> Iterator[None]:
+    """leakguard installed without integrations (the socket hook alone) for one test."""
+    leakguard.install(integrations="none")
+    try:
+        yield
+    finally:
+        leakguard.uninstall()
+
+
+@pytest.fixture
 def hangup_server() -> Iterator[HangUpServer]:
     with HangUpServer() as srv:
         yield srv

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -33,6 +34,34 @@ def require_service(name: str) -> None:
         if REQUIRE_SERVICES:
             pytest.fail(msg + " and LEAKGUARD_REQUIRE_SERVICES=1")
         pytest.skip(msg)
+
+
+@contextlib.contextmanager
+def raised_nofile(want: int) -> Iterator[int]:
+    """RLIMIT_NOFILE's soft limit raised to the hard one for a block (skip if below *want*)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < want:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {want}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        yield hard
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def site_module(tmp_path: Any, name: str, source: str) -> Any:
+    """Import *source* as module *name* from a file: its functions are distinct creation sites."""
+    import importlib.util
+
+    path = tmp_path / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.005) -> Any:

@@ -11,7 +11,6 @@ import gc
 import json
 import os
 import re
-import resource
 import socket
 import struct
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import pytest
 import leakguard
 from leakguard import registry, stacks, watcher
 
-from .helpers import HangUpServer, wait_for
+from .helpers import HangUpServer, raised_nofile, wait_for
 
 STRESS = os.environ.get("LEAKGUARD_STRESS") == "1"
 SHORT_LIVED = 1_000_000 if STRESS else 200_000
@@ -126,15 +125,8 @@ def _make_sites(n: int, tmp_dir: str) -> list[Any]:
 
 @pytest.fixture
 def nofile() -> Iterator[None]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = SITES + 1000
-    if hard != resource.RLIM_INFINITY and hard < want:
-        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {want}")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    try:
+    with raised_nofile(SITES + 1000):
         yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.mark.slow

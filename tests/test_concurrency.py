@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import resource
 import socket
 import struct
 import subprocess
@@ -28,7 +27,7 @@ import pytest
 import leakguard
 from leakguard import registry, watcher
 
-from .helpers import HangUpServer, this_line, wait_for
+from .helpers import HangUpServer, raised_nofile, this_line, wait_for
 
 STRESS = os.environ.get("LEAKGUARD_STRESS") == "1"
 HERE = os.path.abspath(__file__)
@@ -186,25 +185,9 @@ asyncio.run(main())
 
 
 @pytest.fixture
-def installed_quiet() -> Iterator[None]:
-    leakguard.install(integrations="none")
-    try:
-        yield
-    finally:
-        leakguard.uninstall()
-
-
-@pytest.fixture
 def nofile_raised() -> Iterator[int]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = ASYNC_CONNECTIONS + 1000
-    if hard != resource.RLIM_INFINITY and hard < want:
-        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {want}")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    try:
+    with raised_nofile(ASYNC_CONNECTIONS + 1000) as hard:
         yield hard
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.mark.slow

@@ -66,15 +66,6 @@ def inject(mp: pytest.MonkeyPatch, fault: str) -> None:
     mp.setattr(owner, attr, _raise)
 
 
-@pytest.fixture
-def installed_quiet() -> Iterator[None]:
-    leakguard.install(integrations="none")
-    try:
-        yield
-    finally:
-        leakguard.uninstall()
-
-
 def _plain_http_server() -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:

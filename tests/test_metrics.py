@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import threading
 import urllib.request
@@ -17,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 import leakguard  # noqa: E402
 from leakguard import metrics, watcher  # noqa: E402
 
-from .helpers import HangUpServer, this_line, wait_for  # noqa: E402
+from .helpers import HangUpServer, site_module, this_line, wait_for  # noqa: E402
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -80,11 +79,7 @@ class TestEndpoint:
         src = "import socket\n\n" + "".join(
             f"def site{i}(addr):\n    return socket.create_connection(addr)\n\n" for i in range(8)
         )
-        (tmp_path / "sites.py").write_text(src)
-        spec = importlib.util.spec_from_file_location("sites", tmp_path / "sites.py")
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+        mod = site_module(tmp_path, "sites", src)
         leakguard.install(report_interval=0.05, metrics_port=0, integrations="none", top_sites=3, log_format="json")
         kept: list[socket.socket] = []
         try:

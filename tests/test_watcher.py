@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import socket
@@ -21,7 +20,7 @@ from structlog.testing import capture_logs
 import leakguard
 from leakguard import watcher
 
-from .helpers import HangUpServer, ProcessHangUpServer, this_line, wait_for
+from .helpers import HangUpServer, ProcessHangUpServer, site_module, this_line, wait_for
 
 HERE = os.path.basename(__file__)
 
@@ -112,11 +111,7 @@ class TestVolume:
         src = "import socket\n\n" + "".join(
             f"def site{i}(addr, keep):\n    keep.append(socket.create_connection(addr))\n\n" for i in range(50)
         )
-        (tmp_path / "stormy.py").write_text(src)
-        spec = importlib.util.spec_from_file_location("stormy", tmp_path / "stormy.py")
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+        mod = site_module(tmp_path, "stormy", src)
         started = time.monotonic()
         leakguard.install(
             report_interval=0.05, integrations="none", top_sites=10, max_events_per_report=8, max_events_per_minute=30
