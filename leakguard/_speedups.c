@@ -12,6 +12,16 @@
 #include <Python.h>
 #include <frameobject.h>
 #include <time.h>
+#ifdef __linux__
+#include <dirent.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/epoll.h>
+#endif
 
 static PyObject *records;      /* dict: fd -> entry tuple */
 static PyObject *app_files;    /* dict: filename -> bool (stacks._app_files, shared) */
@@ -227,11 +237,253 @@ set_depth(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+
+#ifdef __linux__
+/* tcpi_state values whose addresses no longer change: ESTABLISHED, CLOSE_WAIT, LISTEN */
+#define STABLE(st) ((st) == 1 || (st) == 8 || (st) == 10)
+
+static PyObject *
+kernel_socket(PyTypeObject *kstype, PyObject *key, PyObject *k, PyObject *state, PyObject *obj)
+{
+    /* As tuple.__new__(kernel_socket, ...) builds it: the subclass's allocator. */
+    PyObject *ks = kstype->tp_alloc(kstype, 7);
+    if (ks == NULL)
+        return NULL;
+    PyObject *vals[7] = {key, PyTuple_GET_ITEM(k, 2), PyTuple_GET_ITEM(k, 3), state,
+                         PyTuple_GET_ITEM(k, 0), PyTuple_GET_ITEM(k, 1), obj};
+    for (int i = 0; i < 7; i++) {
+        Py_INCREF(vals[i]);
+        PyTuple_SET_ITEM(ks, i, vals[i]);
+    }
+    return ks;
+}
+
+/* The descriptors epoll reports since the last call: a set, or NULL with an exception set. */
+static PyObject *
+drain(int ep)
+{
+    PyObject *changed = PySet_New(NULL);
+    struct epoll_event evs[256];
+    int got;
+    do {
+        got = epoll_wait(ep, evs, 256, 0);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            Py_XDECREF(changed);
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        for (int i = 0; i < got && changed != NULL; i++) {
+            PyObject *fd = PyLong_FromLong(evs[i].data.fd);
+            if (fd == NULL || PySet_Add(changed, fd) < 0)
+                Py_CLEAR(changed);
+            Py_XDECREF(fd);
+        }
+    } while (changed != NULL && (got == 256 || got < 0));
+    return changed;
+}
+
+/* scan(objects, known, kernel_socket, states, last=None, fds=None, ep=-1) -> (items, slow, n, last)
+ *
+ * kernel.read_sockets' loop over /proc/self/fd (or over the list *fds*; n is
+ * how many descriptors were looked at, the directory's own excluded) for the
+ * common case: a tracked socket object (objects[fd], still holding fd) whose
+ * addresses are known (known[fd] = (local, remote, family, type)) and whose
+ * TCP state is ESTABLISHED, CLOSE_WAIT or LISTEN becomes a kernel_socket tuple
+ * (fd, family, type, states[state], local, remote, obj) here.  Every other
+ * socket descriptor is left to the Python code: its fd goes into items in
+ * place (items stay in descriptor order) and its index into slow.
+ * Descriptors that are not sockets (fstat) are skipped.
+ *
+ * The state comes from getsockopt(TCP_INFO), which makes the kernel fill the
+ * whole tcp_info under the socket lock: most of a scan's cost.  With *last*
+ * (the dict the previous scan returned) and *ep* (an epoll descriptor owned
+ * by the caller) a steady socket costs no syscall at all: each candidate is
+ * registered once, edge-triggered, for EPOLLRDHUP (EPOLLHUP and EPOLLERR
+ * always come along), and keeps last scan's state unless epoll reported it.
+ * Every way out of ESTABLISHED, CLOSE_WAIT or LISTEN raises one of those (a
+ * FIN from the peer, both directions shut, a reset, an error, the close
+ * state), except this process's own shutdown(SHUT_WR) of an ESTABLISHED
+ * socket (FIN_WAIT1/2 until the peer answers).  The returned dict maps each
+ * candidate registered in *ep* to (known tuple, state); the known tuple's
+ * identity ties it to one record, so a socket on a reused descriptor is
+ * registered and asked anew.  A registration ends by itself when its
+ * socket is closed. */
+static PyObject *
+scan(PyObject *self, PyObject *args)
+{
+    PyObject *objects, *known, *kstype, *states, *last = Py_None, *fds = Py_None;
+    int ep = -1;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!|OOi", &PyDict_Type, &objects, &PyDict_Type, &known, &PyType_Type, &kstype,
+                          &PyTuple_Type, &states, &last, &fds, &ep))
+        return NULL;
+    if (!PyType_IsSubtype((PyTypeObject *)kstype, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "scan: kernel_socket must be a tuple subclass");
+        return NULL;
+    }
+    if ((last != Py_None && !PyDict_Check(last)) || (fds != Py_None && !PyList_Check(fds))) {
+        PyErr_SetString(PyExc_TypeError, "scan: last must be a dict or None, fds a list or None");
+        return NULL;
+    }
+    int gated = last != Py_None && ep >= 0;
+    PyObject *changed = gated ? drain(ep) : NULL;
+    if (gated && changed == NULL)
+        return NULL;
+    DIR *dir = NULL;
+    int own = -1;
+    Py_ssize_t next_fd = 0, open_fds = 0;
+    PyObject *items = PyList_New(0), *slow = PyList_New(0), *next = gated ? PyDict_New() : Py_NewRef(Py_None);
+    if (items == NULL || slow == NULL || next == NULL)
+        goto error;
+    if (fds == Py_None) {
+        dir = opendir("/proc/self/fd");
+        if (dir == NULL) {
+            PyErr_SetFromErrnoWithFilename(PyExc_OSError, "/proc/self/fd");
+            goto error;
+        }
+        own = dirfd(dir);
+    }
+    for (;;) {
+        long fd;
+        if (dir == NULL) { /* the caller's list of descriptors */
+            if (next_fd >= PyList_GET_SIZE(fds))
+                break;
+            fd = PyLong_AsLong(PyList_GET_ITEM(fds, next_fd++));
+            if (fd == -1 && PyErr_Occurred())
+                goto error;
+        }
+        else {
+            errno = 0;
+            struct dirent *de = readdir(dir);
+            if (de == NULL) {
+                if (errno != 0) {
+                    PyErr_SetFromErrnoWithFilename(PyExc_OSError, "/proc/self/fd");
+                    goto error;
+                }
+                break;
+            }
+            const char *name = de->d_name;
+            if (name[0] < '0' || name[0] > '9')
+                continue; /* "." and ".." */
+            char *end;
+            fd = strtol(name, &end, 10);
+            if (*end != '\0' || fd == own)
+                continue;
+        }
+        open_fds++;
+        PyObject *key = PyLong_FromLong(fd);
+        if (key == NULL)
+            goto error;
+        PyObject *item = key; /* what goes into items: the fd, or a kernel_socket */
+        PyObject *obj = PyDict_GetItemWithError(objects, key); /* borrowed */
+        PyObject *k = obj != NULL ? PyDict_GetItemWithError(known, key) : NULL;
+        if (PyErr_Occurred())
+            goto error_key;
+        if (k != NULL && PyTuple_Check(k) && PyTuple_GET_SIZE(k) == 4 && PyObject_TypeCheck(obj, raw_socket)) {
+            PyObject *cur = PyObject_CallOneArg(fileno_of, obj);
+            long objfd = cur != NULL ? PyLong_AsLong(cur) : -1;
+            Py_XDECREF(cur);
+            PyErr_Clear(); /* closed meanwhile: the Python path decides */
+            long st = -1;
+            PyObject *memo = NULL;
+            if (objfd == fd && gated) {
+                PyObject *prev = PyDict_GetItemWithError(last, key);
+                int same = prev != NULL && PyTuple_Check(prev) && PyTuple_GET_SIZE(prev) == 2
+                           && PyTuple_GET_ITEM(prev, 0) == k;
+                if (same) {
+                    int hit = PySet_Contains(changed, key);
+                    if (hit < 0)
+                        goto error_key;
+                    long pst = PyLong_AsLong(PyTuple_GET_ITEM(prev, 1));
+                    if (!hit && STABLE(pst)) {
+                        st = pst;
+                        memo = Py_NewRef(prev); /* unchanged: carried over as it is */
+                    }
+                }
+                else if (PyErr_Occurred()) {
+                    goto error_key;
+                }
+                else {
+                    struct epoll_event ev = {.events = EPOLLRDHUP | EPOLLET, .data.fd = (int)fd};
+                    if (epoll_ctl(ep, EPOLL_CTL_ADD, (int)fd, &ev) == 0 || errno == EEXIST)
+                        same = 1; /* registered now: its next change will be reported */
+                }
+                if (st < 0 && same) {
+                    unsigned char b = 0;
+                    socklen_t len = 1;
+                    if (getsockopt((int)fd, IPPROTO_TCP, TCP_INFO, &b, &len) == 0 && len >= 1) {
+                        st = b;
+                        memo = Py_BuildValue("(Ol)", k, st);
+                        if (memo == NULL)
+                            goto error_key;
+                    }
+                }
+                if (memo != NULL) {
+                    int rc = PyDict_SetItem(next, key, memo);
+                    Py_DECREF(memo);
+                    if (rc < 0)
+                        goto error_key;
+                }
+            }
+            else if (objfd == fd) {
+                unsigned char b = 0;
+                socklen_t len = 1;
+                if (getsockopt((int)fd, IPPROTO_TCP, TCP_INFO, &b, &len) == 0 && len >= 1)
+                    st = b;
+            }
+            if (STABLE(st) && st < PyTuple_GET_SIZE(states)) {
+                item = kernel_socket((PyTypeObject *)kstype, key, k, PyTuple_GET_ITEM(states, st), obj);
+                Py_DECREF(key);
+                if (item == NULL)
+                    goto error;
+            }
+        }
+        else if (obj == NULL) {
+            struct stat sb;
+            if (fstat((int)fd, &sb) != 0 || !S_ISSOCK(sb.st_mode)) {
+                Py_DECREF(key);
+                continue; /* a file, pipe, ... or closed meanwhile */
+            }
+        }
+        if (item == key) { /* left to the Python code */
+            PyObject *idx = PyLong_FromSsize_t(PyList_GET_SIZE(items));
+            int rc = idx == NULL ? -1 : PyList_Append(slow, idx);
+            Py_XDECREF(idx);
+            if (rc < 0)
+                goto error_key;
+        }
+        int rc = PyList_Append(items, item);
+        Py_DECREF(item);
+        if (rc < 0)
+            goto error;
+        continue;
+    error_key:
+        Py_DECREF(key);
+        goto error;
+    }
+    if (dir != NULL)
+        closedir(dir);
+    Py_XDECREF(changed);
+    return Py_BuildValue("(NNnN)", items, slow, open_fds, next);
+error:
+    if (dir != NULL)
+        closedir(dir);
+    Py_XDECREF(changed);
+    Py_XDECREF(items);
+    Py_XDECREF(slow);
+    Py_XDECREF(next);
+    return NULL;
+}
+#endif
+
 static PyMethodDef methods[] = {
     {"record", record, METH_O, "Record a new socket outside any scope; False if a scope is active."},
     {"capture", capture, METH_VARARGS, "capture(skip=1, depth=32): stacks.capture, compiled."},
     {"configure", configure, METH_VARARGS, "configure(records, app_files, is_app_file, seq, scope_var, depth, context)"},
     {"set_depth", set_depth, METH_O, "Set the most frames captured per socket."},
+#ifdef __linux__
+    {"scan", scan, METH_VARARGS, "scan(objects, known, kernel_socket, states, last=None, fds=None, ep=-1): kernel.read_sockets' loop, compiled."},
+#endif
     {NULL, NULL, 0, NULL},
 };
 

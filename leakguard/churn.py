@@ -146,7 +146,9 @@ class ChurnTracker:
 
     def before(self) -> tuple[int, list[registry.Record]]:
         """The registry's sequence number and every record, live or not, before the snapshot prunes them."""
-        return registry.mark(), registry.all_records()
+        # observe() looks only at records created since the last tick; on the first, at none
+        last = self._last_seq
+        return registry.mark(), registry.all_records(last) if last is not None else []
 
     def observe(self, snap: Snapshot, pre: tuple[int, list[registry.Record]], now: float | None = None) -> list[ChurnWarning]:
         now = time.monotonic() if now is None else now

@@ -21,7 +21,7 @@ import socket
 import sys
 from typing import Any, NamedTuple
 
-__all__ = ["KernelSocket", "TCP_STATES", "fd_usage", "format_address", "read_sockets"]
+__all__ = ["KernelSocket", "StateCache", "TCP_STATES", "fd_usage", "format_address", "read_sockets"]
 
 #: ``tcpi_state`` values (include/net/tcp_states.h) with the names netstat prints.
 TCP_STATES = {
@@ -70,6 +70,17 @@ class KernelSocket(NamedTuple):
 Known = tuple[str | None, str | None, int, int]
 
 _new_ks = tuple.__new__  # KernelSocket without NamedTuple's Python-level __new__, for the loop below
+#: tcpi_state -> name, as a tuple indexed by state (for the compiled loop).
+_STATE_NAMES = tuple(TCP_STATES.get(i) for i in range(max(TCP_STATES) + 1))
+
+
+def _compiled_scan() -> Any:
+    from . import registry  # its loader honours LEAKGUARD_PURE_PYTHON
+
+    return getattr(registry._speedups, "scan", None) if _IS_LINUX else None
+
+
+_scan = _compiled_scan()
 
 
 def format_address(family: int, addr: Any) -> str | None:
@@ -112,8 +123,8 @@ def _read_one(fd: int, obj: Any, known: Known | None = None) -> KernelSocket | N
             family, kind = _family_of(obj), _type_of(obj)
             state, local, remote = _query(obj, family, kind, known)
             return KernelSocket(fd, family, kind, state, local, remote, obj)
-        except (OSError, ValueError, AttributeError):
-            pass  # closed meanwhile, or not a socket object: ask the raw fd below
+        except (OSError, ValueError, AttributeError, TypeError):
+            pass  # closed meanwhile, or not a _socket.socket (gevent's): ask the raw fd below
     try:
         link = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
@@ -140,8 +151,105 @@ def _list_fds() -> list[int]:
     return [int(n) for n in os.listdir("/proc/self/fd")]
 
 
+class StateCache:
+    """What one scan leaves for the next, so that a steady process costs the watcher little.
+
+    Two savings, on the compiled path only:
+
+    * **No syscall for a steady socket.**  Each tracked socket is registered
+      once in an edge-triggered epoll set for EPOLLRDHUP (EPOLLHUP and
+      EPOLLERR come along), and keeps its last state until epoll reports it
+      (see ``_speedups.scan``).  The one change this cannot see is this
+      process half-closing a socket itself (``shutdown(SHUT_WR)``): such a
+      socket shows as ESTABLISHED rather than FIN_WAIT1/2 until the peer
+      answers.  Every other change, CLOSE_WAIT above all, shows at the next
+      scan.
+    * **No /proc/self/fd listing while nothing untracked changed.**  Listing is
+      the costliest part of a scan, and it is needed only to find the sockets
+      leakguard did not see created.  After a full listing, the next scans ask
+      only the tracked sockets plus the untracked ones found then, as long as
+      the number of open descriptors (``stat("/proc/self/fd")``, Linux 6.2+)
+      minus the tracked sockets is unchanged and every untracked socket is
+      still the same (inode).  Every ``FULL_EVERY``-th scan lists again, which
+      bounds how late a descriptor swap that keeps the counts equal (a file
+      closed and an untracked socket opened) is seen.
+
+    :func:`leakguard.snapshot` never uses one: it is always exact.
+    """
+
+    FULL_EVERY = 10
+
+    __slots__ = ("ep", "memo", "n_other", "others", "scans")
+
+    def __init__(self) -> None:
+        self.ep: Any = None  # select.epoll, opened on first use (close() closes it)
+        self.memo: dict[int, Any] = {}
+        self.others: dict[int, int] | None = None  # untracked socket fd -> inode, from the last full listing
+        self.n_other = -1  # open descriptors other than tracked socket objects, at the last full listing
+        self.scans = 0  # scans since the last full listing
+
+    def epoll_fd(self) -> int:
+        """The epoll descriptor of the registrations, -1 if none can be had."""
+        if self.ep is None:
+            try:
+                import select
+
+                self.ep = select.epoll()  # close-on-exec
+            except (ImportError, AttributeError, OSError):
+                return -1
+        return int(self.ep.fileno())
+
+    def close(self) -> None:
+        """Close the epoll descriptor (the registrations go with it)."""
+        ep, self.ep = self.ep, None
+        self.memo = {}
+        if ep is not None:
+            ep.close()
+
+    def light(self, objects: dict[int, Any]) -> tuple[list[int], int] | None:
+        """(descriptors to ask, open descriptors) when a full listing can be skipped, else None."""
+        others = self.others
+        if others is None or self.scans >= self.FULL_EVERY:
+            return None
+        count = _fd_count()
+        if count is None or count - len(objects) != self.n_other:
+            return None
+        fstat = os.fstat
+        try:
+            for fd, ino in others.items():
+                if fstat(fd).st_ino != ino:
+                    return None
+        except OSError:
+            return None
+        self.scans += 1
+        return sorted(objects.keys() | others.keys()), count
+
+    def listed(self, socks: list[KernelSocket], objects: dict[int, Any], open_fds: int) -> None:
+        """Remember a full listing's untracked sockets and descriptor count."""
+        others: dict[int, int] = {}
+        fstat = os.fstat
+        for ks in socks:
+            fd = ks[0]
+            if fd is not None and fd not in objects:
+                try:
+                    others[fd] = fstat(fd).st_ino
+                except OSError:
+                    self.others = None  # closed meanwhile: list again next time
+                    return
+        self.others, self.n_other, self.scans = others, open_fds - len(objects), 0
+
+
+def _fd_count() -> int | None:
+    """Open descriptors from ``stat("/proc/self/fd")`` (Linux 6.2+ gives the count as its size), else None."""
+    try:
+        n = os.stat("/proc/self/fd").st_size
+    except OSError:
+        return None
+    return n if n > 0 else None
+
+
 def read_sockets(
-    objects: dict[int, Any], known: dict[int, Known] | None = None
+    objects: dict[int, Any], known: dict[int, Known] | None = None, cache: StateCache | None = None
 ) -> tuple[list[KernelSocket], int | None]:
     """Every socket descriptor of this process with its kernel state, and the number of open descriptors.
 
@@ -149,9 +257,39 @@ def read_sockets(
     them; they are queried directly (no readlink needed).  *known* maps
     descriptors to (local, remote, family, type) seen earlier: once a TCP socket
     is ESTABLISHED, CLOSE_WAIT or LISTEN these are fixed, so only its state is
-    asked again.
+    asked again.  With *cache* (compiled path only), steady sockets cost no
+    syscall and the listing is mostly skipped (see :class:`StateCache`).
     """
     known = known or {}
+    if _scan is not None:
+        try:
+            light = cache.light(objects) if cache is not None else None
+            items, slow, open_fds, memo = _scan(
+                objects,
+                known,
+                KernelSocket,
+                _STATE_NAMES,
+                cache.memo if cache is not None else None,
+                light[0] if light is not None else None,
+                cache.epoll_fd() if cache is not None else -1,
+            )
+            if slow:
+                get, kget = objects.get, known.get
+                for i in slow:
+                    fd = items[i]
+                    obj = get(fd)
+                    items[i] = _read_one(fd, obj, kget(fd) if obj is not None else None)
+                items = [ks for ks in items if ks is not None]
+        except Exception:  # /proc unreadable or odd: the Python path below decides what to fall back to
+            pass
+        else:
+            if cache is not None:
+                cache.memo = memo if memo is not None else {}
+                if light is None:
+                    cache.listed(items, objects, open_fds)
+                else:
+                    open_fds = light[1]
+            return items, open_fds
     if _IS_LINUX and os.path.isdir("/proc/self/fd"):
         try:
             fds = _list_fds()

@@ -34,7 +34,7 @@ __all__ = [
     "adopt",
     "all_records",
     "live_between",
-    "live_holders",
+    "live_sockets",
     "mark",
     "pop_scope",
     "push_scope",
@@ -380,18 +380,32 @@ def live() -> dict[int, Record]:
     return out
 
 
-def live_holders() -> tuple[dict[int, Record], dict[int, Any]]:
-    """Like :func:`live`, plus the live object holding each descriptor (for the kernel reader)."""
+def live_sockets(
+    sock_type: type,
+) -> tuple[dict[int, Record], dict[int, Any], dict[int, tuple[str | None, str | None, int, int]]]:
+    """For the kernel reader, in one pass: the live records by fd (as :func:`live`),
+    the live *sock_type* objects holding their descriptors, and the settled
+    addresses (``Record.addrs``) known for those."""
     records: dict[int, Record] = {}
-    holders: dict[int, Any] = {}
+    objects: dict[int, Any] = {}
+    known: dict[int, tuple[str | None, str | None, int, int]] = {}
+    views = _views.get
+    holder = _holder
     for fd, entry in list(_records.items()):
-        obj = _holder(fd, entry[0])
+        obj = holder(fd, entry[0])
         if obj is None:
             _drop(fd, entry)
             continue
-        records[fd] = _view(fd, entry)
-        holders[fd] = obj
-    return records, holders
+        view = views(fd)
+        if view is None or view.entry is not entry:
+            view = _view(fd, entry)
+        records[fd] = view
+        if isinstance(obj, sock_type):
+            objects[fd] = obj
+            addrs = view.addrs
+            if addrs is not None:
+                known[fd] = addrs
+    return records, objects, known
 
 
 def entry(fd: int) -> Entry | None:
@@ -421,9 +435,12 @@ def live_between(after: int, before: int | None = None, exclude: Any = ()) -> li
     ]
 
 
-def all_records() -> list[Record]:
-    """Every record still in the table, stale ones included (for churn accounting)."""
-    return [_view(fd, entry) for fd, entry in list(_records.items())]
+def all_records(after: int = 0) -> list[Record]:
+    """Every record still in the table with ``seq > after``, stale ones included (for churn accounting).
+
+    Older entries cost one comparison each: no view is built for them.
+    """
+    return [_view(fd, entry) for fd, entry in list(_records.items()) if entry[2] > after]
 
 
 def prune() -> int:

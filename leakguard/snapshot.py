@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from operator import itemgetter as _itemgetter
 import os
 import socket
@@ -22,7 +21,6 @@ _FAMILY_TYPES = {
 }
 
 
-@functools.lru_cache(maxsize=64)
 def _family_name(family: int) -> str:
     try:
         return socket.AddressFamily(family).name
@@ -30,7 +28,6 @@ def _family_name(family: int) -> str:
         return str(family)
 
 
-@functools.lru_cache(maxsize=256)
 def _type_name(family: int, kind: int) -> str:
     if family in (socket.AF_INET, socket.AF_INET6):
         if kind == socket.SOCK_STREAM:
@@ -46,6 +43,10 @@ def _type_name(family: int, kind: int) -> str:
         return socket.SocketKind(kind).name.lower().removeprefix("sock_")
     except ValueError:
         return str(kind)
+
+
+#: (family, type) -> (family name, type name), filled as they are met (a handful per process).
+_NAMES: dict[tuple[int, int], tuple[str, str]] = {}
 
 
 def _age(seconds: float) -> str:
@@ -211,41 +212,35 @@ def _leak_reason(info: SocketInfo, rec: registry.Record | None) -> str:
 _new = tuple.__new__  # SocketInfo without its Python-level __new__, in the loop below
 
 
-def _info(ks: kernel.KernelSocket, rec: registry.Record | None, now: float) -> SocketInfo:
-    fam, kind = _family_name(ks[1]), _type_name(ks[1], ks[2])
-    if rec is None:
-        return _new(SocketInfo, (ks[0], fam, kind, ks[3], ks[4], ks[5], None, "unknown", None, None))
-    return _new(
-        SocketInfo, (ks[0], fam, kind, ks[3], ks[4], ks[5], now - rec.created, rec.origin, rec.target, rec)
-    )
+def take(cache: kernel.StateCache | None = None) -> Snapshot:
+    """Read the kernel's view of this process's sockets now and join the records.
 
-
-def take() -> Snapshot:
-    """Read the kernel's view of this process's sockets now and join the records."""
-    records, holders = registry.live_holders()
-    objects: dict[int, Any] = {}
-    known: dict[int, tuple[str | None, str | None, int, int]] = {}
-    sock_type = socket.socket
-    for fd, obj in holders.items():
-        if isinstance(obj, sock_type):
-            objects[fd] = obj
-            addrs = records[fd].addrs
-            if addrs is not None:
-                known[fd] = addrs
-    kernel_socks, open_fds = kernel.read_sockets(objects, known)
+    *cache*: the watcher's :class:`kernel.StateCache` (cheaper repeated scans).
+    """
+    records, objects, known = registry.live_sockets(socket.socket)
+    kernel_socks, open_fds = kernel.read_sockets(objects, known, cache)
     now = time.monotonic()
     sockets: list[SocketInfo] = []
     leaks: list[SocketInfo] = []
     counts: dict[str, int] = {}
-    get, add, info_of = records.get, sockets.append, _info
-    for ks in kernel_socks:  # indexes, not names: this loop runs once per socket of the process
-        kfd, state = ks[0], ks[3]
+    get, add, names, info_cls = records.get, sockets.append, _NAMES, SocketInfo
+    # Indexes, not names, and nothing called that need not be: this loop runs once per socket of the process.
+    for ks in kernel_socks:
+        kfd, fam, kind, state = ks[0], ks[1], ks[2], ks[3]
+        name = names.get((fam, kind))
+        if name is None:
+            name = names[(fam, kind)] = (_family_name(fam), _type_name(fam, kind))
         rec = get(kfd) if kfd is not None else None
-        if rec is not None and rec.addrs is None and ks[6] is not None and state in _STABLE:
-            rec.addrs = (ks[4], ks[5], ks[1], ks[2])
-        info = info_of(ks, rec, now)
+        if rec is None:
+            info = _new(info_cls, (kfd, name[0], name[1], state, ks[4], ks[5], None, "unknown", None, None))
+        else:
+            if rec.addrs is None and ks[6] is not None and state in _STABLE:
+                rec.addrs = (ks[4], ks[5], fam, kind)
+            info = _new(
+                info_cls, (kfd, name[0], name[1], state, ks[4], ks[5], now - rec.created, rec.origin, rec.target, rec)
+            )
         add(info)
-        if state and info[2] == "tcp":
+        if state and name[1] == "tcp":
             counts[state] = counts.get(state, 0) + 1
             if state == "CLOSE_WAIT":
                 leaks.append(info)

@@ -38,7 +38,7 @@ import time
 from typing import Any
 
 from . import churn as _churn
-from . import report
+from . import kernel, report
 from .snapshot import Snapshot, take as take_snapshot
 
 __all__ = ["Watcher", "after_fork", "configure", "current", "dump", "inherited_fds", "stop"]
@@ -67,6 +67,7 @@ class Watcher:
         self.ticks = 0  # completed ticks (tests and benchmarks wait on this)
         self.dumps = 0
         self.pid = os.getpid()
+        self._cache = kernel.StateCache()  # steady sockets cost no syscall of their own per tick
         self._wake = threading.Event()
         self._stopping = False
         self._dump_requested = False
@@ -80,6 +81,8 @@ class Watcher:
         self._wake.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._cache.close()  # else the thread closes it as it ends
 
     @property
     def alive(self) -> bool:
@@ -105,7 +108,7 @@ class Watcher:
     def _tick(self) -> None:
         churn = self.churn
         pre = churn.before() if churn is not None else None
-        snap = take_snapshot()
+        snap = take_snapshot(self._cache)
         inherited = inherited_fds(snap)
         warnings = churn.observe(snap, pre) if churn is not None and pre is not None else []
         self.reporter.report(snap, inherited, warnings)
@@ -124,6 +127,12 @@ class Watcher:
             self.dumps += 1
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._cache.close()
+
+    def _loop(self) -> None:
         interval = self.interval
         due = time.monotonic() + interval if interval is not None else None
         while True:
@@ -231,7 +240,9 @@ def after_fork(state: Any) -> None:
     global _inherited
     _after_fork_in_child()
     _inherited = _scan_sockets()
-    state.watcher = None  # the parent's thread does not exist in the child
+    old, state.watcher = state.watcher, None  # the parent's thread does not exist in the child
+    if isinstance(old, Watcher):
+        old._cache.close()  # the parent's epoll set, shared with it: this copy is dropped, never used
     metrics = sys.modules.get("leakguard.metrics")
     if metrics is not None:
         metrics.after_fork()
