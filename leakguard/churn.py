@@ -158,9 +158,9 @@ class ChurnTracker:
         current: dict[int, tuple[SiteKey, str | None, registry.Record]] = {}
         known, keys = self._keys, {}
         peers = self._peers
-        for info in snap.sockets:
-            rec = info.record
-            if rec is None or info.state != "ESTABLISHED" or info.type != "tcp":
+        for info in snap.sockets:  # SocketInfo by index: this loop runs once per socket every tick
+            rec = info[9]
+            if rec is None or info[3] != "ESTABLISHED" or info[2] != "tcp":
                 continue
             seq = rec.seq
             kc = known.get(seq)  # one stack walk per record, not per tick
@@ -168,7 +168,7 @@ class ChurnTracker:
                 kc = _site_key(rec.frames)
             keys[seq] = kc
             if kc[1]:
-                remote = info.remote
+                remote = info[5]
                 current[seq] = (kc[0], remote, rec)
                 if remote and peers.get(kc[0]) != remote:
                     self._learn(kc[0], remote, rec.origin)

@@ -359,10 +359,10 @@ class Reporter:
             self._tokens -= len(kept)
 
         tracked = n_inherited = 0
-        for s in snap.sockets:
-            if s.record is not None:
+        for s in snap.sockets:  # s[9]: the record, s[0]: the fd (SocketInfo by index, once per socket)
+            if s[9] is not None:
                 tracked += 1
-            elif inherited and s.fd in inherited:
+            elif inherited and s[0] in inherited:
                 n_inherited += 1
         summary: dict[str, Any] = {
             "pid": snap.pid,
