@@ -2,10 +2,12 @@
 
 ``socket.create_connection``, ``socketpair``, ``fromfd``, ``accept()``,
 ``ssl.SSLContext.wrap_socket`` and asyncio's transports all construct a
-``socket.socket`` (or subclass), so one hook records them all.  It is a plain
-function rather than a wrapt proxy because it runs for every socket: a wrapt
-bound wrapper alone costs about the whole budget (see MEASURED.md).  Nothing is
-hooked on ``close()``; see :mod:`leakguard.registry`.
+``socket.socket`` (or subclass), so one hook records them all.  It is not a
+wrapt proxy because it runs for every socket: a wrapt bound wrapper alone costs
+about the whole budget (see MEASURED.md).  With the compiled extension built,
+the hook is a C method descriptor (``_speedups.make_init``): no Python frame of
+its own per socket; otherwise the plain function below does the same.  Nothing
+is hooked on ``close()``; see :mod:`leakguard.registry`.
 """
 
 from __future__ import annotations
@@ -43,9 +45,40 @@ _hook = __init__
 del __init__
 
 
+def _slow(sock: Any, inherit: bool) -> None:
+    """What the compiled hook calls when the fast path does not apply (looked up at call time)."""
+    record_socket(sock, inherit)
+
+
+def _compiled_hook() -> Any:
+    """The same hook as a C method descriptor (no Python frame per socket), or None in pure Python."""
+    sp = registry._speedups
+    if _fast is None or sp is None or not hasattr(sp, "make_init"):
+        return None
+    try:
+        return sp.make_init(
+            _socket_class, _original_init, None if _fast is registry.fast_record else _fast, _slow, _errors
+        )
+    except Exception:  # a stale build: the Python hook does the same
+        return None
+
+
+_installed: list[Any] = [None, None]  # the hook instrument() set last, and the _fast it was built with
+
+
 def instrument() -> None:
-    if vars(_socket_class).get("__init__") is not _hook:
-        _patches.set(_socket_class, "__init__", _hook)
+    """Put the hook on ``socket.socket.__init__``: the compiled one when it is built and the
+    compiled record is in use (``_fast``), else the Python one.  Called again after ``_fast``
+    changed (tests switch paths that way), it swaps one for the other."""
+    current = vars(_socket_class).get("__init__")
+    ours = current is not None and current is _installed[0]
+    if ours and _installed[1] is _fast:
+        return
+    if ours:
+        _patches.undo()
+    hook = _compiled_hook() or _hook
+    _installed[:] = [hook, _fast]
+    _patches.set(_socket_class, "__init__", hook)
 
 
 def uninstrument() -> None:

@@ -129,8 +129,9 @@ error:
     return NULL;
 }
 
+/* record() for a socket created *skip* Python frames below the current one. */
 static PyObject *
-record(PyObject *self, PyObject *sock)
+record_impl(PyObject *sock, int skip)
 {
     PyObject *sc = NULL;
     if (PyContextVar_Get(scope_var, Py_None, &sc) < 0)
@@ -163,7 +164,7 @@ record(PyObject *self, PyObject *sock)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     PyObject *created = PyFloat_FromDouble((double)ts.tv_sec + (double)ts.tv_nsec * 1e-9);
     PyObject *n = PyIter_Next(seq);
-    PyObject *frames = capture_from(1, depth);  /* skip the hook's own __init__ frame */
+    PyObject *frames = capture_from(skip, depth);
     PyObject *key = PyLong_FromLong(fd);
     if (created == NULL || n == NULL || frames == NULL || key == NULL) {
         Py_DECREF(ref);
@@ -190,6 +191,108 @@ record(PyObject *self, PyObject *sock)
     if (rc < 0)
         return NULL;
     Py_RETURN_TRUE;
+}
+
+static PyObject *
+record(PyObject *self, PyObject *sock)
+{
+    return record_impl(sock, 1); /* called from the Python hook: skip its frame */
+}
+
+/* The compiled socket.socket.__init__ (see _sockets.py, whose Python hook it replaces when
+ * this module is built): the original __init__, then the record, with no Python frame of
+ * its own.  Recording failures are contained (counted in errors[0]); the original's own
+ * exceptions, and BaseExceptions such as KeyboardInterrupt, pass through unchanged. */
+static PyObject *hook_orig;   /* the original socket.socket.__init__ */
+static PyObject *hook_fast;   /* None: record_impl directly; else a callable standing in for record() */
+static PyObject *hook_slow;   /* _sockets._slow(sock, inherit): registry.record_socket */
+static PyObject *hook_errors; /* registry._errors, a one-item list */
+
+static int
+hook_count_error(void)
+{
+    if (!PyErr_ExceptionMatches(PyExc_Exception))
+        return -1; /* KeyboardInterrupt, SystemExit: not ours to swallow */
+    PyErr_Clear();
+    if (hook_errors != NULL && PyList_Check(hook_errors) && PyList_GET_SIZE(hook_errors) > 0) {
+        long v = PyLong_AsLong(PyList_GET_ITEM(hook_errors, 0));
+        PyObject *n = v == -1 && PyErr_Occurred() ? NULL : PyLong_FromLong(v + 1);
+        if (n == NULL)
+            PyErr_Clear();
+        else
+            PyList_SetItem(hook_errors, 0, n);
+    }
+    return 0;
+}
+
+static PyObject *
+hooked_init(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
+    PyObject *small[8];
+    PyObject **stack = small;
+    if (nargs + nkw + 1 > 8) {
+        stack = PyMem_Malloc(sizeof(PyObject *) * (size_t)(nargs + nkw + 1));
+        if (stack == NULL)
+            return PyErr_NoMemory();
+    }
+    stack[0] = self;
+    for (Py_ssize_t i = 0; i < nargs + nkw; i++)
+        stack[i + 1] = args[i];
+    PyObject *r = PyObject_Vectorcall(hook_orig, stack, (size_t)(nargs + 1), kwnames);
+    if (stack != small)
+        PyMem_Free(stack);
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    PyObject *fileno = nargs >= 4 ? args[3] : NULL;
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, i), "fileno") == 0)
+            fileno = args[nargs + i];
+    }
+    int inherit = fileno != NULL && fileno != Py_None;
+    PyObject *done = NULL;
+    if (!inherit) {
+        done = hook_fast == Py_None ? record_impl(self, 0) : PyObject_CallOneArg(hook_fast, self);
+        if (done == NULL)
+            return hook_count_error() < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    if (done == NULL || !PyObject_IsTrue(done)) { /* built on a descriptor, or inside an integration scope */
+        PyObject *rr = PyObject_CallFunctionObjArgs(hook_slow, self, inherit ? Py_True : Py_False, NULL);
+        if (rr == NULL && hook_count_error() < 0) {
+            Py_XDECREF(done);
+            return NULL;
+        }
+        Py_XDECREF(rr);
+    }
+    Py_XDECREF(done);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef hooked_init_def = {
+    "__init__",
+    (PyCFunction)(void (*)(void))hooked_init,
+    METH_FASTCALL | METH_KEYWORDS,
+    "__init__($self, /, family=-1, type=-1, proto=-1, fileno=None)\n--\n\n"
+    "socket.socket.__init__, with leakguard recording the new socket.",
+};
+
+/* make_init(cls, orig, fast, slow, errors) -> the method descriptor to set as cls.__init__ */
+static PyObject *
+make_init(PyObject *self, PyObject *args)
+{
+    PyObject *cls, *orig, *fast, *slow, *errors;
+    if (!PyArg_ParseTuple(args, "O!OOOO!", &PyType_Type, &cls, &orig, &fast, &slow, &PyList_Type, &errors))
+        return NULL;
+    if (records == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "leakguard._speedups is not configured");
+        return NULL;
+    }
+    Py_XSETREF(hook_orig, Py_NewRef(orig));
+    Py_XSETREF(hook_fast, Py_NewRef(fast));
+    Py_XSETREF(hook_slow, Py_NewRef(slow));
+    Py_XSETREF(hook_errors, Py_NewRef(errors));
+    return PyDescr_NewMethod((PyTypeObject *)cls, &hooked_init_def);
 }
 
 static PyObject *
@@ -478,6 +581,7 @@ error:
 
 static PyMethodDef methods[] = {
     {"record", record, METH_O, "Record a new socket outside any scope; False if a scope is active."},
+    {"make_init", make_init, METH_VARARGS, "make_init(cls, orig, fast, slow, errors): the compiled cls.__init__ hook."},
     {"capture", capture, METH_VARARGS, "capture(skip=1, depth=32): stacks.capture, compiled."},
     {"configure", configure, METH_VARARGS, "configure(records, app_files, is_app_file, seq, scope_var, depth, context)"},
     {"set_depth", set_depth, METH_O, "Set the most frames captured per socket."},

@@ -36,8 +36,12 @@ def hot_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 
     if request.param == "python":
         monkeypatch.setattr(_sockets, "_fast", None)
+        _sockets.instrument()  # swaps the compiled __init__ hook for the Python one
+        assert vars(socket.socket)["__init__"] is _sockets._hook
     elif _sockets._fast is None:
         pytest.skip("the compiled hot path is not built here (pure-Python install)")
+    else:
+        assert vars(socket.socket)["__init__"] is not _sockets._hook  # the C method descriptor
     return str(request.param)
 
 

@@ -64,6 +64,7 @@ def inject(mp: pytest.MonkeyPatch, fault: str) -> None:
     if fault != "fast_record":
         mp.setattr(_sockets, "_fast", None)
     mp.setattr(owner, attr, _raise)
+    _sockets.instrument()  # the hook matching _fast: compiled (calling _raise as its record) or Python
 
 
 def _plain_http_server() -> ThreadingHTTPServer:
@@ -118,6 +119,7 @@ class TestContainment:
                 sock.close()
         assert registry.stats()["hook_errors"] > errors
         monkeypatch.undo()
+        _sockets.instrument()  # the compiled hook is built around its record function: rebuilt without the fault
         # the hook still works once the fault is gone
         with socket.socket() as s2:
             assert registry.get(s2.fileno()) is not None
