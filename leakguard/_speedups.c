@@ -12,6 +12,19 @@
 #include <Python.h>
 #include <frameobject.h>
 #include <time.h>
+
+/* CPython 3.11-3.13 keep frames as _PyInterpreterFrame structs and build a frame
+ * object for one only when asked (PyEval_GetFrame, PyFrame_GetBack): building and
+ * freeing those objects was a large share of a socket's recording cost.  On these
+ * versions the walk reads the interpreter frames themselves, through the
+ * internal header each version ships; elsewhere (3.10, newer versions) it uses
+ * the public frame-object API. */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030E0000 && !defined(LEAKGUARD_PUBLIC_FRAMES)
+#define LG_IFRAMES 1
+#define Py_BUILD_CORE 1
+#include "internal/pycore_frame.h"
+#undef Py_BUILD_CORE
+#endif
 #ifdef __linux__
 #include <dirent.h>
 #include <errno.h>
@@ -43,9 +56,66 @@ lasti_of(PyFrameObject *f)
 #endif
 }
 
+/* A direct-mapped cache in front of app_files, keyed by the code object's address:
+ * the answer for the frames of a hot call site costs a compare, not a dict probe.
+ * Each slot holds a reference to its code object, so an address is never reused
+ * while cached.  clear_app_cache() empties it when the answers may change
+ * (stacks.mark_application). */
+#define APP_SLOTS 512
+static struct {
+    PyObject *code;
+    int app;
+} app_cache[APP_SLOTS];
+
+static int app_by_filename(PyObject *code);
+
 /* 1 = application code, 0 = not, -1 = error */
-static int
+static inline int
 app(PyObject *code)
+{
+    uintptr_t a = (uintptr_t)code;
+    size_t h = (size_t)((a >> 4) ^ (a >> 13)) & (APP_SLOTS - 1);
+    if (app_cache[h].code == code)
+        return app_cache[h].app;
+    int r = app_by_filename(code);
+    if (r >= 0) {
+        PyObject *old = app_cache[h].code;
+        app_cache[h].code = Py_NewRef(code);
+        app_cache[h].app = r;
+        Py_XDECREF(old);
+    }
+    return r;
+}
+
+static PyObject *
+clear_app_cache(PyObject *self, PyObject *unused)
+{
+    for (size_t i = 0; i < APP_SLOTS; i++) {
+        PyObject *old = app_cache[i].code;
+        app_cache[i].code = NULL;
+        Py_XDECREF(old);
+    }
+    Py_RETURN_NONE;
+}
+
+/* Byte offsets as ints, made once: most are above the small-int cache. */
+#define OFFSETS 4096
+static PyObject *offsets[OFFSETS]; /* offsets[i] = i * 2 */
+
+static inline PyObject *
+offset_obj(long off)
+{
+    if (off >= 0 && off < 2 * OFFSETS && (off & 1) == 0) {
+        PyObject *o = offsets[off >> 1];
+        if (o == NULL)
+            o = offsets[off >> 1] = PyLong_FromLong(off);
+        return Py_XNewRef(o);
+    }
+    return PyLong_FromLong(off);
+}
+
+static int
+app_by_filename(PyObject *code)
 {
     /* By filename: a str caches its hash, a code object recomputes it every time. */
     PyObject *filename = ((PyCodeObject *)code)->co_filename;
@@ -62,10 +132,116 @@ app(PyObject *code)
     return out;
 }
 
+/* The descriptor of a _socket.socket: PySocketSockObject starts with its SOCKET_T
+ * (Modules/socketmodule.h, unchanged since Python 2), an int on POSIX. */
+typedef struct {
+    PyObject_HEAD
+    int sock_fd;
+} raw_socket_head;
+
+static inline long
+sock_fd(PyObject *sock)
+{
+#ifdef _WIN32
+    PyObject *fdobj = PyObject_CallOneArg(fileno_of, sock);
+    if (fdobj == NULL)
+        return -1;
+    long fd = PyLong_AsLong(fdobj);
+    Py_DECREF(fdobj);
+    return fd;
+#else
+    return ((raw_socket_head *)sock)->sock_fd;
+#endif
+}
+
 #define MAX_DEPTH 1024  /* stack_depth's upper bound (leakguard._config) */
 
 /* The stack from the current Python frame's skip-th caller: see stacks.capture.
  * Items go to a buffer on the C stack and straight into the tuple: no list to grow. */
+#ifdef LG_IFRAMES
+static inline _PyInterpreterFrame *
+complete(_PyInterpreterFrame *f)
+{
+    while (f != NULL && _PyFrame_IsIncomplete(f))
+        f = f->previous;
+    return f;
+}
+
+static inline PyObject *
+iframe_code(_PyInterpreterFrame *f)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return f->f_executable;
+#else
+    return (PyObject *)f->f_code;
+#endif
+}
+
+/* The same capture as below without a frame object: (code, byte offset) pairs read
+ * from the interpreter frames.  The offsets equal PyFrame_GetLasti's. */
+static PyObject *
+capture_from(int skip, int left)
+{
+    PyObject *small[128];
+    PyObject **buf = small;
+    Py_ssize_t n = 0;
+    if (left > MAX_DEPTH)
+        left = MAX_DEPTH;
+    if (2 * left > 128) {
+        buf = PyMem_Malloc(sizeof(PyObject *) * 2 * (size_t)left);
+        if (buf == NULL)
+            return PyErr_NoMemory();
+    }
+    PyThreadState *ts = PyThreadState_Get();
+#if PY_VERSION_HEX >= 0x030D0000
+    _PyInterpreterFrame *f = complete(ts->current_frame);
+#else
+    _PyInterpreterFrame *f = complete(ts->cframe->current_frame);
+#endif
+    while (f != NULL && skip-- > 0)
+        f = complete(f->previous);
+    int extra = -1;
+    while (f != NULL && left > 0 && extra != 0) {
+        PyObject *code = iframe_code(f);
+        if (!PyCode_Check(code)) {
+            f = complete(f->previous);
+            continue;
+        }
+        int lasti = _PyInterpreterFrame_LASTI(f);
+        PyObject *off = offset_obj(lasti < 0 ? -1 : lasti * (long)sizeof(_Py_CODEUNIT));
+        if (off == NULL)
+            goto error;
+        buf[n++] = Py_NewRef(code);
+        buf[n++] = off;
+        left--;
+        if (extra < 0) {
+            int a = app(code); /* may run Python code: frames above this one stay put */
+            if (a < 0)
+                goto error;
+            if (a)
+                extra = context;
+        }
+        else {
+            extra--;
+        }
+        f = complete(f->previous);
+    }
+    PyObject *t = PyTuple_New(n);
+    if (t == NULL)
+        goto error;
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyTuple_SET_ITEM(t, i, buf[i]); /* steals */
+    if (buf != small)
+        PyMem_Free(buf);
+    return t;
+error:
+    for (Py_ssize_t i = 0; i < n; i++)
+        Py_DECREF(buf[i]);
+    if (buf != small)
+        PyMem_Free(buf);
+    return NULL;
+}
+#else
 static PyObject *
 capture_from(int skip, int left)
 {
@@ -89,7 +265,7 @@ capture_from(int skip, int left)
     int extra = -1;
     while (f != NULL && left > 0 && extra != 0) {
         PyObject *code = (PyObject *)PyFrame_GetCode(f);  /* new reference, kept by buf */
-        PyObject *lasti = PyLong_FromLong(lasti_of(f));
+        PyObject *lasti = offset_obj(lasti_of(f));
         buf[n++] = code;
         if (lasti == NULL)
             goto error;
@@ -128,6 +304,7 @@ error:
         PyMem_Free(buf);
     return NULL;
 }
+#endif
 
 /* record() for a socket created *skip* Python frames below the current one. */
 static PyObject *
@@ -142,11 +319,7 @@ record_impl(PyObject *sock, int skip)
         Py_RETURN_FALSE;
     long fd;
     if (PyObject_TypeCheck(sock, raw_socket)) {
-        PyObject *fdobj = PyObject_CallOneArg(fileno_of, sock);
-        if (fdobj == NULL)
-            return NULL;
-        fd = PyLong_AsLong(fdobj);
-        Py_DECREF(fdobj);
+        fd = sock_fd(sock);
         if (fd == -1 && PyErr_Occurred())
             return NULL;
     }
@@ -483,10 +656,8 @@ scan(PyObject *self, PyObject *args)
         if (PyErr_Occurred())
             goto error_key;
         if (k != NULL && PyTuple_Check(k) && PyTuple_GET_SIZE(k) == 4 && PyObject_TypeCheck(obj, raw_socket)) {
-            PyObject *cur = PyObject_CallOneArg(fileno_of, obj);
-            long objfd = cur != NULL ? PyLong_AsLong(cur) : -1;
-            Py_XDECREF(cur);
-            PyErr_Clear(); /* closed meanwhile: the Python path decides */
+            long objfd = sock_fd(obj);
+            PyErr_Clear(); /* closed meanwhile (-1): the Python path decides */
             long st = -1;
             PyObject *memo = NULL;
             if (objfd == fd && gated) {
@@ -581,6 +752,7 @@ error:
 
 static PyMethodDef methods[] = {
     {"record", record, METH_O, "Record a new socket outside any scope; False if a scope is active."},
+    {"clear_app_cache", clear_app_cache, METH_NOARGS, "Forget the cached application-code answers."},
     {"make_init", make_init, METH_VARARGS, "make_init(cls, orig, fast, slow, errors): the compiled cls.__init__ hook."},
     {"capture", capture, METH_VARARGS, "capture(skip=1, depth=32): stacks.capture, compiled."},
     {"configure", configure, METH_VARARGS, "configure(records, app_files, is_app_file, seq, scope_var, depth, context)"},

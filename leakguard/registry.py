@@ -196,6 +196,8 @@ def _load_speedups() -> Any:
         return None
     # Integrations capture the application's stack at their entry points: same walk, compiled.
     stacks.capture = capture
+    if hasattr(_speedups, "clear_app_cache"):
+        stacks.on_app_change.append(_speedups.clear_app_cache)
     return _speedups
 
 

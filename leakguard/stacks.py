@@ -18,6 +18,7 @@ import site
 import sys
 import sysconfig
 from types import CodeType, FrameType
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 __all__ = [
@@ -92,6 +93,12 @@ def mark_application(filename: str) -> None:
     """
     _FORCED_APP.add(filename)
     _app_files.clear()
+    for forget in on_app_change:
+        forget()
+
+
+#: Called when the answers of :func:`is_app_file` may change (the compiled walker's cache).
+on_app_change: list[Callable[[], object]] = []
 
 
 # Keyed by filename, not code object: a str caches its hash, a code object
