@@ -11,6 +11,7 @@ import gc
 import os
 import resource
 import socket
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -29,33 +30,43 @@ def _best(fn: Callable[[], float], rounds: int) -> float:
     return min(fn() for _ in range(rounds))
 
 
-def _interleaved(op: Callable[[int], None], n: int, rounds: int) -> tuple[float, float]:
-    """(plain, installed) seconds per operation, best of *rounds*, interleaved."""
+def _interleaved(op: Callable[[int], None], n: int, rounds: int) -> tuple[float, float, float]:
+    """(plain, installed) seconds per operation, best of *rounds*, and the median ratio of paired rounds.
+
+    Rounds alternate ABBA (plain first, then installed first, ...) so that neither side always
+    runs on a warmer cache.  The best round of each side is what a quiet machine gives; the
+    median of each pair's ratio (a plain and an installed round run back to back) cancels the
+    machine's drift over the run, which the two bests do not.
+    """
     plain = installed = float("inf")
-    for _ in range(rounds):
-        for mode in ("plain", "installed"):
+    ratios: list[float] = []
+    for r in range(rounds):
+        got: dict[str, float] = {}
+        for mode in ("plain", "installed") if r % 2 == 0 else ("installed", "plain"):
             if mode == "installed":
                 leakguard.install(integrations="none")
             gc.collect()
             t = time.perf_counter()
             op(n)
-            dt = (time.perf_counter() - t) / n
+            got[mode] = (time.perf_counter() - t) / n
             if mode == "installed":
                 leakguard.uninstall()
-                installed = min(installed, dt)
-            else:
-                plain = min(plain, dt)
-    return plain, installed
+        plain, installed = min(plain, got["plain"]), min(installed, got["installed"])
+        ratios.append(got["installed"] / got["plain"])
+    return plain, installed, statistics.median(ratios)
 
 
-def _row(name: str, plain: float, inst: float) -> Row:
-    return {
+def _row(name: str, plain: float, inst: float, pair_ratio: float | None = None) -> Row:
+    row: Row = {
         "name": name,
         "baseline_us": round(plain * 1e6, 3),
         "leakguard_us": round(inst * 1e6, 3),
         "added_us": round((inst - plain) * 1e6, 3),
         "ratio": round(inst / plain, 4),
     }
+    if pair_ratio is not None:
+        row["pair_ratio"] = round(pair_ratio, 4)
+    return row
 
 
 # --- per-operation overhead -------------------------------------------------------------
@@ -73,8 +84,8 @@ def bench_socket_create(quick: bool) -> Row:
             sock().close()
 
     n = 20_000 if quick else 100_000
-    p, i = _interleaved(lambda k: _app_frames(5, lambda: op(k)), n, 5 if quick else 9)
-    return _row("socket create+close", p, i)
+    p, i, pr = _interleaved(lambda k: _app_frames(5, lambda: op(k)), n, 5 if quick else 9)
+    return _row("socket create+close", p, i, pr)
 
 
 _SERVER = textwrap.dedent(
@@ -115,10 +126,70 @@ def bench_connect(quick: bool) -> Row:
             s.close()  # RST: no TIME_WAIT pile-up across rounds
 
     try:
-        p, i = _interleaved(op, 1_000 if quick else 1_500, 5 if quick else 21)  # many short rounds: the best ones see a quiet machine
+        # many short rounds: the best ones see a quiet machine, and the paired median has many pairs
+        p, i, pr = _interleaved(op, 250, 21 if quick else 81)
     finally:
         srv.close()
-    return _row("loopback connect+close", p, i)
+    return _row("loopback connect+close", p, i, pr)
+
+
+_TLS_SERVER = textwrap.dedent(
+    """
+    import socket, ssl, sys, threading
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+    listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    print(listener.getsockname()[1], flush=True)
+
+    def serve(conn):
+        try:
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(1)  # until the client closes
+        except OSError:
+            pass
+
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+    """
+)
+
+
+def bench_tls_connect(quick: bool) -> Row:
+    """TLS handshake + close against a server in another process (a throwaway self-signed certificate)."""
+    import shutil
+    import ssl
+    import tempfile
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return {"name": "TLS connect+close", "error": "the openssl command is not installed (needed for a certificate)"}
+    with tempfile.TemporaryDirectory(prefix="leakguard-bench-tls-") as d:
+        certfile, keyfile = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+        subprocess.run(
+            [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", keyfile, "-out", certfile, "-days", "1", "-subj", "/CN=127.0.0.1",
+             "-addext", "subjectAltName=IP:127.0.0.1"],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        ctx = ssl.create_default_context(cafile=certfile)
+        proc = subprocess.Popen([sys.executable, "-c", _TLS_SERVER, certfile, keyfile], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            address = ("127.0.0.1", int(proc.stdout.readline()))
+
+            def op(n: int) -> None:
+                for _ in range(n):
+                    with ctx.wrap_socket(socket.create_connection(address), server_hostname="127.0.0.1"):
+                        pass
+
+            p, i, pr = _interleaved(op, 50 if quick else 100, 5 if quick else 15)
+        finally:
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+    return _row("TLS connect (handshake) + close", p, i, pr)
 
 
 def bench_asyncio_connect(quick: bool) -> Row:
@@ -133,10 +204,10 @@ def bench_asyncio_connect(quick: bool) -> Row:
         asyncio.run(many(n))
 
     try:
-        p, i = _interleaved(op, 500 if quick else 2_000, 5 if quick else 7)
+        p, i, pr = _interleaved(op, 500 if quick else 1_000, 5 if quick else 13)
     finally:
         srv.close()
-    return _row("asyncio open_connection+close", p, i)
+    return _row("asyncio open_connection+close", p, i, pr)
 
 
 # --- snapshot against the alternatives --------------------------------------------------
@@ -353,7 +424,7 @@ def bench_memory(quick: bool) -> list[Row]:
 
 
 def run(quick: bool = False) -> list[Row]:
-    rows = [bench_socket_create(quick), bench_connect(quick), bench_asyncio_connect(quick)]
+    rows = [bench_socket_create(quick), bench_connect(quick), bench_tls_connect(quick), bench_asyncio_connect(quick)]
     rows += bench_snapshot(quick)
     rows += bench_memory(quick)
     return rows

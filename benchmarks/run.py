@@ -51,6 +51,8 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f"| {r['name']}{extra} | {_fmt(r['baseline_us'])} µs | {_fmt(r['leakguard_us'])} µs "
                 f"| {_fmt(added)} µs | {r['ratio']:.3f}× |"
             )
+            if "pair_ratio" in r:
+                line += f" median of paired rounds: {r['pair_ratio']:.3f}×"
             if "proc_net_tcp_us" in r:
                 line += f" /proc/net/tcp: {_fmt(r['proc_net_tcp_us'])} µs"
             if "flat" in r:
