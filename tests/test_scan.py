@@ -187,8 +187,8 @@ class TestCachedScansMatchExact:
         world.connect()
         client, server = world.ends
         view(cache)
-        client.shutdown(socket.SHUT_WR)  # FIN_WAIT2: the one change epoll does not report
-        assert settled()[client.fileno()][1] == "FIN_WAIT2"
+        client.shutdown(socket.SHUT_WR)  # FIN_WAIT1/2: the one change epoll does not report
+        assert settled()[client.fileno()][1] in ("FIN_WAIT1", "FIN_WAIT2")  # FIN_WAIT1 until the peer's ACK
         server.close()  # the peer answers: the client end leaves FIN_WAIT2
         assert_same(cache, "after the peer's FIN")
 
