@@ -46,16 +46,6 @@ static PyTypeObject *raw_socket; /* _socket.socket */
 static int depth = 48;
 static int context = 3;
 
-static int
-lasti_of(PyFrameObject *f)
-{
-#if PY_VERSION_HEX >= 0x030B0000
-    return PyFrame_GetLasti(f);
-#else
-    return f->f_lasti < 0 ? -1 : f->f_lasti * (int)sizeof(_Py_CODEUNIT);
-#endif
-}
-
 /* A direct-mapped cache in front of app_files, keyed by the code object's address:
  * the answer for the frames of a hot call site costs a compare, not a dict probe.
  * Each slot holds a reference to its code object, so an address is never reused
@@ -156,33 +146,108 @@ sock_fd(PyObject *sock)
 
 #define MAX_DEPTH 1024  /* stack_depth's upper bound (leakguard._config) */
 
-/* The stack from the current Python frame's skip-th caller: see stacks.capture.
- * Items go to a buffer on the C stack and straight into the tuple: no list to grow. */
+/* A cursor over the calling Python frames, innermost first, skipping frames that
+ * have not started (as PyFrame_GetBack does).  frame_code() returns a new
+ * reference, or NULL for a frame that runs no code object. */
 #ifdef LG_IFRAMES
-static inline _PyInterpreterFrame *
-complete(_PyInterpreterFrame *f)
+typedef _PyInterpreterFrame *frame_t;
+
+static inline frame_t
+complete(frame_t f)
 {
     while (f != NULL && _PyFrame_IsIncomplete(f))
         f = f->previous;
     return f;
 }
 
-static inline PyObject *
-iframe_code(_PyInterpreterFrame *f)
+static inline frame_t
+frame_first(void)
 {
+    PyThreadState *ts = PyThreadState_Get();
 #if PY_VERSION_HEX >= 0x030D0000
-    return f->f_executable;
+    return complete(ts->current_frame);
 #else
-    return (PyObject *)f->f_code;
+    return complete(ts->cframe->current_frame);
 #endif
 }
 
-/* The same capture as below without a frame object: (code, byte offset) pairs read
- * from the interpreter frames.  The offsets equal PyFrame_GetLasti's. */
+static inline frame_t
+frame_next(frame_t f)
+{
+    return complete(f->previous);
+}
+
+static inline void
+frame_done(frame_t f)
+{
+    (void)f; /* nothing is owned */
+}
+
+static inline PyObject *
+frame_code(frame_t f)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject *code = f->f_executable;
+#else
+    PyObject *code = (PyObject *)f->f_code;
+#endif
+    return PyCode_Check(code) ? Py_NewRef(code) : NULL;
+}
+
+static inline long
+frame_offset(frame_t f) /* the byte offset PyFrame_GetLasti gives */
+{
+    int lasti = _PyInterpreterFrame_LASTI(f);
+    return lasti < 0 ? -1 : lasti * (long)sizeof(_Py_CODEUNIT);
+}
+#else
+typedef PyFrameObject *frame_t; /* owns a reference */
+
+static inline frame_t
+frame_first(void)
+{
+    PyFrameObject *f = PyEval_GetFrame();
+    Py_XINCREF(f);
+    return f;
+}
+
+static inline frame_t
+frame_next(frame_t f)
+{
+    PyFrameObject *back = PyFrame_GetBack(f);
+    Py_DECREF(f);
+    return back;
+}
+
+static inline void
+frame_done(frame_t f)
+{
+    Py_XDECREF(f);
+}
+
+static inline PyObject *
+frame_code(frame_t f)
+{
+    return (PyObject *)PyFrame_GetCode(f);
+}
+
+static inline long
+frame_offset(frame_t f)
+{
+#if PY_VERSION_HEX >= 0x030B0000
+    return PyFrame_GetLasti(f);
+#else
+    return f->f_lasti < 0 ? -1 : f->f_lasti * (long)sizeof(_Py_CODEUNIT);
+#endif
+}
+#endif
+
+/* The stack from the current Python frame's skip-th caller: see stacks.capture.
+ * Items go to a buffer on the C stack and straight into the tuple: no list to grow. */
 static PyObject *
 capture_from(int skip, int left)
 {
-    PyObject *small[128];
+    PyObject *small[128]; /* the default depth fits: no allocation */
     PyObject **buf = small;
     Py_ssize_t n = 0;
     if (left > MAX_DEPTH)
@@ -192,30 +257,24 @@ capture_from(int skip, int left)
         if (buf == NULL)
             return PyErr_NoMemory();
     }
-    PyThreadState *ts = PyThreadState_Get();
-#if PY_VERSION_HEX >= 0x030D0000
-    _PyInterpreterFrame *f = complete(ts->current_frame);
-#else
-    _PyInterpreterFrame *f = complete(ts->cframe->current_frame);
-#endif
+    frame_t f = frame_first();
     while (f != NULL && skip-- > 0)
-        f = complete(f->previous);
+        f = frame_next(f);
     int extra = -1;
     while (f != NULL && left > 0 && extra != 0) {
-        PyObject *code = iframe_code(f);
-        if (!PyCode_Check(code)) {
-            f = complete(f->previous);
+        PyObject *code = frame_code(f);
+        if (code == NULL) {
+            f = frame_next(f);
             continue;
         }
-        int lasti = _PyInterpreterFrame_LASTI(f);
-        PyObject *off = offset_obj(lasti < 0 ? -1 : lasti * (long)sizeof(_Py_CODEUNIT));
+        buf[n++] = code;
+        PyObject *off = offset_obj(frame_offset(f));
         if (off == NULL)
             goto error;
-        buf[n++] = Py_NewRef(code);
         buf[n++] = off;
         left--;
         if (extra < 0) {
-            int a = app(code); /* may run Python code: frames above this one stay put */
+            int a = app(code); /* may run Python code: the frames above stay put */
             if (a < 0)
                 goto error;
             if (a)
@@ -224,87 +283,27 @@ capture_from(int skip, int left)
         else {
             extra--;
         }
-        f = complete(f->previous);
+        f = frame_next(f);
     }
-    PyObject *t = PyTuple_New(n);
-    if (t == NULL)
-        goto error;
-    for (Py_ssize_t i = 0; i < n; i++)
-        PyTuple_SET_ITEM(t, i, buf[i]); /* steals */
-    if (buf != small)
-        PyMem_Free(buf);
-    return t;
-error:
-    for (Py_ssize_t i = 0; i < n; i++)
-        Py_DECREF(buf[i]);
-    if (buf != small)
-        PyMem_Free(buf);
-    return NULL;
-}
-#else
-static PyObject *
-capture_from(int skip, int left)
-{
-    PyObject *small[128];  /* the default depth fits: no allocation */
-    PyObject **buf = small;
-    Py_ssize_t n = 0;
-    if (left > MAX_DEPTH)
-        left = MAX_DEPTH;
-    if (2 * left > 128) {
-        buf = PyMem_Malloc(sizeof(PyObject *) * 2 * (size_t)left);
-        if (buf == NULL)
-            return PyErr_NoMemory();
-    }
-    PyFrameObject *f = PyEval_GetFrame();
-    Py_XINCREF(f);
-    while (f != NULL && skip-- > 0) {
-        PyFrameObject *back = PyFrame_GetBack(f);
-        Py_DECREF(f);
-        f = back;
-    }
-    int extra = -1;
-    while (f != NULL && left > 0 && extra != 0) {
-        PyObject *code = (PyObject *)PyFrame_GetCode(f);  /* new reference, kept by buf */
-        PyObject *lasti = offset_obj(lasti_of(f));
-        buf[n++] = code;
-        if (lasti == NULL)
-            goto error;
-        buf[n++] = lasti;
-        left--;
-        if (extra < 0) {
-            int a = app(code);
-            if (a < 0)
-                goto error;
-            if (a)
-                extra = context;
-        }
-        else {
-            extra--;
-        }
-        PyFrameObject *back = PyFrame_GetBack(f);
-        Py_DECREF(f);
-        f = back;
-    }
-    Py_XDECREF(f);
+    frame_done(f);
     PyObject *t = PyTuple_New(n);
     if (t == NULL) {
         f = NULL;
         goto error;
     }
     for (Py_ssize_t i = 0; i < n; i++)
-        PyTuple_SET_ITEM(t, i, buf[i]);  /* steals */
+        PyTuple_SET_ITEM(t, i, buf[i]); /* steals */
     if (buf != small)
         PyMem_Free(buf);
     return t;
 error:
-    Py_XDECREF(f);
+    frame_done(f);
     for (Py_ssize_t i = 0; i < n; i++)
         Py_DECREF(buf[i]);
     if (buf != small)
         PyMem_Free(buf);
     return NULL;
 }
-#endif
 
 /* record() for a socket created *skip* Python frames below the current one. */
 static PyObject *
