@@ -3,7 +3,8 @@
  * record(sock) does what registry.record_socket() does for a new socket
  * outside any integration scope: walk the caller's frames up to the first
  * application frame plus CONTEXT callers, and store the entry tuple
- * (weakref, created, seq, frames, None) under the socket's descriptor.
+ * (weakref, created, seq, None, None, *frames) under the socket's descriptor
+ * (registry.Entry: the frames inline, so one tuple per socket).
  * It returns False, recording nothing, when an integration scope is active,
  * so the Python path handles that case.  Everything else about records lives
  * in registry.py; this file only makes the common case cheap.
@@ -243,9 +244,11 @@ frame_offset(frame_t f)
 #endif
 
 /* The stack from the current Python frame's skip-th caller: see stacks.capture.
- * Items go to a buffer on the C stack and straight into the tuple: no list to grow. */
+ * Items go to a buffer on the C stack and straight into the tuple: no list to grow.
+ * The tuple starts with *head* empty slots for the caller to fill (record() puts
+ * the entry's fields there: one tuple per socket rather than two). */
 static PyObject *
-capture_from(int skip, int left)
+capture_into(int skip, int left, Py_ssize_t head)
 {
     PyObject *small[128]; /* the default depth fits: no allocation */
     PyObject **buf = small;
@@ -286,13 +289,13 @@ capture_from(int skip, int left)
         f = frame_next(f);
     }
     frame_done(f);
-    PyObject *t = PyTuple_New(n);
+    PyObject *t = PyTuple_New(head + n);
     if (t == NULL) {
         f = NULL;
         goto error;
     }
     for (Py_ssize_t i = 0; i < n; i++)
-        PyTuple_SET_ITEM(t, i, buf[i]); /* steals */
+        PyTuple_SET_ITEM(t, head + i, buf[i]); /* steals */
     if (buf != small)
         PyMem_Free(buf);
     return t;
@@ -336,27 +339,25 @@ record_impl(PyObject *sock, int skip)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     PyObject *created = PyFloat_FromDouble((double)ts.tv_sec + (double)ts.tv_nsec * 1e-9);
     PyObject *n = PyIter_Next(seq);
-    PyObject *frames = capture_from(skip, depth);
+    /* The entry (ref, created, seq, None, None, code, offset, code, offset, ...): the
+     * frames inline after the five fields (see registry.Entry). */
+    PyObject *entry = capture_into(skip, depth, 5);
     PyObject *key = PyLong_FromLong(fd);
-    if (created == NULL || n == NULL || frames == NULL || key == NULL) {
+    if (created == NULL || n == NULL || entry == NULL || key == NULL) {
         Py_DECREF(ref);
         Py_XDECREF(created);
         Py_XDECREF(n);
-        Py_XDECREF(frames);
+        Py_XDECREF(entry);
         Py_XDECREF(key);
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_RuntimeError, "leakguard: record failed");
         return NULL;
     }
-    PyObject *entry = PyTuple_Pack(5, ref, created, n, frames, Py_None);
-    Py_DECREF(ref);
-    Py_DECREF(created);
-    Py_DECREF(n);
-    Py_DECREF(frames);
-    if (entry == NULL) {
-        Py_DECREF(key);
-        return NULL;
-    }
+    PyTuple_SET_ITEM(entry, 0, ref); /* the new references move into the entry */
+    PyTuple_SET_ITEM(entry, 1, created);
+    PyTuple_SET_ITEM(entry, 2, n);
+    PyTuple_SET_ITEM(entry, 3, Py_NewRef(Py_None));
+    PyTuple_SET_ITEM(entry, 4, Py_NewRef(Py_None));
     int rc = PyDict_SetItem(records, key, entry);
     Py_DECREF(key);
     Py_DECREF(entry);
@@ -477,7 +478,7 @@ capture(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_RuntimeError, "leakguard._speedups is not configured");
         return NULL;
     }
-    return capture_from(skip, d);
+    return capture_into(skip, d, 0);
 }
 
 static PyObject *

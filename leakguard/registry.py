@@ -107,7 +107,7 @@ class Scope:
 class Record:
     """One socket leakguard saw created (or a descriptor an integration adopted).
 
-    The socket hook stores only a tuple ``(ref, created, seq, frames, scope)``;
+    The socket hook stores only a tuple ``(ref, created, seq, frames, scope)`` (see ``Entry``);
     a Record is the view built from it on first use, so creating a socket pays
     for one small tuple.  A Record stays valid while its entry is the current
     one for its descriptor.
@@ -128,7 +128,9 @@ class Record:
     )
 
     def __init__(self, fd: int, entry: Entry) -> None:
-        ref, created, seq, frames, sc = entry
+        ref, created, seq, frames, sc = entry[:5]
+        if frames is None:  # the compiled hook's entry: the frames follow the five fields
+            frames = entry[5:]
         self.entry = entry
         self.fd = fd
         self.ref = ref  # weakref to the socket (or the driver connection owning the fd), or None
@@ -153,8 +155,10 @@ class Record:
         return f"<Record fd={self.fd} origin={self.origin} created at {site}>"
 
 
-# (weakref or None, time.monotonic(), seq, frames, Scope or None)
-Entry = tuple[Any, float, int, stacks.Frames, "Scope | None"]
+# (weakref or None, time.monotonic(), seq, frames, Scope or None), or from the compiled
+# hook (weakref, time.monotonic(), seq, None, None, code, offset, code, offset, ...): the
+# frames inline, one tuple per socket instead of two.  Record() reads both.
+Entry = tuple[Any, ...]
 
 _seq = itertools.count(1)
 _records: dict[int, Entry] = {}  # written by the socket hook, lock-free
@@ -256,7 +260,7 @@ _monotonic = time.monotonic
 
 
 def _handover(fd: int, old: Entry, sock: Any) -> None:
-    new: Entry = (weakref.ref(sock), old[1], old[2], old[3], old[4])
+    new: Entry = (weakref.ref(sock), *old[1:])
     with _views_lock:
         _records[fd] = new
         view = _views.get(fd)
@@ -411,7 +415,7 @@ def live_sockets(
 
 
 def entry(fd: int) -> Entry | None:
-    """The raw entry for *fd* (``(ref, created, seq, frames, scope)``), stale or not, without building a view."""
+    """The raw entry for *fd* (``(ref, created, seq, ...)``, see ``Entry``), stale or not, without building a view."""
     return _records.get(fd)
 
 
