@@ -219,7 +219,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(_Summary(config, settings), "leakguard-summary")
     worker = hasattr(config, "workerinput")
     controller = not worker and getattr(config.option, "dist", "no") != "no"
-    if not controller:  # the xdist controller runs no tests; its workers check them
+    if controller:  # the xdist controller runs no tests; its workers check them
+        _register_status(config)  # the workers' reports arrive here: their statuses are shown here
+    else:
         config.pluginmanager.register(_Checker(config, settings), "leakguard-checker")
 
 
@@ -628,6 +630,7 @@ class _Checker:
         self.item: pytest.Item | None = None
         self.session_notes: list[str] = []
         self.quiet: frozenset[int] = frozenset()  # threads running before any test
+        self.verdicts = 0  # verdicts stashed on items, not yet put on their teardown report
 
     # -- lifecycle
 
@@ -767,11 +770,21 @@ class _Checker:
     # -- judging
 
     @pytest.hookimpl(trylast=True)
-    def pytest_runtest_teardown(self, item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    def pytest_runtest_teardown(self, item: pytest.Item) -> None:
         # trylast: after the fixtures' teardown, before pytest collects unraisable
         # exceptions (a ResourceWarning from our gc.collect() belongs to this test).
+        # The common case first, in a few operations: no sequence number was taken since
+        # the test began but the plugin's own (no socket was created, none can be open
+        # from this test), no fixture finished and no socket was freed by the GC.
+        created = False
+        if self.item is not None:
+            self.taken += 1
+            created = registry.mark() - self.mark - self.taken > 0
+        if not (created or self.pending or _gc_events):
+            self.item = None
+            return
         try:
-            verdict = self._judge(item)
+            verdict = self._judge(item, created)
         except pytest.UsageError:
             raise
         except Exception as exc:  # never break the run over our own bug
@@ -782,13 +795,15 @@ class _Checker:
             self.item = None
         if verdict is not None:
             item.stash[_result_key] = verdict
+            self.verdicts += 1
 
-    def _judge(self, item: pytest.Item) -> _Verdict | None:
+    def _judge(self, item: pytest.Item, created: bool) -> _Verdict | None:
+        """*created*: sequence numbers were taken during the test (sockets may be open)."""
         settings = self.settings
         pending, self.pending = self.pending, []
-        cands = self._candidates()
+        cands = registry.live_between(self.mark, None, self.claimed) if created else []
         if not (cands or pending or _gc_events):
-            return None  # the common case: this test opened no socket that is still open
+            return None  # this test opened no socket that is still open
         verdict = _Verdict()
         skip = None
         if item.get_closest_marker("no_leakguard") is not None:
@@ -895,13 +910,17 @@ class _Checker:
     ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         rep = yield
         if call.when != "teardown":
-            if rep.failed or hasattr(rep, "wasxfail"):
+            # (a passed report is never failed: the outcome string spares the property call)
+            if (rep.outcome != "passed" and rep.failed) or hasattr(rep, "wasxfail"):
                 item.stash[_failed_key] = True
             return rep
+        if not self.verdicts:
+            return rep  # the common case: no test has a verdict waiting (no stash lookup)
         verdict = item.stash.get(_result_key, None)
         if verdict is None:
             return rep
         del item.stash[_result_key]
+        self.verdicts -= 1
         if verdict.fail_text:
             text = "\n\n".join(verdict.fail_text)
             if rep.passed:
@@ -912,6 +931,8 @@ class _Checker:
         if verdict.warn_text:
             rep.sections.append(("leakguard warnings", "\n\n".join(verdict.warn_text)))
         rep.leakguard = verdict.summary()  # type: ignore[attr-defined]  # travels through xdist
+        if verdict.kind == "test":
+            _register_status(self.config)
         return rep
 
     @pytest.hookimpl(wrapper=True)
@@ -931,6 +952,31 @@ class _Checker:
         return result
 
 
+class _Status:
+    """A leaking test's teardown report is the test's failure ("F"), not a teardown error ("E").
+
+    Registered by the xdist controller with the summary, and elsewhere only once a
+    test's own leak has failed it: the terminal asks this hook about every report,
+    three per test, and a suite that leaks nothing should not pay for those calls.
+    """
+
+    def pytest_report_teststatus(self, report: pytest.TestReport) -> tuple[str, str, str] | None:
+        info = getattr(report, "leakguard", None)
+        if info and report.when == "teardown" and report.failed and info.get("kind") == "test":
+            return "failed", "F", "FAILED"  # the test's own leak: a failure, not a fixture error
+        return None
+
+
+_STATUS_NAME = "leakguard-status"
+
+
+def _register_status(config: pytest.Config) -> None:
+    """Make sure :class:`_Status` answers (before the report it is needed for is logged)."""
+    pm = config.pluginmanager
+    if pm.get_plugin(_STATUS_NAME) is None:
+        pm.register(_Status(), _STATUS_NAME)
+
+
 class _Summary:
     """Counts and texts from every teardown report (also those an xdist worker sends)."""
 
@@ -943,12 +989,6 @@ class _Summary:
         self.fixture_leaks = 0
         self.gc_closed = 0
         self.warnings: list[tuple[str, str]] = []
-
-    def pytest_report_teststatus(self, report: pytest.TestReport) -> tuple[str, str, str] | None:
-        info = getattr(report, "leakguard", None)
-        if report.when == "teardown" and report.failed and info and info.get("kind") == "test":
-            return "failed", "F", "FAILED"  # the test's own leak: a failure, not a fixture error
-        return None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when != "teardown":

@@ -750,3 +750,129 @@ def http_session(http_url):
                 "*leakguard (fail mode): 8 tests checked, 2 leaked sockets in 2 tests*",
             ]
         )
+
+
+AFTER_CLEAN_TESTS = """\
+import gc
+import socket
+import pytest
+
+KEEP = []
+
+@pytest.fixture
+def fixture_leak():
+    s = socket.socket()  # FIXTURE LINE
+    KEEP.append(s)
+    yield s
+
+@pytest.fixture(scope="module")
+def module_leak():
+    s = socket.socket()  # MODULE LINE
+    KEEP.append(s)
+    yield s
+
+def test_00_nothing():
+    pass
+
+def test_01_opens_and_closes():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+
+def test_02_nothing_again():
+    assert 1 + 1 == 2
+
+def test_03_leaks_in_its_body():
+    KEEP.append(socket.socket())  # BODY LINE
+
+def test_04_nothing_between():
+    pass
+
+def test_05_leaks_through_its_fixture(fixture_leak):
+    pass
+
+def test_06_freed_by_the_collector():
+    s = socket.socket()  # DROPPED LINE
+    s.bind(("127.0.0.1", 0))
+    del s
+    gc.collect()
+
+def test_07_uses_the_module_fixture(module_leak):
+    pass
+
+def test_08_last_clean_one():
+    pass
+"""
+
+
+class TestOnlyWhenSomethingHappened:
+    """Tests that open nothing take the cheap path; whatever a test does open is still judged in full."""
+
+    def test_leaks_between_clean_tests_are_all_caught(self, pytester: pytest.Pytester) -> None:
+        pytester.makepyfile(test_mixed=AFTER_CLEAN_TESTS)
+        result = run(pytester, "-v", "--leakguard-gc=fail", "-W", "ignore::pytest.PytestUnraisableExceptionWarning")
+        result.stdout.fnmatch_lines(
+            [
+                "*test_00_nothing PASSED*",
+                "*test_01_opens_and_closes PASSED*",
+                "*test_02_nothing_again PASSED*",
+                "*test_03_leaks_in_its_body FAILED*",
+                "*test_04_nothing_between PASSED*",
+                "*test_05_leaks_through_its_fixture FAILED*",
+                "*test_06_freed_by_the_collector FAILED*",
+                "*test_07_uses_the_module_fixture PASSED*",
+                "*test_08_last_clean_one PASSED*",
+                "*test_08_last_clean_one ERROR*",  # the module's last test tears the module fixture down
+            ]
+        )
+        out = result.stdout.str()
+        for marker in ("# BODY LINE", "# FIXTURE LINE"):
+            assert f"this test left 1 socket open, created at test_mixed.py:{line_of(AFTER_CLEAN_TESTS, marker)} " in out
+        result.stdout.fnmatch_lines(
+            [
+                "leakguard: 1 socket opened by this test never closed; the garbage collector freed it: "
+                f"test_mixed.py:{line_of(AFTER_CLEAN_TESTS, '# DROPPED LINE')}"
+            ]
+        )
+        result.stdout.fnmatch_lines(
+            [
+                "leakguard: fixture 'module_leak' (module scope), set up for test_mixed.py::test_07_uses_the_module_fixture,"
+                f" left 1 socket open, created at test_mixed.py:{line_of(AFTER_CLEAN_TESTS, '# MODULE LINE')} (*"
+            ]
+        )
+        result.assert_outcomes(passed=6, failed=3, errors=1)
+        result.stdout.fnmatch_lines(
+            ["*leakguard (fail mode): 9 tests checked, 2 leaked sockets in 2 tests, 1 leaked socket in fixtures, "
+             "1 socket closed by the garbage collector"]
+        )
+
+    def test_a_clean_run_registers_no_status_hook(self, pytester: pytest.Pytester) -> None:
+        # The terminal asks pytest_report_teststatus about every report: leakguard answers
+        # only once one of its failures exists, so a suite without leaks pays nothing for it.
+        pytester.makeconftest(
+            """
+            def pytest_terminal_summary(terminalreporter, config):
+                status = config.pluginmanager.get_plugin("leakguard-status")
+                terminalreporter.write_line(f"status hook registered: {status is not None}")
+            """
+        )
+        pytester.makepyfile(
+            test_clean="""
+            import socket
+
+            def test_one():
+                with socket.socket():
+                    pass
+
+            def test_two():
+                pass
+            """
+        )
+        clean = run(pytester)
+        clean.assert_outcomes(passed=2)
+        clean.stdout.fnmatch_lines(["status hook registered: False"])
+        pytester.makepyfile(test_leaky=LEAKY)
+        leaky = run(pytester, "-rA")
+        leaky.assert_outcomes(passed=3, failed=1)
+        leaky.stdout.fnmatch_lines(["status hook registered: True"])
+        leaky.stdout.fnmatch_lines(["FAILED test_leaky.py::test_leaks - leakguard: this test left 1*"])
+        leaky.stdout.no_fnmatch_line("ERROR test_leaky.py::test_leaks*")
