@@ -116,7 +116,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         if not quick:
             small = Path(tmp) / "small"
             small.mkdir()
-            k = 200  # these tools take about a minute per 1,000 trivial tests
+            k = 100  # tracemalloc takes about 150 ms per trivial test, pytest-openfiles about 40 ms
             make_suite(small, k)
             if importlib.util.find_spec("pytest_openfiles") is not None:
                 rows.append(
