@@ -216,11 +216,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[settings_key] = settings
     if not settings.enabled:
         return
-    config.pluginmanager.register(_Summary(config, settings), "leakguard-summary")
+    config.pluginmanager.register(_Summary(config, settings), _SUMMARY)
     worker = hasattr(config, "workerinput")
     controller = not worker and getattr(config.option, "dist", "no") != "no"
     if controller:  # the xdist controller runs no tests; its workers check them
-        _register_status(config)  # the workers' reports arrive here: their statuses are shown here
+        _register_findings(config)  # and send their reports here, any of them may carry findings
     else:
         config.pluginmanager.register(_Checker(config, settings), "leakguard-checker")
 
@@ -931,8 +931,7 @@ class _Checker:
         if verdict.warn_text:
             rep.sections.append(("leakguard warnings", "\n\n".join(verdict.warn_text)))
         rep.leakguard = verdict.summary()  # type: ignore[attr-defined]  # travels through xdist
-        if verdict.kind == "test":
-            _register_status(self.config)
+        _register_findings(self.config)  # before this report is logged
         return rep
 
     @pytest.hookimpl(wrapper=True)
@@ -952,13 +951,18 @@ class _Checker:
         return result
 
 
-class _Status:
-    """A leaking test's teardown report is the test's failure ("F"), not a teardown error ("E").
+class _Findings:
+    """What leakguard's own teardown reports add to the run: their status and their counts.
 
-    Registered by the xdist controller with the summary, and elsewhere only once a
-    test's own leak has failed it: the terminal asks this hook about every report,
-    three per test, and a suite that leaks nothing should not pay for those calls.
+    The xdist controller registers it with the summary (the workers' reports arrive
+    there).  A process that runs tests registers it with its first verdict, before that
+    report is logged: until then there is nothing for it to do, and pytest would call
+    both hooks for every report, three per test (a suite that leaks nothing should not
+    pay for that).
     """
+
+    def __init__(self, summary: _Summary) -> None:
+        self.summary = summary
 
     def pytest_report_teststatus(self, report: pytest.TestReport) -> tuple[str, str, str] | None:
         info = getattr(report, "leakguard", None)
@@ -966,40 +970,52 @@ class _Status:
             return "failed", "F", "FAILED"  # the test's own leak: a failure, not a fixture error
         return None
 
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "teardown":
+            info = getattr(report, "leakguard", None)
+            if info:
+                self.summary.add(report, info)
 
-_STATUS_NAME = "leakguard-status"
+
+_FINDINGS = "leakguard-findings"
+_SUMMARY = "leakguard-summary"
 
 
-def _register_status(config: pytest.Config) -> None:
-    """Make sure :class:`_Status` answers (before the report it is needed for is logged)."""
+def _register_findings(config: pytest.Config) -> None:
+    """Make sure :class:`_Findings` sees the reports from now on (idempotent)."""
     pm = config.pluginmanager
-    if pm.get_plugin(_STATUS_NAME) is None:
-        pm.register(_Status(), _STATUS_NAME)
+    if pm.get_plugin(_FINDINGS) is None:
+        summary = pm.get_plugin(_SUMMARY)
+        if isinstance(summary, _Summary):
+            pm.register(_Findings(summary), _FINDINGS)
+
+
+def _teardown_reports(terminalreporter: Any) -> int:
+    """How many teardown reports were logged: the terminal keeps every report in ``stats``."""
+    stats = getattr(terminalreporter, "stats", None) or {}
+    return sum(1 for reports in stats.values() for rep in reports if getattr(rep, "when", None) == "teardown")
 
 
 class _Summary:
-    """Counts and texts from every teardown report (also those an xdist worker sends)."""
+    """Counts and texts from the teardown reports (also those an xdist worker sends).
+
+    Tests count as checked by their teardown reports, read from the terminal's
+    ``stats`` once at the end; :class:`_Findings` adds what leakguard found.
+    """
 
     def __init__(self, config: pytest.Config, settings: Settings) -> None:
         self.config = config
         self.settings = settings
-        self.checked = 0
         self.leaky_tests = 0
         self.test_leaks = 0
         self.fixture_leaks = 0
         self.gc_closed = 0
         self.warnings: list[tuple[str, str]] = []
 
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when != "teardown":
-            return
-        info = getattr(report, "leakguard", None)
-        if not info:
-            self.checked += 1
-            return
+    def add(self, report: pytest.TestReport, info: dict[str, Any]) -> None:
+        """A teardown report that carries leakguard's findings (``report.leakguard``)."""
         if info.get("kind") == "test" and report.failed:
             self._uncount_call(report)
-        self.checked += 1
         if info.get("test_leaks"):
             self.leaky_tests += 1
             self.test_leaks += info["test_leaks"]
@@ -1036,7 +1052,7 @@ class _Summary:
             for text in notes:
                 tr.write_line(text)
                 tr.write_line("")
-        parts = [f"{_plural(self.checked, 'test')} checked"]
+        parts = [f"{_plural(_teardown_reports(tr), 'test')} checked"]
         parts.append(f"{_plural(self.test_leaks, 'leaked socket')} in {_plural(self.leaky_tests, 'test')}")
         if self.fixture_leaks:
             parts.append(f"{_plural(self.fixture_leaks, 'leaked socket')} in fixtures")
