@@ -186,7 +186,7 @@ class StateCache:
         self.memo: dict[int, Any] = {}
         self.others: dict[int, int] | None = None  # untracked socket fd -> inode, from the last full listing
         self.n_other = -1  # open descriptors other than tracked socket objects, at the last full listing
-        self.scans = 0  # scans since the last full listing
+        self.scans = 0  # scans without a listing since the last full one
 
     def epoll_fd(self) -> int:
         """The epoll descriptor of the registrations, -1 if none can be had."""
@@ -209,7 +209,7 @@ class StateCache:
     def light(self, objects: dict[int, Any]) -> tuple[list[int], int] | None:
         """(descriptors to ask, open descriptors) when a full listing can be skipped, else None."""
         others = self.others
-        if others is None or self.scans >= self.FULL_EVERY:
+        if others is None or self.scans >= self.FULL_EVERY - 1:  # this scan would be the FULL_EVERY-th
             return None
         count = _fd_count()
         if count is None or count - len(objects) != self.n_other:

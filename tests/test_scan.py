@@ -178,7 +178,7 @@ class TestCachedScansMatchExact:
         world.files.pop().close()
         world.raw_socket()  # takes the file's descriptor
         exact = settled()
-        seen = [view(cache) == exact for _ in range(kernel.StateCache.FULL_EVERY + 1)]
+        seen = [view(cache) == exact for _ in range(kernel.StateCache.FULL_EVERY)]
         assert seen[-1], seen
 
     def test_half_close_by_this_process_is_seen_once_the_peer_answers(
