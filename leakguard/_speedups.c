@@ -40,7 +40,7 @@
 static PyObject *records;      /* dict: fd -> entry tuple */
 static PyObject *app_files;    /* dict: filename -> bool (stacks._app_files, shared) */
 static PyObject *is_app_file;  /* stacks.is_app_file, for cache misses */
-static PyObject *seq;          /* itertools.count */
+static long long seq;          /* the last sequence number handed out (registry.mark) */
 static PyObject *scope_var;    /* registry._scope ContextVar */
 static PyObject *fileno_of;    /* _socket.socket.fileno: no attribute lookup through the subclass */
 static PyTypeObject *raw_socket; /* _socket.socket */
@@ -244,22 +244,43 @@ frame_offset(frame_t f)
 #endif
 
 /* The stack from the current Python frame's skip-th caller: see stacks.capture.
- * Items go to a buffer on the C stack and straight into the tuple: no list to grow.
- * The tuple starts with *head* empty slots for the caller to fill (record() puts
- * the entry's fields there: one tuple per socket rather than two). */
-static PyObject *
-capture_into(int skip, int left, Py_ssize_t head)
+ * walk() puts (code, offset) pairs, new references, into w->buf: a buffer on the
+ * C stack for the default depth, so no list grows and nothing is allocated. */
+typedef struct {
+    PyObject *small[128];
+    PyObject **buf;
+    Py_ssize_t n;
+} walk_t;
+
+static void
+walk_release(walk_t *w, int decref) /* decref: the items were not moved out */
 {
-    PyObject *small[128]; /* the default depth fits: no allocation */
-    PyObject **buf = small;
-    Py_ssize_t n = 0;
+    if (decref)
+        for (Py_ssize_t i = 0; i < w->n; i++)
+            Py_DECREF(w->buf[i]);
+    w->n = 0;
+    if (w->buf != w->small)
+        PyMem_Free(w->buf);
+    w->buf = w->small;
+}
+
+static int
+walk(walk_t *w, int skip, int left)
+{
+    w->buf = w->small;
+    w->n = 0;
     if (left > MAX_DEPTH)
         left = MAX_DEPTH;
     if (2 * left > 128) {
-        buf = PyMem_Malloc(sizeof(PyObject *) * 2 * (size_t)left);
-        if (buf == NULL)
-            return PyErr_NoMemory();
+        w->buf = PyMem_Malloc(sizeof(PyObject *) * 2 * (size_t)left);
+        if (w->buf == NULL) {
+            w->buf = w->small;
+            PyErr_NoMemory();
+            return -1;
+        }
     }
+    PyObject **buf = w->buf;
+    Py_ssize_t n = 0;
     frame_t f = frame_first();
     while (f != NULL && skip-- > 0)
         f = frame_next(f);
@@ -289,24 +310,82 @@ capture_into(int skip, int left, Py_ssize_t head)
         f = frame_next(f);
     }
     frame_done(f);
-    PyObject *t = PyTuple_New(head + n);
-    if (t == NULL) {
-        f = NULL;
-        goto error;
-    }
-    for (Py_ssize_t i = 0; i < n; i++)
-        PyTuple_SET_ITEM(t, head + i, buf[i]); /* steals */
-    if (buf != small)
-        PyMem_Free(buf);
-    return t;
+    w->n = n;
+    return 0;
 error:
     frame_done(f);
-    for (Py_ssize_t i = 0; i < n; i++)
-        Py_DECREF(buf[i]);
-    if (buf != small)
-        PyMem_Free(buf);
-    return NULL;
+    w->n = n;
+    walk_release(w, 1);
+    return -1;
 }
+
+/* The walk as a tuple that starts with *head* empty slots for the caller to fill. */
+static PyObject *
+walk_tuple(walk_t *w, Py_ssize_t head)
+{
+    PyObject *t = PyTuple_New(head + w->n);
+    if (t == NULL) {
+        walk_release(w, 1);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < w->n; i++)
+        PyTuple_SET_ITEM(t, head + i, w->buf[i]); /* steals */
+    walk_release(w, 0);
+    return t;
+}
+
+static PyObject *
+capture_into(int skip, int left, Py_ssize_t head)
+{
+    walk_t w;
+    if (walk(&w, skip, left) < 0)
+        return NULL;
+    return walk_tuple(&w, head);
+}
+
+#define ENTRY_HEAD 5 /* (ref, created, seq, None, None) before the frames: registry.Entry */
+
+/* In-place reuse of an entry's values, for objects only that entry holds (see record_impl).
+ * Each returns 1 when it rewrote *o*, 0 when the caller must make a new object. */
+#ifndef Py_GIL_DISABLED
+static inline int
+float_reuse(PyObject *o, double v)
+{
+    if (Py_REFCNT(o) != 1 || !PyFloat_CheckExact(o))
+        return 0;
+    ((PyFloatObject *)o)->ob_fval = v;
+    return 1;
+}
+
+/* A positive int keeps its digit count here, so only digits are written: the
+ * size/sign word stays valid.  Versions whose layout is not known here make new ints. */
+static inline int
+long_reuse(PyObject *o, unsigned long long v)
+{
+    if (Py_REFCNT(o) != 1 || !PyLong_CheckExact(o))
+        return 0;
+#if PY_VERSION_HEX < 0x030C0000
+    Py_ssize_t size = Py_SIZE(o);
+    digit *d = ((PyLongObject *)o)->ob_digit;
+#elif PY_VERSION_HEX < 0x030E0000
+    uintptr_t tag = ((PyLongObject *)o)->long_value.lv_tag;
+    if ((tag & 3) != 0) /* the sign bits: 0 is positive */
+        return 0;
+    Py_ssize_t size = (Py_ssize_t)(tag >> 3);
+    digit *d = ((PyLongObject *)o)->long_value.ob_digit;
+#else
+    return 0;
+#endif
+    Py_ssize_t need = 0;
+    for (unsigned long long t = v; t != 0; t >>= PyLong_SHIFT)
+        need++;
+    if (need != size || need > 3)
+        return 0;
+    for (Py_ssize_t i = 0; i < need; i++, v >>= PyLong_SHIFT)
+        d[i] = (digit)(v & PyLong_MASK);
+    return 1;
+}
+#endif
 
 /* record() for a socket created *skip* Python frames below the current one. */
 static PyObject *
@@ -332,38 +411,97 @@ record_impl(PyObject *sock, int skip)
     }
     if (fd < 0)
         Py_RETURN_TRUE;  /* no descriptor: nothing to record */
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    double created = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    unsigned long long n = (unsigned long long)++seq;
+    walk_t w;
     PyObject *ref = PyWeakref_NewRef(sock, NULL);
     if (ref == NULL)
         return NULL;
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    PyObject *created = PyFloat_FromDouble((double)ts.tv_sec + (double)ts.tv_nsec * 1e-9);
-    PyObject *n = PyIter_Next(seq);
-    /* The entry (ref, created, seq, None, None, code, offset, code, offset, ...): the
-     * frames inline after the five fields (see registry.Entry). */
-    PyObject *entry = capture_into(skip, depth, 5);
-    PyObject *key = PyLong_FromLong(fd);
-    if (created == NULL || n == NULL || entry == NULL || key == NULL) {
+    if (walk(&w, skip, depth) < 0) {
         Py_DECREF(ref);
-        Py_XDECREF(created);
-        Py_XDECREF(n);
-        Py_XDECREF(entry);
+        return NULL;
+    }
+    PyObject *key = PyLong_FromLong(fd);
+    PyObject *old = key != NULL ? PyDict_GetItemWithError(records, key) : NULL; /* borrowed */
+    if (old == NULL && PyErr_Occurred()) {
+        Py_DECREF(ref);
         Py_XDECREF(key);
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_RuntimeError, "leakguard: record failed");
+        walk_release(&w, 1);
+        return NULL;
+    }
+    /* The entry (ref, created, seq, None, None, code, offset, code, offset, ...): the
+     * frames inline after the five fields (see registry.Entry).
+     *
+     * A descriptor is mostly reused by the next socket, and its old entry is then
+     * referenced by the dict alone (a Record view, a scan or a list of items holds its
+     * own reference): when it has the same size, the new values go into it in place, as
+     * zip() and enumerate() reuse their result tuple, and so do its time and sequence
+     * number when nothing else holds them either.  Nothing between the check and the swap
+     * can run Python code (the allocations here are not of collected types); the old
+     * values are released after, when the entry is whole again. */
+#ifndef Py_GIL_DISABLED
+    if (old != NULL && Py_REFCNT(old) == 1 && PyTuple_CheckExact(old)
+        && PyTuple_GET_SIZE(old) == ENTRY_HEAD + w.n) {
+        PyObject **items = ((PyTupleObject *)old)->ob_item;
+        PyObject *c = float_reuse(items[1], created) ? NULL : PyFloat_FromDouble(created);
+        PyObject *s = long_reuse(items[2], n) ? NULL : PyLong_FromUnsignedLongLong(n);
+        if (PyErr_Occurred()) {
+            Py_XDECREF(c);
+            Py_XDECREF(s);
+            Py_DECREF(ref);
+            Py_DECREF(key);
+            walk_release(&w, 1);
+            return NULL;
+        }
+        Py_DECREF(key);
+        PyObject *prev[3] = {items[0], c != NULL ? items[1] : NULL, s != NULL ? items[2] : NULL};
+        items[0] = ref;
+        if (c != NULL)
+            items[1] = c;
+        if (s != NULL)
+            items[2] = s;
+        for (Py_ssize_t i = 0; i < w.n; i++) {
+            PyObject *t = items[ENTRY_HEAD + i];
+            items[ENTRY_HEAD + i] = w.buf[i];
+            w.buf[i] = t;
+        }
+        Py_DECREF(prev[0]);
+        Py_XDECREF(prev[1]);
+        Py_XDECREF(prev[2]);
+        walk_release(&w, 1);
+        Py_RETURN_TRUE;
+    }
+#endif
+    PyObject *entry = NULL;
+    if (key == NULL || (entry = walk_tuple(&w, ENTRY_HEAD)) == NULL) {
+        if (key == NULL)
+            walk_release(&w, 1);
+        Py_DECREF(ref);
+        Py_XDECREF(key);
         return NULL;
     }
     PyTuple_SET_ITEM(entry, 0, ref); /* the new references move into the entry */
-    PyTuple_SET_ITEM(entry, 1, created);
-    PyTuple_SET_ITEM(entry, 2, n);
+    PyTuple_SET_ITEM(entry, 1, PyFloat_FromDouble(created));
+    PyTuple_SET_ITEM(entry, 2, PyLong_FromUnsignedLongLong(n));
     PyTuple_SET_ITEM(entry, 3, Py_NewRef(Py_None));
     PyTuple_SET_ITEM(entry, 4, Py_NewRef(Py_None));
-    int rc = PyDict_SetItem(records, key, entry);
+    int rc = -1;
+    if (PyTuple_GET_ITEM(entry, 1) != NULL && PyTuple_GET_ITEM(entry, 2) != NULL)
+        rc = PyDict_SetItem(records, key, entry);
     Py_DECREF(key);
     Py_DECREF(entry);
     if (rc < 0)
         return NULL;
     Py_RETURN_TRUE;
+}
+
+/* next_seq() -> the next sequence number (registry.mark, and records made in Python). */
+static PyObject *
+next_seq(PyObject *self, PyObject *unused)
+{
+    return PyLong_FromLongLong(++seq);
 }
 
 static PyObject *
@@ -484,19 +622,19 @@ capture(PyObject *self, PyObject *args)
 static PyObject *
 configure(PyObject *self, PyObject *args)
 {
-    PyObject *r, *a, *f, *s, *v;
+    PyObject *r, *a, *f, *v;
+    long long s;
     int d, c;
-    if (!PyArg_ParseTuple(args, "O!O!OOOii", &PyDict_Type, &r, &PyDict_Type, &a, &f, &s, &v, &d, &c))
+    if (!PyArg_ParseTuple(args, "O!O!OLOii", &PyDict_Type, &r, &PyDict_Type, &a, &f, &s, &v, &d, &c))
         return NULL;
     Py_INCREF(r);
     Py_INCREF(a);
     Py_INCREF(f);
-    Py_INCREF(s);
     Py_INCREF(v);
     Py_XSETREF(records, r);
     Py_XSETREF(app_files, a);
     Py_XSETREF(is_app_file, f);
-    Py_XSETREF(seq, s);
+    seq = s;
     Py_XSETREF(scope_var, v);
     depth = d;
     context = c;
@@ -755,7 +893,9 @@ static PyMethodDef methods[] = {
     {"clear_app_cache", clear_app_cache, METH_NOARGS, "Forget the cached application-code answers."},
     {"make_init", make_init, METH_VARARGS, "make_init(cls, orig, fast, slow, errors): the compiled cls.__init__ hook."},
     {"capture", capture, METH_VARARGS, "capture(skip=1, depth=32): stacks.capture, compiled."},
-    {"configure", configure, METH_VARARGS, "configure(records, app_files, is_app_file, seq, scope_var, depth, context)"},
+    {"configure", configure, METH_VARARGS,
+     "configure(records, app_files, is_app_file, last_seq, scope_var, depth, context)"},
+    {"next_seq", next_seq, METH_NOARGS, "next_seq() -> the next sequence number"},
     {"set_depth", set_depth, METH_O, "Set the most frames captured per socket."},
 #ifdef __linux__
     {"scan", scan, METH_VARARGS, "scan(objects, known, kernel_socket, states, last=None, fds=None, ep=-1): kernel.read_sockets' loop, compiled."},

@@ -160,7 +160,7 @@ class Record:
 # frames inline, one tuple per socket instead of two.  Record() reads both.
 Entry = tuple[Any, ...]
 
-_seq = itertools.count(1)
+_next_seq = itertools.count(1).__next__  # the compiled counter replaces it when built (shared with the hook)
 _records: dict[int, Entry] = {}  # written by the socket hook, lock-free
 _views: dict[int, Record] = {}  # Record views of entries, built on demand
 _views_lock = threading.Lock()
@@ -187,6 +187,7 @@ def set_depth(n: int) -> None:
 
 def _load_speedups() -> Any:
     """The compiled hot path, or None (not built, or LEAKGUARD_PURE_PYTHON=1)."""
+    global _next_seq
     if os.environ.get("LEAKGUARD_PURE_PYTHON", "") not in ("", "0"):
         return None
     try:
@@ -194,12 +195,13 @@ def _load_speedups() -> Any:
     except ImportError:
         return None
     try:
-        _speedups.configure(_records, stacks._app_files, stacks.is_app_file, _seq, _scope, depth[0], stacks.CONTEXT)
-        capture, _ = _speedups.capture, _speedups.record
+        _speedups.configure(_records, stacks._app_files, stacks.is_app_file, 0, _scope, depth[0], stacks.CONTEXT)
+        capture, _, next_seq = _speedups.capture, _speedups.record, _speedups.next_seq
     except Exception:  # a stale or mismatched build: the pure-Python path, never a failed import
         return None
     # Integrations capture the application's stack at their entry points: same walk, compiled.
     stacks.capture = capture
+    _next_seq = next_seq
     if hasattr(_speedups, "clear_app_cache"):
         stacks.on_app_change.append(_speedups.clear_app_cache)
     return _speedups
@@ -249,10 +251,10 @@ def record_socket(sock: Any, inherit: bool = False) -> None:
                 return
     sc = _scope.get()
     if sc is None:
-        _records[fd] = (_ref(sock), _monotonic(), next(_seq), stacks.capture(2, depth[0]), None)
+        _records[fd] = (_ref(sock), _monotonic(), _next_seq(), stacks.capture(2, depth[0]), None)
     else:
         frames = sc.frames if sc.frames is not None else stacks.capture(2, depth[0])
-        _records[fd] = (_ref(sock), _monotonic(), next(_seq), frames, sc)
+        _records[fd] = (_ref(sock), _monotonic(), _next_seq(), frames, sc)
 
 
 _ref = weakref.ref
@@ -300,7 +302,7 @@ def adopt(
             ref = weakref.ref(owner)
         except TypeError:
             ref = None
-    entry = _records[fd] = (ref, time.monotonic(), next(_seq), frames, Scope(origin, target, None))
+    entry = _records[fd] = (ref, time.monotonic(), _next_seq(), frames, Scope(origin, target, None))
     return _view(fd, entry)
 
 
@@ -426,7 +428,7 @@ def count_error() -> None:
 
 def mark() -> int:
     """A sequence number: every record created after this call has a greater ``seq``."""
-    return next(_seq)
+    return _next_seq()
 
 
 def live_between(after: int, before: int | None = None, exclude: Any = ()) -> list[Record]:
