@@ -15,11 +15,13 @@ import statistics
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
+
+if __package__ in (None, ""):  # python benchmarks/bench_core.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import leakguard
 
@@ -30,26 +32,30 @@ def _best(fn: Callable[[], float], rounds: int) -> float:
     return min(fn() for _ in range(rounds))
 
 
-def _interleaved(op: Callable[[int], None], n: int, rounds: int) -> tuple[float, float, float]:
+def _interleaved(
+    op: Callable[[int], None], n: int, rounds: int, control: bool = False
+) -> tuple[float, float, float]:
     """(plain, installed) seconds per operation, best of *rounds*, and the median ratio of paired rounds.
 
     Rounds alternate ABBA (plain first, then installed first, ...) so that neither side always
     runs on a warmer cache.  The best round of each side is what a quiet machine gives; the
     median of each pair's ratio (a plain and an installed round run back to back) cancels the
-    machine's drift over the run, which the two bests do not.
+    machine's drift over the run, which the two bests do not.  With *control*, leakguard is
+    never installed: both sides are plain, and how far their figures differ is the noise of
+    the method on this machine.
     """
     plain = installed = float("inf")
     ratios: list[float] = []
     for r in range(rounds):
         got: dict[str, float] = {}
         for mode in ("plain", "installed") if r % 2 == 0 else ("installed", "plain"):
-            if mode == "installed":
+            if mode == "installed" and not control:
                 leakguard.install(integrations="none")
             gc.collect()
             t = time.perf_counter()
             op(n)
             got[mode] = (time.perf_counter() - t) / n
-            if mode == "installed":
+            if mode == "installed" and not control:
                 leakguard.uninstall()
         plain, installed = min(plain, got["plain"]), min(installed, got["installed"])
         ratios.append(got["installed"] / got["plain"])
@@ -116,21 +122,81 @@ class _Server:
             self.proc.stdout.close()
 
 
-def bench_connect(quick: bool) -> Row:
-    srv = _Server()
-
+def _connect_loop(address: tuple[str, int]) -> Callable[[int], None]:
     def op(n: int) -> None:
         for _ in range(n):
-            s = socket.create_connection(srv.address)
+            s = socket.create_connection(address)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             s.close()  # RST: no TIME_WAIT pile-up across rounds
 
+    return op
+
+
+def bench_connect(quick: bool) -> list[Row]:
+    """The timed row, and the same method with both sides plain (what noise alone gives)."""
+    srv = _Server()
+    op = _connect_loop(srv.address)
+    rounds = 21 if quick else 121  # many short rounds: the paired median has many pairs
     try:
-        # many short rounds: the best ones see a quiet machine, and the paired median has many pairs
-        p, i, pr = _interleaved(op, 250, 21 if quick else 81)
+        p, i, pr = _interleaved(op, 250, rounds)
+        cp, ci, cpr = _interleaved(op, 250, rounds, control=True)
     finally:
         srv.close()
-    return _row("loopback connect+close", p, i, pr)
+    control = _row("loopback connect+close: plain vs plain (noise of the method)", cp, ci, cpr)
+    return [_row("loopback connect+close", p, i, pr), control]
+
+
+def _loop_main(kind: str, n: int, installed: bool, port: int) -> None:
+    """The program callgrind counts: *n* operations of *kind*, a few application frames deep."""
+    if installed:
+        leakguard.install(integrations="none")
+    if kind == "create":
+        sock = socket.socket
+
+        def op(k: int) -> None:
+            for _ in range(k):
+                sock().close()
+
+    else:
+        op = _connect_loop(("127.0.0.1", port))
+    op(50)  # warm: allocator pools, the records table, caches
+    _app_frames(5, lambda: op(n))
+
+
+def bench_instructions(quick: bool) -> list[Row]:
+    """Instructions per operation, plain vs installed (see _callgrind): the figure no load moves."""
+    from benchmarks import _callgrind
+
+    if not _callgrind.available():
+        return [{"name": "instructions per operation", "error": "valgrind is not installed"}]
+    srv = _Server()
+    rows: list[Row] = []
+    try:
+        for kind, name, sizes in (
+            ("create", "socket create+close", (2_000, 12_000)),
+            ("connect", "loopback connect+close", (300, 1_300) if quick else (500, 2_500)),
+        ):
+            per = {
+                flag: _callgrind.per_op(
+                    lambda n, k=kind, f=flag: [
+                        sys.executable, os.path.abspath(__file__), "--loop", k, str(n), f, str(srv.address[1])
+                    ],
+                    *sizes,
+                )  # fmt: skip
+                for flag in ("0", "1")
+            }
+            rows.append(
+                {
+                    "name": f"{name} (instructions)",
+                    "baseline_instructions": round(per["0"]),
+                    "leakguard_instructions": round(per["1"]),
+                    "added_instructions": round(per["1"] - per["0"]),
+                    "ratio": round(per["1"] / per["0"], 4),
+                }
+            )
+    finally:
+        srv.close()
+    return rows
 
 
 _TLS_SERVER = textwrap.dedent(
@@ -424,14 +490,18 @@ def bench_memory(quick: bool) -> list[Row]:
 
 
 def run(quick: bool = False) -> list[Row]:
-    rows = [bench_socket_create(quick), bench_connect(quick), bench_tls_connect(quick), bench_asyncio_connect(quick)]
+    rows = [bench_socket_create(quick), *bench_connect(quick), bench_tls_connect(quick), bench_asyncio_connect(quick)]
+    rows += bench_instructions(quick)
     rows += bench_snapshot(quick)
     rows += bench_memory(quick)
     return rows
 
 
 if __name__ == "__main__":
-    import json
+    if sys.argv[1:2] == ["--loop"]:
+        _loop_main(sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", int(sys.argv[5]))
+    else:
+        import json
 
-    for r in run("--quick" in sys.argv):
-        print(json.dumps(r))
+        for r in run("--quick" in sys.argv):
+            print(json.dumps(r))

@@ -1,8 +1,9 @@
 """What the pytest plugin costs a suite of 2,000 trivial tests.
 
 Each configuration runs the same generated suite in a fresh ``python -m pytest``
-process; runs are interleaved (baseline, leakguard, baseline, ...) and the best
-of the rounds is kept, so a noisy machine hurts both sides alike.  The baseline
+process; runs are interleaved (baseline then leakguard, leakguard then baseline,
+...) and the best of the rounds is kept, so a noisy machine hurts both sides
+alike; the median ratio of the rounds' pairs is reported too.  The baseline
 is pytest with the plugin blocked (``-p no:leakguard``): the suite's time
 without leakguard at all.
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,12 +86,18 @@ def _pytest(*args: str, python: tuple[str, ...] = ()) -> list[str]:
 def _compare(
     root: Path, name: str, baseline: list[str], candidate: list[str], rounds: int, n: int
 ) -> dict[str, Any]:
+    """Best CPU (and wall) time of *rounds* runs of each, alternating which goes first, and the
+    median ratio of the rounds' pairs (a baseline and a candidate run back to back)."""
     base, cand = [], []
     _time(baseline, root)  # warm-up: bytecode caches, page cache
     _time(candidate, root)
-    for _ in range(rounds):
-        base.append(_time(baseline, root))
-        cand.append(_time(candidate, root))
+    for r in range(rounds):
+        if r % 2 == 0:
+            base.append(_time(baseline, root))
+            cand.append(_time(candidate, root))
+        else:
+            cand.append(_time(candidate, root))
+            base.append(_time(baseline, root))
     b, c = min(t[0] for t in base), min(t[0] for t in cand)
     bw, cw = min(t[1] for t in base), min(t[1] for t in cand)
     return {
@@ -97,13 +105,15 @@ def _compare(
         "baseline_us": round(b / n * 1e6, 1),
         "leakguard_us": round(c / n * 1e6, 1),
         "ratio": round(c / b, 3),
+        "pair_ratio": round(statistics.median(ct[0] / bt[0] for bt, ct in zip(base, cand)), 4),
         "wall_ratio": round(cw / bw, 3),
         "tests": n,
+        "rounds": rounds,
     }
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
-    rounds = 3
+    rounds = 3 if quick else 7
     n = 500 if quick else N_TESTS
     rows = []
     with tempfile.TemporaryDirectory(prefix="leakguard-bench-pytest-") as tmp:

@@ -196,43 +196,25 @@ def _client_loop(workload: str, n: int, installed: bool, port: int) -> None:
 def instructions(n_small: int = 200, n_large: int = 1200) -> list[Row]:
     """Instructions per request (valgrind callgrind), plain vs installed: immune to machine load.
 
-    Each figure is (I(n_large) - I(n_small)) / (n_large - n_small), so start-up and
-    install() cancel out.  Counts this process only, not the server.
+    Counts this process only, not the server (see ``_callgrind``).
     """
-    import re
-    import shutil
-    import tempfile
+    from benchmarks import _callgrind
 
-    valgrind = shutil.which("valgrind")
-    if valgrind is None:
+    if not _callgrind.available():
         return [{"name": "requests instructions", "error": "valgrind is not installed"}]
-    # Without these the counts move by ±50k instructions per request from run to
-    # run: address-space layout and string hashing change dict probe lengths.
-    setarch = shutil.which("setarch")
-    norandom = [setarch, os.uname().machine, "-R"] if setarch else []
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
     rows: list[Row] = []
     srv = _Server()
     try:
         for workload in FLOORS:
             per: dict[bool, float] = {}
             for installed in (False, True):
-                counts = []
-                for n in (n_small, n_large):
-                    with tempfile.TemporaryDirectory() as d:
-                        out = subprocess.run(
-                            [*norandom, valgrind, "--tool=callgrind", f"--callgrind-out-file={d}/cg.out",
-                             sys.executable, os.path.abspath(__file__), "--loop", workload, str(n),
-                             "1" if installed else "0", str(srv.port)],
-                            capture_output=True, text=True, env=env,
-                        )  # fmt: skip
-                    if out.returncode != 0:
-                        tail = [ln for ln in out.stderr.splitlines() if not ln.startswith("==")][-20:]
-                        raise RuntimeError("client loop failed under valgrind:\n" + "\n".join(tail))
-                    m = re.search(r"Collected\s*:\s*(\d+)", out.stderr)
-                    assert m, out.stderr[-2000:]
-                    counts.append(int(m.group(1)))
-                per[installed] = (counts[1] - counts[0]) / (n_large - n_small)
+                flag = "1" if installed else "0"
+                per[installed] = _callgrind.per_op(
+                    lambda n, w=workload, f=flag: [
+                        sys.executable, os.path.abspath(__file__), "--loop", w, str(n), f, str(srv.port)
+                    ],
+                    n_small, n_large,
+                )  # fmt: skip
             rows.append(
                 {
                     "name": f"requests {workload} (instructions)",

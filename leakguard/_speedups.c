@@ -387,30 +387,32 @@ long_reuse(PyObject *o, unsigned long long v)
 }
 #endif
 
-/* record() for a socket created *skip* Python frames below the current one. */
-static PyObject *
+/* record() for a socket created *skip* Python frames below the current one:
+ * 1 recorded (or nothing to record), 0 left to the Python path (an integration scope
+ * is active), -1 with an exception set. */
+static int
 record_impl(PyObject *sock, int skip)
 {
     PyObject *sc = NULL;
     if (PyContextVar_Get(scope_var, Py_None, &sc) < 0)
-        return NULL;
+        return -1;
     int scoped = sc != Py_None;
     Py_DECREF(sc);
     if (scoped)
-        Py_RETURN_FALSE;
+        return 0;
     long fd;
     if (PyObject_TypeCheck(sock, raw_socket)) {
         fd = sock_fd(sock);
         if (fd == -1 && PyErr_Occurred())
-            return NULL;
+            return -1;
     }
     else {  /* a socket class of another lineage (gevent's): ask it */
         fd = PyObject_AsFileDescriptor(sock);
         if (fd < 0)
-            return NULL;
+            return -1;
     }
     if (fd < 0)
-        Py_RETURN_TRUE;  /* no descriptor: nothing to record */
+        return 1;  /* no descriptor: nothing to record */
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     double created = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
@@ -418,10 +420,10 @@ record_impl(PyObject *sock, int skip)
     walk_t w;
     PyObject *ref = PyWeakref_NewRef(sock, NULL);
     if (ref == NULL)
-        return NULL;
+        return -1;
     if (walk(&w, skip, depth) < 0) {
         Py_DECREF(ref);
-        return NULL;
+        return -1;
     }
     PyObject *key = PyLong_FromLong(fd);
     PyObject *old = key != NULL ? PyDict_GetItemWithError(records, key) : NULL; /* borrowed */
@@ -429,7 +431,7 @@ record_impl(PyObject *sock, int skip)
         Py_DECREF(ref);
         Py_XDECREF(key);
         walk_release(&w, 1);
-        return NULL;
+        return -1;
     }
     /* The entry (ref, created, seq, None, None, code, offset, code, offset, ...): the
      * frames inline after the five fields (see registry.Entry).
@@ -453,7 +455,7 @@ record_impl(PyObject *sock, int skip)
             Py_DECREF(ref);
             Py_DECREF(key);
             walk_release(&w, 1);
-            return NULL;
+            return -1;
         }
         Py_DECREF(key);
         PyObject *prev[3] = {items[0], c != NULL ? items[1] : NULL, s != NULL ? items[2] : NULL};
@@ -471,16 +473,14 @@ record_impl(PyObject *sock, int skip)
         Py_XDECREF(prev[1]);
         Py_XDECREF(prev[2]);
         walk_release(&w, 1);
-        Py_RETURN_TRUE;
+        return 1;
     }
 #endif
-    PyObject *entry = NULL;
-    if (key == NULL || (entry = walk_tuple(&w, ENTRY_HEAD)) == NULL) {
-        if (key == NULL)
-            walk_release(&w, 1);
+    PyObject *entry = walk_tuple(&w, ENTRY_HEAD); /* key is set: a failure returned above */
+    if (entry == NULL) {
         Py_DECREF(ref);
-        Py_XDECREF(key);
-        return NULL;
+        Py_DECREF(key);
+        return -1;
     }
     PyTuple_SET_ITEM(entry, 0, ref); /* the new references move into the entry */
     PyTuple_SET_ITEM(entry, 1, PyFloat_FromDouble(created));
@@ -492,9 +492,7 @@ record_impl(PyObject *sock, int skip)
         rc = PyDict_SetItem(records, key, entry);
     Py_DECREF(key);
     Py_DECREF(entry);
-    if (rc < 0)
-        return NULL;
-    Py_RETURN_TRUE;
+    return rc < 0 ? -1 : 1;
 }
 
 /* next_seq() -> the next sequence number (registry.mark, and records made in Python). */
@@ -507,7 +505,8 @@ next_seq(PyObject *self, PyObject *unused)
 static PyObject *
 record(PyObject *self, PyObject *sock)
 {
-    return record_impl(sock, 1); /* called from the Python hook: skip its frame */
+    int r = record_impl(sock, 1); /* called from the Python hook: skip its frame */
+    return r < 0 ? NULL : PyBool_FromLong(r);
 }
 
 /* The compiled socket.socket.__init__ (see _sockets.py, whose Python hook it replaces when
@@ -562,21 +561,25 @@ hooked_init(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *k
             fileno = args[nargs + i];
     }
     int inherit = fileno != NULL && fileno != Py_None;
-    PyObject *done = NULL;
+    int done = 0; /* recorded by the fast path */
     if (!inherit) {
-        done = hook_fast == Py_None ? record_impl(self, 0) : PyObject_CallOneArg(hook_fast, self);
-        if (done == NULL)
+        if (hook_fast == Py_None) {
+            done = record_impl(self, 0);
+        }
+        else {
+            PyObject *d = PyObject_CallOneArg(hook_fast, self);
+            done = d == NULL ? -1 : PyObject_IsTrue(d);
+            Py_XDECREF(d);
+        }
+        if (done < 0)
             return hook_count_error() < 0 ? NULL : Py_NewRef(Py_None);
     }
-    if (done == NULL || !PyObject_IsTrue(done)) { /* built on a descriptor, or inside an integration scope */
+    if (!done) { /* built on a descriptor, or inside an integration scope */
         PyObject *rr = PyObject_CallFunctionObjArgs(hook_slow, self, inherit ? Py_True : Py_False, NULL);
-        if (rr == NULL && hook_count_error() < 0) {
-            Py_XDECREF(done);
+        if (rr == NULL && hook_count_error() < 0)
             return NULL;
-        }
         Py_XDECREF(rr);
     }
-    Py_XDECREF(done);
     Py_RETURN_NONE;
 }
 

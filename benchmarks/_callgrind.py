@@ -1,0 +1,51 @@
+"""Instructions per operation under ``valgrind --tool=callgrind``: immune to machine load.
+
+Timed ratios on a shared 2-vCPU machine swing by several percent from run to
+run; instruction counts of the same program, inputs and environment do not.
+Each figure is ``(I(n_large) - I(n_small)) / (n_large - n_small)`` for a program
+that runs *n* operations, so start-up, imports and ``install()`` cancel out.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+
+__all__ = ["available", "per_op"]
+
+
+def available() -> bool:
+    return shutil.which("valgrind") is not None
+
+
+def _collected(argv: list[str]) -> int:
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise RuntimeError("valgrind is not installed")
+    # Without these the counts move from run to run: address-space layout and
+    # string hashing change dict probe lengths.
+    setarch = shutil.which("setarch")
+    norandom = [setarch, os.uname().machine, "-R"] if setarch else []
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    with tempfile.TemporaryDirectory() as d:
+        out = subprocess.run(
+            [*norandom, valgrind, "--tool=callgrind", f"--callgrind-out-file={d}/cg.out", *argv],
+            capture_output=True, text=True, env=env,
+        )  # fmt: skip
+    if out.returncode != 0:
+        tail = [ln for ln in out.stderr.splitlines() if not ln.startswith("==")][-20:]
+        raise RuntimeError(f"{' '.join(argv)} failed under valgrind:\n" + "\n".join(tail))
+    m = re.search(r"Collected\s*:\s*(\d+)", out.stderr)
+    if m is None:
+        raise RuntimeError("callgrind printed no instruction count:\n" + out.stderr[-2000:])
+    return int(m.group(1))
+
+
+def per_op(argv: Callable[[int], list[str]], n_small: int, n_large: int) -> float:
+    """Instructions per operation of the program ``argv(n)``, which runs *n* operations."""
+    small, large = _collected(argv(n_small)), _collected(argv(n_large))
+    return (large - small) / (n_large - n_small)

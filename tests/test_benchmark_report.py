@@ -1,0 +1,56 @@
+"""The benchmark table and its floor verdicts (benchmarks/run.py), on rows shaped as the benchmarks return them."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+run = pytest.importorskip("benchmarks.run")
+
+
+def rows(connect_pair: float = 1.02, connect_instr: float = 1.025) -> list[dict[str, object]]:
+    return [
+        {"name": "socket create+close", "baseline_us": 6.7, "leakguard_us": 6.9, "added_us": 0.2, "ratio": 1.03,
+         "pair_ratio": 1.04},
+        {"name": "loopback connect+close", "baseline_us": 35.0, "leakguard_us": 38.0, "added_us": 3.0,
+         "ratio": 1.086, "pair_ratio": connect_pair},
+        {"name": "loopback connect+close: plain vs plain (noise of the method)", "baseline_us": 35.0,
+         "leakguard_us": 37.0, "added_us": 2.0, "ratio": 1.057, "pair_ratio": 1.002},
+        {"name": "loopback connect+close (instructions)", "baseline_instructions": 45_400,
+         "leakguard_instructions": round(45_400 * connect_instr), "ratio": connect_instr},
+        {"name": "snapshot() 1000 own sockets", "baseline_us": 40_000.0, "leakguard_us": 3_000.0, "ratio": 0.075,
+         "sockets": 1000},
+        {"name": "snapshot() 1000 own + 20000 foreign sockets", "baseline_us": 90_000.0, "leakguard_us": 3_100.0,
+         "ratio": 0.034, "sockets": 1000, "flat": 1.03},
+        {"name": "memory per live tracked socket", "value": 337, "unit": "bytes", "floor": 1024},
+        {"name": "RSS growth after 1,000,000 create/close cycles", "value": 0.0, "unit": "MiB", "floor": 2},
+        {"name": "pytest 2000 trivial tests: --leakguard vs without the plugin", "baseline_us": 530.0,
+         "leakguard_us": 545.0, "ratio": 1.028, "pair_ratio": 1.03, "tests": 2000},
+        {"name": "watcher CPU share at report_interval=1, 1001 tracked sockets", "value": 0.4, "unit": "%"},
+    ]  # fmt: skip
+
+
+def test_every_floor_is_judged() -> None:
+    lines = run.floors(rows())
+    assert len(lines) == 8
+    assert all("**ok**" in line for line in lines), lines
+
+
+def test_connect_floor_needs_paired_and_instructions() -> None:
+    over = [ln for ln in run.floors(rows(connect_pair=1.035)) if "connect+close" in ln]
+    assert "**OVER**" in over[0] and "1.035× (paired)" in over[0] and "plain vs plain" in over[0]
+    over = [ln for ln in run.floors(rows(connect_instr=1.031)) if "connect+close" in ln]
+    assert "**OVER**" in over[0]
+
+
+def test_missing_rows_are_not_measured() -> None:
+    lines = run.floors([{"name": "socket create+close", "error": "boom"}])
+    assert len(lines) == 8 and all("not measured" in line for line in lines)
+
+
+def test_table_has_instruction_rows() -> None:
+    md = run.table(rows())
+    assert "| loopback connect+close (instructions) | 45,400 | 46,535 | +1,135 | 1.025× |" in md
