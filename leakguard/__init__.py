@@ -17,12 +17,18 @@ def _source_checkout() -> None:
     repository root without one (``python -m leakguard demo`` right after ``pip install .``,
     where the working directory shadows the installed copy) needs this one mapping.
     """
-    import importlib.util
+    import importlib
     import os
     import sys
 
-    if "leakguard.integrations" in sys.modules or importlib.util.find_spec("leakguard.integrations") is not None:
+    try:  # the usual case (installed, or mapped by an editable install): one search, not find_spec's and import's
+        importlib.import_module("leakguard.integrations")
         return
+    except ModuleNotFoundError as exc:
+        if exc.name != "leakguard.integrations":
+            raise
+    import importlib.util
+
     here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "integrations")
     spec = importlib.util.spec_from_file_location(
         "leakguard.integrations", os.path.join(here, "__init__.py"), submodule_search_locations=[here]

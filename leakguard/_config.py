@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import signal
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
+
+from ._value import Value
 
 __all__ = ["Config", "OPTIONS", "parse"]
 
@@ -93,6 +92,8 @@ def _integrations(name: str, value: Any) -> tuple[str, ...] | None:
 def _signal(name: str, value: Any) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "off")):
         return None
+    import signal  # its enums cost more to build than the rest of this module: only when a signal is named
+
     if isinstance(value, int) and not isinstance(value, bool):
         try:
             return int(signal.Signals(value))
@@ -130,26 +131,88 @@ def _host(name: str, value: Any) -> str:
     return value.strip()
 
 
-@dataclass(frozen=True)
-class Config:
-    """The effective configuration of an install()."""
+class Config(Value):
+    """The effective configuration of an install(): immutable, compared and hashed by
+    value, as ``@dataclass(frozen=True)`` made it (see :class:`Value`)."""
 
-    report_interval: float | None = None
-    stack_depth: int = 48
-    integrations: tuple[str, ...] | None = None
-    checkout_threshold: float | None = None
-    log_format: str = "auto"
-    dump_signal: int | None = None
-    top_sites: int = 10
-    max_events_per_report: int = 50
-    churn_warning: bool = True
-    churn_limit: int | None = None  # closes per site per 60 s; None = half of ip_local_port_range
-    max_events_per_minute: int = 120
-    metrics_port: int | None = None
-    metrics_addr: str = "127.0.0.1"
+    _fields = (
+        "report_interval",
+        "stack_depth",
+        "integrations",
+        "checkout_threshold",
+        "log_format",
+        "dump_signal",
+        "top_sites",
+        "max_events_per_report",
+        "churn_warning",
+        "churn_limit",
+        "max_events_per_minute",
+        "metrics_port",
+        "metrics_addr",
+    )
+
+    report_interval: float | None
+    stack_depth: int
+    integrations: tuple[str, ...] | None
+    checkout_threshold: float | None
+    log_format: str
+    dump_signal: int | None
+    top_sites: int
+    max_events_per_report: int
+    churn_warning: bool
+    churn_limit: int | None  # closes per site per 60 s; None = half of ip_local_port_range
+    max_events_per_minute: int
+    metrics_port: int | None
+    metrics_addr: str
+
+    def __init__(
+        self,
+        report_interval: float | None = None,
+        stack_depth: int = 48,
+        integrations: tuple[str, ...] | None = None,
+        checkout_threshold: float | None = None,
+        log_format: str = "auto",
+        dump_signal: int | None = None,
+        top_sites: int = 10,
+        max_events_per_report: int = 50,
+        churn_warning: bool = True,
+        churn_limit: int | None = None,
+        max_events_per_minute: int = 120,
+        metrics_port: int | None = None,
+        metrics_addr: str = "127.0.0.1",
+    ) -> None:
+        vars(self).update(
+            report_interval=report_interval,
+            stack_depth=stack_depth,
+            integrations=integrations,
+            checkout_threshold=checkout_threshold,
+            log_format=log_format,
+            dump_signal=dump_signal,
+            top_sites=top_sites,
+            max_events_per_report=max_events_per_report,
+            churn_warning=churn_warning,
+            churn_limit=churn_limit,
+            max_events_per_minute=max_events_per_minute,
+            metrics_port=metrics_port,
+            metrics_addr=metrics_addr,
+        )
 
     def replace(self, **changes: Any) -> Config:
-        return dataclasses.replace(self, **changes)
+        """A copy with *changes* applied (``dataclasses.replace``)."""
+        return Config(**{**vars(self), **changes})
+
+    def __hash__(self) -> int:  # type: ignore[override]  # frozen: hashable, as a frozen dataclass
+        return hash(self._values())
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        from dataclasses import FrozenInstanceError  # what a frozen dataclass raises: an AttributeError
+
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        from dataclasses import FrozenInstanceError
+
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
 
 
 #: option name -> validator(name, value)

@@ -8,27 +8,32 @@ runs the callbacks after the module has executed.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
-import importlib.util
-import logging
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from ._log import log
+
+if TYPE_CHECKING:
+    from importlib.abc import Loader as _LoaderBase
+    from importlib.machinery import ModuleSpec
+else:
+    try:  # what importlib.abc.Loader is, without importlib.abc's own imports (importlib.resources, tempfile, ...)
+        from importlib._abc import Loader as _LoaderBase
+    except ImportError:  # pragma: no cover - an interpreter without it
+        from importlib.abc import Loader as _LoaderBase
 
 __all__ = ["ImportWatcher"]
 
-log = logging.getLogger("leakguard")
 
-
-class _Loader(importlib.abc.Loader):
+class _Loader(_LoaderBase):
     def __init__(self, loader: Any, on_loaded: Callable[[ModuleType], None]) -> None:
         self._loader = loader
         self._on_loaded = on_loaded
 
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
         create = getattr(self._loader, "create_module", None)
         return create(spec) if create is not None else None
 
@@ -44,8 +49,13 @@ class _Loader(importlib.abc.Loader):
         return getattr(self._loader, name)
 
 
-class ImportWatcher(importlib.abc.MetaPathFinder):
-    """Calls ``callback(module)`` right after any of *names* is first imported."""
+class ImportWatcher:
+    """Calls ``callback(module)`` right after any of *names* is first imported.
+
+    A meta path finder by protocol (``find_spec``), not by subclassing
+    ``importlib.abc.MetaPathFinder``: importing :mod:`importlib.abc` costs more
+    than the rest of ``import leakguard``.
+    """
 
     def __init__(self, names: Sequence[str], callback: Callable[[ModuleType], None]) -> None:
         self.names = frozenset(names)
@@ -54,7 +64,7 @@ class ImportWatcher(importlib.abc.MetaPathFinder):
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
-    ) -> importlib.machinery.ModuleSpec | None:
+    ) -> ModuleSpec | None:
         if fullname not in self.names or getattr(self._busy, "name", None) == fullname:
             return None
         self._busy.name = fullname

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
+from ._log import log
 
 __all__ = ["Patches", "contained"]
 
-log = logging.getLogger("leakguard")
 _ABSENT = object()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import re
 import sys
@@ -13,12 +12,11 @@ from typing import Any
 
 from leakguard.integrations import INTEGRATIONS
 
-from . import _config, _sockets, registry
+from . import _config, _sockets, registry, stacks
 from ._imports import ImportWatcher
+from ._log import log
 
 __all__ = ["get_config", "install", "installed", "uninstall"]
-
-log = logging.getLogger("leakguard")
 
 
 class _State:
@@ -52,8 +50,9 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-_VERSION_RE = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(.*)$")
-_CLAUSE_RE = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*([0-9][0-9a-zA-Z.]*)\s*$")
+# Compiled on first use (by re's cache), when an integration is applied: not at import.
+_VERSION_RE = r"^\s*([A-Za-z0-9_.\-]+)\s*(.*)$"
+_CLAUSE_RE = r"^\s*(>=|<=|==|!=|>|<)\s*([0-9][0-9a-zA-Z.]*)\s*$"
 
 
 def _vtuple(v: str) -> tuple[int, ...]:
@@ -68,7 +67,7 @@ def _vtuple(v: str) -> tuple[int, ...]:
 
 def version_ok(requires: str) -> bool:
     """Is the installed distribution within ``"name >= 1.2, < 3"``?  False if absent."""
-    m = _VERSION_RE.match(requires)
+    m = re.match(_VERSION_RE, requires)
     if not m:
         raise ValueError(f"bad version gate {requires!r}")
     import importlib.metadata  # 50 ms to import: only when an integration is applied
@@ -79,7 +78,7 @@ def version_ok(requires: str) -> bool:
     except importlib.metadata.PackageNotFoundError:
         return False
     for clause in filter(None, (c.strip() for c in spec.split(","))):
-        cm = _CLAUSE_RE.match(clause)
+        cm = re.match(_CLAUSE_RE, clause)
         if not cm:
             raise ValueError(f"bad version gate {requires!r}")
         op, want = cm.group(1), _vtuple(cm.group(2))
@@ -187,6 +186,10 @@ def install(**options: Any) -> None:
         _state.config = config
         registry.set_depth(config.stack_depth)
         if not _state.installed:
+            # Before any hook runs, here rather than at the first is_app_file() miss inside a socket
+            # hook: that would import sysconfig in whatever thread opens a socket first, and an import
+            # in flight in one thread when another forks leaves the child stuck on its module lock.
+            stacks.library_prefixes()
             _sockets.instrument()
             _state.installed = True
             _state.pid = os.getpid()

@@ -35,11 +35,11 @@ import collections
 import socket
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
 from . import registry, stacks
+from ._value import Value
 
 if TYPE_CHECKING:
     from .snapshot import Snapshot
@@ -67,9 +67,10 @@ def local_port_range() -> tuple[int, int]:
     return _DEFAULT_RANGE
 
 
-@dataclass
-class ChurnWarning:
+class ChurnWarning(Value):
     """One site closing connections to one peer fast enough to run out of local ports."""
+
+    _fields = ("site", "peer", "closes_per_60s", "limit", "ports", "origin")
 
     site: str
     peer: str | None
@@ -77,6 +78,14 @@ class ChurnWarning:
     limit: int
     ports: int
     origin: str
+
+    def __init__(self, site: str, peer: str | None, closes_per_60s: int, limit: int, ports: int, origin: str) -> None:
+        self.site = site
+        self.peer = peer
+        self.closes_per_60s = closes_per_60s
+        self.limit = limit
+        self.ports = ports
+        self.origin = origin
 
     @property
     def message(self) -> str:

@@ -50,20 +50,33 @@ _IPPROTO_TCP = socket.IPPROTO_TCP
 _IS_LINUX = sys.platform.startswith("linux")
 
 
-class KernelSocket(NamedTuple):
+# NamedTuple's functional form: in the class form, under ``from __future__ import annotations``,
+# typing compiles every field's annotation string at import (more than this module's own cost).
+class KernelSocket(
+    NamedTuple(
+        "KernelSocket",
+        [
+            ("fd", int | None),
+            ("family", int),
+            ("type", int),
+            ("state", str | None),
+            ("local", str | None),
+            ("remote", str | None),
+            ("obj", Any),  # the Python socket object when leakguard tracks it (default None)
+        ],
+    )
+):
     """One socket descriptor of this process as the kernel sees it."""
 
-    fd: int | None
-    family: int
-    type: int
-    state: str | None
-    local: str | None
-    remote: str | None
-    obj: Any = None  # the Python socket object when leakguard tracks it
+    __slots__ = ()
 
     @property
     def is_tcp(self) -> bool:
         return self.family in _INET and self.type == socket.SOCK_STREAM
+
+
+KernelSocket.__new__.__defaults__ = (None,)  # obj=None: what namedtuple(defaults=...) sets up
+KernelSocket._field_defaults = {"obj": None}
 
 
 #: What is remembered of a settled TCP socket: (local, remote, family, type).

@@ -6,10 +6,10 @@ from operator import itemgetter as _itemgetter
 import os
 import socket
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from . import kernel, registry, stacks
+from ._value import Value
 
 __all__ = ["Snapshot", "SocketInfo", "take"]
 
@@ -149,9 +149,10 @@ class SocketInfo(tuple):  # type: ignore[type-arg]
         )
 
 
-@dataclass
-class Snapshot:
+class Snapshot(Value):
     """The process's sockets at one moment; :attr:`leaks` are those judged leaked."""
+
+    _fields = ("pid", "taken_at", "counts", "fds_open", "fds_limit", "sockets", "leaks")
 
     pid: int
     taken_at: float
@@ -160,6 +161,24 @@ class Snapshot:
     fds_limit: int
     sockets: list[SocketInfo]
     leaks: list[SocketInfo]
+
+    def __init__(
+        self,
+        pid: int,
+        taken_at: float,
+        counts: dict[str, int],
+        fds_open: int,
+        fds_limit: int,
+        sockets: list[SocketInfo],
+        leaks: list[SocketInfo],
+    ) -> None:
+        self.pid = pid
+        self.taken_at = taken_at
+        self.counts = counts
+        self.fds_open = fds_open
+        self.fds_limit = fds_limit
+        self.sockets = sockets
+        self.leaks = leaks
 
     def to_dict(self) -> dict[str, Any]:
         return {

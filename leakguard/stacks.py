@@ -14,9 +14,7 @@ created deep inside requests + urllib3 still reaches the line that asked for it.
 from __future__ import annotations
 
 import os
-import site
 import sys
-import sysconfig
 from types import CodeType, FrameType
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -38,10 +36,10 @@ CONTEXT = 3
 Frames = tuple[Any, ...]  # (code, lasti, code, lasti, ...), innermost first
 
 
-class Frame(NamedTuple):
-    file: str
-    line: int
-    function: str
+# NamedTuple's functional form: in the class form, under ``from __future__ import annotations``,
+# typing compiles every field's annotation string at import (several times this module's own cost).
+class Frame(NamedTuple("Frame", [("file", str), ("line", int), ("function", str)])):
+    __slots__ = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "line": self.line, "function": self.function}
@@ -50,13 +48,14 @@ class Frame(NamedTuple):
         return f"{self.file}:{self.line} in {self.function}"
 
 
-def _library_prefixes() -> tuple[str, ...]:
+def _find_library_prefixes() -> tuple[str, ...]:
+    import site
+    import sysconfig
+
     paths: set[str] = set()
+    scheme = sysconfig.get_paths()  # expands every path of the scheme: once, not per key
     for key in ("stdlib", "platstdlib", "purelib", "platlib"):
-        try:
-            p = sysconfig.get_paths()[key]
-        except KeyError:
-            continue
+        p = scheme.get(key)
         if p:
             paths.add(p)
     try:
@@ -79,7 +78,22 @@ def _library_prefixes() -> tuple[str, ...]:
     return tuple(sorted(out))
 
 
-_LIBRARY_PREFIXES = _library_prefixes()
+_LIBRARY_PREFIXES: tuple[str, ...] | None = None  # see library_prefixes()
+
+
+def library_prefixes() -> tuple[str, ...]:
+    """The directories of library code (stdlib, site-packages, leakguard).
+
+    Computed on first use, not at import (sysconfig is not otherwise imported):
+    by ``install()`` before any hook runs, or by the first :func:`is_app_file`
+    miss without install (``snapshot()`` formatting a stack).
+    """
+    global _LIBRARY_PREFIXES
+    if _LIBRARY_PREFIXES is None:
+        _LIBRARY_PREFIXES = _find_library_prefixes()
+    return _LIBRARY_PREFIXES
+
+
 _INTEGRATIONS_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "integrations", ""
 )
@@ -125,7 +139,7 @@ def _is_app_file(filename: str) -> bool:
     if filename.startswith(_INTEGRATIONS_DIR):
         return False
     absname = filename if os.path.isabs(filename) else os.path.abspath(filename)
-    return not absname.startswith(_LIBRARY_PREFIXES)
+    return not absname.startswith(_LIBRARY_PREFIXES or library_prefixes())
 
 
 def _is_app_code(code: CodeType) -> bool:

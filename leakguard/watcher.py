@@ -29,9 +29,7 @@ and the next one runs as usual.
 
 from __future__ import annotations
 
-import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -39,11 +37,10 @@ from typing import Any
 
 from . import churn as _churn
 from . import kernel, report
+from ._log import log
 from .snapshot import Snapshot, take as take_snapshot
 
 __all__ = ["Watcher", "after_fork", "configure", "current", "dump", "inherited_fds", "stop"]
-
-log = logging.getLogger("leakguard")
 
 _state_ref: Any = None  # the _state._State, for the signal handler and the exit hook
 _inherited: dict[int, int] = {}  # fd -> socket inode, for sockets this process inherited at fork
@@ -328,6 +325,8 @@ def _configure_signal(signum: int | None) -> None:
     global _signum, _previous
     if signum == _signum:
         return
+    import signal  # only when a dump signal is (or was) configured
+
     if _signum is not None:
         try:
             if signal.getsignal(_signum) is _on_signal:
