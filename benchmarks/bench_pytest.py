@@ -22,7 +22,7 @@ Instruction counts do not: under ``valgrind --tool=callgrind`` (``PYTHONHASHSEED
 5.922 G with the plugin installed but off (1.009x).  Of the 151 M that
 ``--leakguard`` adds, about 55 M are start-up (importing leakguard and
 ``install()``, the same with no test at all) and 48 k are per test (its hooks:
-setup, teardown and three report wrappers), down from 1.036x (about 80 k per test)
+setup and teardown; the report wrapper is registered with the first verdict), down from 1.036x (about 80 k per test)
 before a test that opens no socket was judged in a few operations and the report
 hooks were left out until leakguard finds something.
 

@@ -796,6 +796,9 @@ class _Checker:
         if verdict is not None:
             item.stash[_result_key] = verdict
             self.verdicts += 1
+            pm = self.config.pluginmanager
+            if pm.get_plugin(_REPORTER) is None:  # registered now: the teardown report is made next
+                pm.register(_Reporter(self), _REPORTER)
 
     def _judge(self, item: pytest.Item, created: bool) -> _Verdict | None:
         """*created*: sequence numbers were taken during the test (sockets may be open)."""
@@ -810,6 +813,8 @@ class _Checker:
             skip = "no_leakguard"
         elif item.stash.get(_failed_key, False):
             skip = "the test failed"
+        elif item.get_closest_marker("xfail") is not None:
+            skip = "the test is expected to fail"
         if skip:
             cands = []
         allow_n, allow_globs = _marker_allow(item) if cands else (0, ())
@@ -904,21 +909,17 @@ class _Checker:
             verdict.gc_closed += len(others)
             verdict.warn_text.append(_gc_text(others, "opened before this test (at import or by an earlier test)"))
 
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_makereport(
-        self, item: pytest.Item, call: pytest.CallInfo[None]
-    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-        rep = yield
-        if call.when != "teardown":
-            # (a passed report is never failed: the outcome string spares the property call)
-            if (rep.outcome != "passed" and rep.failed) or hasattr(rep, "wasxfail"):
-                item.stash[_failed_key] = True
-            return rep
-        if not self.verdicts:
-            return rep  # the common case: no test has a verdict waiting (no stash lookup)
+    def pytest_exception_interact(self, node: Any, call: pytest.CallInfo[Any], report: Any) -> None:
+        # Called for a failing setup, call or teardown only (not for a passing test, nor a
+        # skip or xfail): a failed test is not judged, and no hook runs for the others.
+        if call.when != "teardown" and isinstance(node, pytest.Item):
+            node.stash[_failed_key] = True
+
+    def attach(self, item: pytest.Item, rep: pytest.TestReport) -> None:
+        """Put the verdict stashed on *item* by its teardown on its teardown report."""
         verdict = item.stash.get(_result_key, None)
         if verdict is None:
-            return rep
+            return
         del item.stash[_result_key]
         self.verdicts -= 1
         if verdict.fail_text:
@@ -932,7 +933,6 @@ class _Checker:
             rep.sections.append(("leakguard warnings", "\n\n".join(verdict.warn_text)))
         rep.leakguard = verdict.summary()  # type: ignore[attr-defined]  # travels through xdist
         _register_findings(self.config)  # before this report is logged
-        return rep
 
     @pytest.hookimpl(wrapper=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> Iterator[None]:
@@ -977,8 +977,27 @@ class _Findings:
                 self.summary.add(report, info)
 
 
+class _Reporter:
+    """Puts each verdict on its test's teardown report.  Registered with the first verdict:
+    pytest makes three reports per test and a suite without leaks should not pay for a
+    hook wrapper around each of them."""
+
+    def __init__(self, checker: _Checker) -> None:
+        self.checker = checker
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        rep = yield
+        if call.when == "teardown" and self.checker.verdicts:
+            self.checker.attach(item, rep)
+        return rep
+
+
 _FINDINGS = "leakguard-findings"
 _SUMMARY = "leakguard-summary"
+_REPORTER = "leakguard-reporter"
 
 
 def _register_findings(config: pytest.Config) -> None:

@@ -237,6 +237,35 @@ class TestTestLeaks:
         # The test runner's own frames are not part of "the relevant stack".
         assert "_pytest" not in result.stdout.str()
 
+    def test_failed_and_xfail_tests_are_not_judged(self, pytester: pytest.Pytester) -> None:
+        # A test that failed (or is expected to) has its own report: leakguard adds nothing to it.
+        pytester.makepyfile(
+            test_outcomes="""
+            import socket
+            import pytest
+
+            kept = []
+
+            def test_fails_and_leaks():
+                kept.append(socket.socket())
+                assert False, "its own failure"
+
+            @pytest.mark.xfail(reason="known")
+            def test_xfail_leaks():
+                kept.append(socket.socket())
+                assert False
+
+            def test_after_leaks():
+                kept.append(socket.socket())  # LEAK
+            """
+        )
+        result = run(pytester, "-rA")
+        result.assert_outcomes(failed=2, xfailed=1)
+        result.stdout.fnmatch_lines(["FAILED test_outcomes.py::test_fails_and_leaks - AssertionError: its own failure*"])
+        result.stdout.fnmatch_lines(["FAILED test_outcomes.py::test_after_leaks - leakguard: this test left 1*"])
+        result.stdout.no_fnmatch_line("*test_fails_and_leaks - leakguard*")
+        result.stdout.no_fnmatch_line("ERROR*")
+
     def test_close_wait_says_the_peer_closed_it(self, pytester: pytest.Pytester) -> None:
         pytester.makepyfile(test_cw=CLOSE_WAIT)
         line = line_of(CLOSE_WAIT, "# CONNECT")
