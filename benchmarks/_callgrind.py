@@ -15,14 +15,14 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 
-__all__ = ["available", "per_op"]
+__all__ = ["available", "counts", "per_op"]
 
 
 def available() -> bool:
     return shutil.which("valgrind") is not None
 
 
-def _collected(argv: list[str]) -> int:
+def _collected(argv: list[str], cwd: str | None = None, unset: tuple[str, ...] = ()) -> int:
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         raise RuntimeError("valgrind is not installed")
@@ -30,11 +30,12 @@ def _collected(argv: list[str]) -> int:
     # string hashing change dict probe lengths.
     setarch = shutil.which("setarch")
     norandom = [setarch, os.uname().machine, "-R"] if setarch else []
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env["PYTHONHASHSEED"] = "0"
     with tempfile.TemporaryDirectory() as d:
         out = subprocess.run(
             [*norandom, valgrind, "--tool=callgrind", f"--callgrind-out-file={d}/cg.out", *argv],
-            capture_output=True, text=True, env=env,
+            capture_output=True, text=True, env=env, cwd=cwd,
         )  # fmt: skip
     if out.returncode != 0:
         tail = [ln for ln in out.stderr.splitlines() if not ln.startswith("==")][-20:]
@@ -49,3 +50,12 @@ def per_op(argv: Callable[[int], list[str]], n_small: int, n_large: int) -> floa
     """Instructions per operation of the program ``argv(n)``, which runs *n* operations."""
     small, large = _collected(argv(n_small)), _collected(argv(n_large))
     return (large - small) / (n_large - n_small)
+
+
+def counts(argvs: list[list[str]], cwd: str | None = None, unset: tuple[str, ...] = ()) -> list[int]:
+    """Instructions of each program, run side by side on the machine's cores (counts do not
+    depend on load, so running them together only saves time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(argvs), os.cpu_count() or 1))) as pool:
+        return list(pool.map(lambda argv: _collected(argv, cwd, unset), argvs))

@@ -42,6 +42,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):  # python benchmarks/bench_pytest.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 N_TESTS = 2000
 PER_FILE = 100
 
@@ -155,10 +158,54 @@ def run(quick: bool) -> list[dict[str, Any]]:
                 _compare(small, f"pytest {k} trivial tests: --leakguard (same suite as the rows above)",
                          without, _pytest("--leakguard"), 1, k)
             )
+    if not quick:
+        rows.append(instructions(n))
     return rows
 
 
+def instructions(n: int = N_TESTS, small: int = 1, large: int = 201) -> dict[str, Any]:
+    """Instructions of a run of *n* trivial tests, without the plugin vs ``--leakguard``: from
+    runs of *small* and *large* tests under callgrind (start-up, and cost per test), so no
+    run of *n* tests is needed under valgrind.  Deterministic; about two minutes on 2 cores."""
+    from benchmarks import _callgrind
+
+    if not _callgrind.available():
+        return {"name": "pytest instructions", "error": "valgrind is not installed"}
+    configs = {"without": ("-p", "no:leakguard"), "leakguard": ("--leakguard",)}
+    with tempfile.TemporaryDirectory(prefix="leakguard-bench-pytest-") as tmp:
+        roots = {}
+        for k in (small, large):
+            roots[k] = Path(tmp) / f"suite{k}"
+            roots[k].mkdir()
+            make_suite(roots[k], k)
+        jobs = [(name, k) for name in configs for k in (small, large)]
+        for name, k in jobs:  # warm: bytecode caches of the suite and of leakguard
+            _time(_pytest(*configs[name], str(roots[k])), Path(tmp))
+        counted = _callgrind.counts(
+            [_pytest(*configs[name], str(roots[k])) for name, k in jobs],
+            cwd=tmp,
+            # as in the timed runs: bytecode caches on, no leakguard or pytest settings from outside
+            unset=tuple(k for k in os.environ if k.startswith(("LEAKGUARD_", "PYTEST_")) or k == "PYTHONDONTWRITEBYTECODE"),
+        )
+    total = {}
+    for name in configs:
+        i_small, i_large = (counted[jobs.index((name, k))] for k in (small, large))
+        per_test = (i_large - i_small) / (large - small)
+        total[name] = (i_small + (n - small) * per_test, per_test, i_small)
+    return {
+        "name": f"pytest {n} trivial tests: --leakguard vs without the plugin (instructions)",
+        "baseline_instructions": round(total["without"][0]),
+        "leakguard_instructions": round(total["leakguard"][0]),
+        "ratio": round(total["leakguard"][0] / total["without"][0], 4),
+        "per_test_added": round(total["leakguard"][1] - total["without"][1]),
+        "startup_added": round(total["leakguard"][2] - total["without"][2]),
+    }
+
+
 def main() -> None:
+    if "--instructions" in sys.argv[1:]:
+        print(instructions())
+        return
     quick = "--quick" in sys.argv[1:]
     for row in run(quick):
         print(
