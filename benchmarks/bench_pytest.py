@@ -87,13 +87,16 @@ def _pytest(*args: str, python: tuple[str, ...] = ()) -> list[str]:
 
 
 def _compare(
-    root: Path, name: str, baseline: list[str], candidate: list[str], rounds: int, n: int
+    root: Path, name: str, baseline: list[str], candidate: list[str], rounds: int, n: int, warm: bool = True
 ) -> dict[str, Any]:
     """Best CPU (and wall) time of *rounds* runs of each, alternating which goes first, and the
-    median ratio of the rounds' pairs (a baseline and a candidate run back to back)."""
+    median ratio of the rounds' pairs (a baseline and a candidate run back to back).  *warm*:
+    run each once first (bytecode and page caches), unless an earlier comparison on the same
+    suite already did."""
     base, cand = [], []
-    _time(baseline, root)  # warm-up: bytecode caches, page cache
-    _time(candidate, root)
+    if warm:
+        _time(baseline, root)
+        _time(candidate, root)
     for r in range(rounds):
         if r % 2 == 0:
             base.append(_time(baseline, root))
@@ -130,7 +133,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         )
         rows.append(
             _compare(root, f"pytest {n} trivial tests: plugin installed but off vs without it", without,
-                     _pytest(), 1, n)
+                     _pytest(), 1, n, warm=False)
         )
         if not quick:
             small = Path(tmp) / "small"
@@ -152,11 +155,12 @@ def run(quick: bool) -> list[dict[str, Any]]:
                     _pytest("-p", "no:leakguard", "-W", "error::ResourceWarning", python=("-X", "tracemalloc=16")),
                     1,
                     k,
+                    warm=False,  # 15 s a run; the suite is warm from the row above
                 )
             )
             rows.append(
                 _compare(small, f"pytest {k} trivial tests: --leakguard (same suite as the rows above)",
-                         without, _pytest("--leakguard"), 1, k)
+                         without, _pytest("--leakguard"), 1, k, warm=False)
             )
     if not quick:
         rows.append(instructions(n))
