@@ -19,7 +19,7 @@ from ._patch import Patches
 from . import registry
 from .registry import _errors, record_socket
 
-__all__ = ["instrument", "uninstrument"]
+__all__ = ["hook_class", "instrument", "uninstrument"]
 
 _patches = Patches()
 # The class and its __init__ as they were when leakguard was imported: if a library
@@ -81,5 +81,54 @@ def instrument() -> None:
     _patches.set(_socket_class, "__init__", hook)
 
 
+def hook_class(cls: type) -> bool:
+    """Record the sockets of another socket class too: one that does not derive from
+    ``socket.socket`` but stands in for it (gevent's, after ``monkey.patch_all()``).
+
+    Its ``__init__`` gets the Python hook around its own original.  True if hooked now,
+    False if it is ``socket.socket``'s own class or was hooked already.  Undone by
+    :func:`uninstrument`.
+    """
+    if cls is _socket_class or issubclass(cls, _socket_class) or cls in _extra:
+        return False
+    original = cls.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        try:
+            fileno = kwargs.get("fileno", args[3] if len(args) > 3 else None)
+            if fileno is not None or _fast is None or not _fast(self):
+                record_socket(self, fileno is not None)
+        except Exception:  # contained, as in the main hook
+            _errors[0] += 1
+
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__.__doc__ = original.__doc__
+    stored = vars(cls).get("__init__")
+    _extra[cls] = stored
+    try:
+        setattr(cls, "__init__", __init__)
+    except (TypeError, AttributeError):  # a class that cannot be patched: its sockets go unrecorded
+        del _extra[cls]
+        return False
+    return True
+
+
+_extra: dict[type, Any] = {}  # class -> the __init__ it stored itself (None: inherited)
+
+
+def _unhook_classes() -> None:
+    for cls, stored in list(_extra.items()):
+        try:
+            if stored is None:
+                delattr(cls, "__init__")
+            else:
+                setattr(cls, "__init__", stored)
+        except (TypeError, AttributeError):
+            pass
+        del _extra[cls]
+
+
 def uninstrument() -> None:
+    _unhook_classes()
     _patches.undo()

@@ -268,12 +268,13 @@ class TestAsyncio:
 _GEVENT = r"""
 import json, sys, time
 ORDER = sys.argv[1]
+INTEGRATIONS = sys.argv[2]
 if ORDER == "patch-first":
     from gevent import monkey; monkey.patch_all()
 import leakguard
 if ORDER == "import-patch-install":
     from gevent import monkey; monkey.patch_all()
-leakguard.install(integrations="none", report_interval=0.05, log_format="json")
+leakguard.install(integrations=INTEGRATIONS, report_interval=0.05, log_format="json")
 if ORDER == "install-first":
     from gevent import monkey; monkey.patch_all()
 import gevent, socket
@@ -323,31 +324,57 @@ print(json.dumps(out))
 
 
 class TestGevent:
-    """gevent.monkey.patch_all() before or after install(): nothing breaks, every socket is still seen.
+    """gevent.monkey.patch_all() before or after install(): nothing breaks, every socket is recorded.
 
     gevent's ``socket`` class does not derive from ``socket.socket``.  When
     ``patch_all()`` runs before leakguard is imported (gevent's own advice:
-    patch first), the hook sits on gevent's class and records its sockets with
-    the application's stack.  When leakguard was imported or installed first
-    (``leakguard run`` installs before the program's first line), gevent's
-    sockets bypass the hook: they are listed with origin ``unknown`` and no
-    stack, like sockets made in C, and nothing breaks.
+    patch first), the hook sits on gevent's class.  When leakguard was imported
+    or installed first (``leakguard run`` installs before the program's first
+    line), the gevent integration hooks gevent's class: at install when the patch
+    came first, else when gevent announces it (``gevent.events``).  Without that
+    integration such sockets are listed with origin ``unknown`` and no stack,
+    like sockets made in C, and nothing breaks.
     """
 
-    @pytest.mark.parametrize(
-        ("order", "recorded"), [("patch-first", True), ("import-patch-install", False), ("install-first", False)]
-    )
-    def test_patch_all(self, order: str, recorded: bool) -> None:
+    @pytest.mark.parametrize("order", ["patch-first", "import-patch-install", "install-first"])
+    @pytest.mark.parametrize("integrations", ["gevent", "none"])
+    def test_patch_all(self, order: str, integrations: str) -> None:
         pytest.importorskip("gevent")
-        out = run_script(_GEVENT.replace("sys.argv[1]", repr(order)))
+        script = _GEVENT.replace("sys.argv[1]", repr(order)).replace("sys.argv[2]", repr(integrations))
+        out = run_script(script)
         assert out["gevent_socket"].startswith("gevent")
         assert out["leaks"] == 5
         assert out["hook_errors"] == 0
-        if not recorded:
+        if integrations == "none" and order != "patch-first":
             assert out["origins"] == ["unknown"] and out["sites"] == []
             return
         assert out["origins"] == ["socket"]
         assert len(out["sites"]) == 1 and out["sites"][0].endswith(f"_lgprog.py:{out['line']}")
+
+    def test_uninstall_restores_gevent_class(self) -> None:
+        pytest.importorskip("gevent")
+        out = run_script(_GEVENT_UNINSTALL)
+        assert out == {"hooked": True, "restored": True, "subscribed_after": False, "works": True}
+
+
+_GEVENT_UNINSTALL = r"""
+import json
+import leakguard
+leakguard.install(integrations=["gevent"])
+from gevent import monkey; monkey.patch_all()
+import socket
+from gevent import events
+cls = socket.socket
+hooked = "__init__" in vars(cls) and vars(cls)["__init__"].__module__ == "leakguard._sockets"
+leakguard.uninstall()
+restored = vars(cls)["__init__"].__module__.startswith("gevent")
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    works = s.getsockname()[1] > 0
+print(json.dumps({"hooked": hooked, "restored": restored,
+                  "subscribed_after": any(getattr(f, "__module__", "") == "integrations.gevent" or "leakguard" in getattr(f, "__module__", "") for f in events.subscribers),
+                  "works": works}))
+"""
 
 
 _FORK_WORKERS = r"""
