@@ -17,12 +17,15 @@ INTEGRATIONS: dict[str, tuple[str, ...]] = {
     "httpx": ("httpx",),
     "aiohttp": ("aiohttp",),
     "psycopg2": ("psycopg2",),
+    "psycopg2_pool": ("psycopg2.pool",),
     "psycopg": ("psycopg",),
     "psycopg_pool": ("psycopg_pool",),
     "asyncpg": ("asyncpg",),
+    "asyncpg_pool": ("asyncpg",),
     "pymysql": ("pymysql",),
     "redis": ("redis",),
     "sqlalchemy": ("sqlalchemy",),
+    "gevent": ("gevent",),
 }
 
 __all__ = ["INTEGRATIONS"]

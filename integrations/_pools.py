@@ -1,4 +1,4 @@
-"""Pool tracking shared by the pool integrations (SQLAlchemy, psycopg_pool, redis-py).
+"""Pool tracking shared by the pool integrations (SQLAlchemy, psycopg_pool, psycopg2.pool, asyncpg, redis-py).
 
 A pool integration calls :func:`pooled` when its pool opens a connection (it is
 then idle in the pool), :func:`checked_out` when the application takes one and

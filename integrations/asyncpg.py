@@ -19,7 +19,7 @@ from leakguard._patch import Patches
 from ._common import redact_dsn
 from ._pools import capture, fd_of
 
-__all__ = ["REQUIRES", "instrument", "uninstrument"]
+__all__ = ["REQUIRES", "instrument", "resolved_target", "uninstrument"]
 
 REQUIRES = "asyncpg >= 0.27, < 1"
 ORIGIN = "asyncpg"
@@ -38,7 +38,7 @@ def _target(args: Any, kwargs: Any) -> str | None:
     return redact_dsn(dsn if isinstance(dsn, str) else None, **extra)
 
 
-def _resolved(conn: Any) -> str | None:
+def resolved_target(conn: Any) -> str | None:
     """The target from what asyncpg connected to (private attributes, best effort)."""
     addr, params = conn._addr, conn._params
     host, port = (addr, None) if isinstance(addr, str) else (addr[0], addr[1])
@@ -68,7 +68,7 @@ async def _run(
         try:
             fd = fd_of(conn)
             if fd is not None:
-                registry.annotate(fd, target=_resolved(conn))
+                registry.annotate(fd, target=resolved_target(conn))
         except Exception:
             registry.count_error()
     return conn

@@ -20,8 +20,10 @@ from typing import Any
 
 import asyncpg
 import asyncpg.connection
+import asyncpg.pool
 import psycopg
 import psycopg2
+import psycopg2.pool
 import psycopg_pool
 import psycopg_pool.null_pool
 import psycopg_pool.null_pool_async
@@ -389,6 +391,20 @@ def _patched_attributes() -> list[tuple[Any, str]]:
         (psycopg_pool.null_pool.NullConnectionPool, "__init__"),
         (psycopg_pool.null_pool_async.AsyncNullConnectionPool, "__init__"),
         (sqlalchemy.pool.base._ConnectionRecord, "_ConnectionRecord__connect"),
+        (psycopg2.pool.AbstractConnectionPool, "__init__"),
+        (psycopg2.pool.AbstractConnectionPool, "_connect"),
+        (psycopg2.pool.AbstractConnectionPool, "_getconn"),
+        (psycopg2.pool.AbstractConnectionPool, "_putconn"),
+        (psycopg2.pool.AbstractConnectionPool, "_closeall"),
+        (psycopg2.pool.SimpleConnectionPool, "getconn"),
+        (psycopg2.pool.SimpleConnectionPool, "putconn"),
+        (psycopg2.pool.SimpleConnectionPool, "closeall"),
+        (asyncpg.pool.Pool, "__init__"),
+        (asyncpg.pool.Pool, "_get_new_connection"),
+        (asyncpg.pool.Pool, "_acquire"),
+        (asyncpg.pool.Pool, "release"),
+        (asyncpg.pool.Pool, "close"),
+        (asyncpg.pool.Pool, "terminate"),
     ]
 
 

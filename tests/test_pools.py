@@ -16,7 +16,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import asyncpg
 import psycopg
+import psycopg2.pool
 import psycopg_pool
 import pytest
 import redis
@@ -24,6 +26,7 @@ import sqlalchemy
 from structlog.testing import capture_logs
 
 import leakguard
+from leakguard import registry
 from leakguard.integrations import _pools
 
 from .helpers import require_service, this_line, wait_close_wait, wait_for
@@ -32,6 +35,8 @@ HERE = os.path.abspath(__file__)
 PASSWORD = "s3cret-pw"  # trust auth: any password works, and must never show
 PG_DSN = f"host=127.0.0.1 port=5432 dbname=test user=postgres password={PASSWORD}"
 SA_URL = f"postgresql+psycopg2://postgres:{PASSWORD}@127.0.0.1:5432/test"
+PG_URL = f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432/test"
+PG_TARGET = "postgresql://postgres:***@127.0.0.1:5432/test"
 EVENTS = ("leakguard.checkout_threshold", "leakguard.checkout_returned")
 
 
@@ -44,6 +49,10 @@ def at_line(frames: list[dict[str, Any]], line: int) -> bool:
 def site_is(info: leakguard.SocketInfo, line: int) -> bool:
     site = info.site
     return site is not None and (os.path.abspath(site.file), site.line) == (HERE, line)
+
+
+def _raise(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("leakguard bug (injected)")
 
 
 def checkout_events(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -232,6 +241,305 @@ class TestPsycopgPool:
 
         asyncio.run(main())
         assert leakguard.snapshot().leaks == []
+
+
+# --------------------------------------------------------------------------- psycopg2.pool
+
+
+def origin_sockets(origin: str) -> list[leakguard.SocketInfo]:
+    return [s for s in leakguard.snapshot().sockets if s.origin == origin]
+
+
+@pytest.mark.usefixtures("installed")
+class TestPsycopg2Pool:
+    """psycopg2.pool: every connection the pool opens is attributed to the pool's creation line."""
+
+    def test_idle_in_pool(self, pg_kill: Callable[[int], None]) -> None:
+        pool = psycopg2.pool.ThreadedConnectionPool(1, 1, PG_DSN)
+        line = this_line() - 1
+        try:
+            conn = pool.getconn()
+            pid, fd = conn.get_backend_pid(), conn.fileno()
+            pool.putconn(conn)
+            pg_kill(pid)
+            leak = wait_close_wait(fd)
+            assert (leak.origin, leak.target) == ("psycopg2", PG_TARGET)
+            assert site_is(leak, line), leak.stack
+            assert leak.pool == {
+                "name": "psycopg2.pool ThreadedConnectionPool",
+                "checked_out": False,
+                "checkout_age_s": None,
+                "checkout_stack": [],
+            }
+            assert leak.reason is not None
+            assert "idle in pool psycopg2.pool ThreadedConnectionPool" in leak.reason
+            assert PASSWORD not in repr(leakguard.snapshot().to_dict())
+        finally:
+            pool.closeall()
+
+    def test_checked_out(self, pg_kill: Callable[[int], None]) -> None:
+        pool = psycopg2.pool.SimpleConnectionPool(1, 1, PG_DSN)
+        created = this_line() - 1
+        try:
+            conn = pool.getconn()
+            checkout = this_line() - 1
+            try:
+                pg_kill(conn.get_backend_pid())
+                leak = wait_close_wait(conn.fileno())
+                assert site_is(leak, created), leak.stack
+                assert leak.pool is not None and leak.pool["name"] == "psycopg2.pool SimpleConnectionPool"
+                assert leak.pool["checked_out"] is True and leak.pool["checkout_age_s"] >= 0
+                assert at_line(leak.pool["checkout_stack"], checkout), leak.pool["checkout_stack"]
+                assert leak.reason is not None
+                assert "checked out of pool psycopg2.pool SimpleConnectionPool" in leak.reason
+                assert f"test_pools.py:{checkout}" in leak.reason
+            finally:
+                pool.putconn(conn, close=True)
+            info = _pools.info_of(conn)
+            assert info is not None and info.checked_out is False
+        finally:
+            pool.closeall()
+        assert leakguard.snapshot().leaks == []
+
+    def test_connection_opened_by_getconn(self) -> None:
+        """A connection the pool opens when getconn() finds it empty: created at the pool's line, checked out at getconn's."""
+        require_service("postgres")
+        pool = psycopg2.pool.ThreadedConnectionPool(0, 1, PG_DSN)
+        created = this_line() - 1
+        try:
+            assert origin_sockets("psycopg2") == []  # minconn=0: nothing opened yet
+            conn = pool.getconn()
+            checkout = this_line() - 1
+            try:
+                (entry,) = [s for s in leakguard.snapshot().sockets if s.fd == conn.fileno()]
+                assert entry.origin == "psycopg2" and site_is(entry, created), entry.stack
+                assert entry.pool is not None and entry.pool["checked_out"] is True
+                assert at_line(entry.pool["checkout_stack"], checkout)
+            finally:
+                pool.putconn(conn)
+        finally:
+            pool.closeall()
+
+    def test_pool_alone_adopts_with_pool_creation_line(self) -> None:
+        """With only the psycopg2_pool integration, the libpq socket is adopted when the pool opens it."""
+        require_service("postgres")
+        leakguard.install(integrations=["psycopg2_pool"])
+        pool = psycopg2.pool.SimpleConnectionPool(1, 1, PG_DSN)
+        line = this_line() - 1
+        try:
+            conn = pool.getconn()
+            try:
+                (entry,) = [s for s in leakguard.snapshot().sockets if s.fd == conn.fileno()]
+                assert entry.origin == "psycopg2" and site_is(entry, line), entry.stack
+                assert entry.target == PG_TARGET
+                assert entry.pool is not None and entry.pool["checked_out"] is True
+            finally:
+                pool.putconn(conn)
+        finally:
+            pool.closeall()
+
+    @pytest.mark.parametrize("cls", [psycopg2.pool.SimpleConnectionPool, psycopg2.pool.ThreadedConnectionPool])
+    def test_clean_use_reports_nothing(self, cls: type[psycopg2.pool.AbstractConnectionPool]) -> None:
+        require_service("postgres")
+        errors = registry.stats()["hook_errors"]
+        pool = cls(1, 2, PG_DSN)
+        try:
+            for _ in range(3):
+                first, second = pool.getconn(), pool.getconn()  # the second is opened for this getconn()
+                for conn in (first, second):
+                    with conn.cursor() as cur:
+                        cur.execute("SELECT 1")
+                        assert cur.fetchone() == (1,)
+                pool.putconn(second)  # beyond minconn: the pool closes it
+                pool.putconn(first)
+            (entry,) = origin_sockets("psycopg2")
+            assert entry.state == "ESTABLISHED" and entry.pool is not None and not entry.pool["checked_out"]
+            assert entry.pool["name"] == f"psycopg2.pool {cls.__name__}"
+            assert leakguard.snapshot().leaks == []
+            held = pool.getconn()
+        finally:
+            pool.closeall()  # also closes the connection still checked out
+        info = _pools.info_of(held)
+        assert held.closed and info is not None and info.checked_out is False
+        assert origin_sockets("psycopg2") == []
+        assert leakguard.snapshot().leaks == []
+        assert registry.stats()["hook_errors"] == errors
+
+
+    def test_refused_putconn_stays_checked_out(self) -> None:
+        """putconn() into the wrong pool raises; the connection is still out of its own pool."""
+        require_service("postgres")
+        pool = psycopg2.pool.SimpleConnectionPool(1, 1, PG_DSN)
+        other = psycopg2.pool.SimpleConnectionPool(0, 1, PG_DSN)
+        try:
+            conn = pool.getconn()
+            with pytest.raises(psycopg2.pool.PoolError):
+                other.putconn(conn)
+            info = _pools.info_of(conn)
+            assert info is not None and info.checked_out is True and info.name == "psycopg2.pool SimpleConnectionPool"
+            pool.putconn(conn)
+            assert info.checked_out is False
+        finally:
+            other.closeall()
+            pool.closeall()
+
+    def test_bookkeeping_failure_is_contained(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """leakguard's pool bookkeeping failing: the pool works as without it, and the failures are counted."""
+        require_service("postgres")
+        errors = registry.stats()["hook_errors"]
+        for name in ("pooled", "checked_out", "checked_in"):
+            monkeypatch.setattr(_pools, name, _raise)
+        pool = psycopg2.pool.ThreadedConnectionPool(1, 2, PG_DSN)
+        try:
+            conn = pool.getconn()
+            with conn.cursor() as cur:
+                cur.execute("SELECT 41 + 1")
+                assert cur.fetchone() == (42,)
+            pool.putconn(conn)
+            assert pool.getconn() is conn  # back in the pool
+            foreign = psycopg2.connect(PG_DSN)
+            try:
+                with pytest.raises(psycopg2.pool.PoolError, match="unkeyed"):  # the same error as without leakguard
+                    pool.putconn(foreign)
+            finally:
+                foreign.close()
+        finally:
+            pool.closeall()
+        assert registry.stats()["hook_errors"] > errors
+
+
+# --------------------------------------------------------------------------- asyncpg.Pool
+
+
+@pytest.mark.usefixtures("installed")
+class TestAsyncpgPool:
+    """asyncpg's Pool: connections its tasks open are attributed to the line that created the pool.
+
+    A killed connection stays in CLOSE_WAIT only while the event loop cannot
+    react, so each test checks the snapshot without awaiting in between.
+    """
+
+    def test_idle_in_pool(self, pg_kill: Callable[[int], None]) -> None:
+        async def main() -> None:
+            async with asyncpg.create_pool(PG_URL, min_size=0, max_size=1) as pool:
+                line = this_line() - 1
+                async with pool.acquire() as conn:
+                    pid = await conn.fetchval("SELECT pg_backend_pid()")
+                    fd = _pools.fd_of(conn._con)  # type: ignore[attr-defined]
+                assert fd is not None
+                pg_kill(pid)
+                leak = wait_close_wait(fd)  # the loop is blocked: asyncpg cannot react
+                assert (leak.origin, leak.target) == ("asyncpg", PG_TARGET)
+                assert site_is(leak, line), leak.stack
+                assert leak.pool == {
+                    "name": "asyncpg Pool",
+                    "checked_out": False,
+                    "checkout_age_s": None,
+                    "checkout_stack": [],
+                }
+                assert leak.reason is not None and "idle in pool asyncpg Pool" in leak.reason
+
+        asyncio.run(main())
+        assert origin_sockets("asyncpg") == []
+
+    def test_checked_out(self, pg_kill: Callable[[int], None]) -> None:
+        async def main() -> None:
+            async with asyncpg.create_pool(PG_URL, min_size=1, max_size=1) as pool:
+                created = this_line() - 1
+                conn = await pool.acquire()
+                checkout = this_line() - 1
+                try:
+                    pid = await conn.fetchval("SELECT pg_backend_pid()")
+                    fd = _pools.fd_of(conn._con)  # type: ignore[attr-defined]
+                    assert fd is not None
+                    pg_kill(pid)
+                    leak = wait_close_wait(fd)
+                    assert site_is(leak, created), leak.stack
+                    assert leak.pool is not None and leak.pool["name"] == "asyncpg Pool"
+                    assert leak.pool["checked_out"] is True and leak.pool["checkout_age_s"] >= 0
+                    assert at_line(leak.pool["checkout_stack"], checkout), leak.pool["checkout_stack"]
+                    assert leak.reason is not None
+                    assert "checked out of pool asyncpg Pool" in leak.reason
+                    assert f"test_pools.py:{checkout}" in leak.reason
+                finally:
+                    conn.terminate()  # dead: the pool forgets it, release() has nothing to do
+                    await pool.release(conn)
+
+        asyncio.run(main())
+        assert origin_sockets("asyncpg") == []
+
+    def test_pool_alone_records_with_pool_creation_line(self) -> None:
+        """With only the asyncpg_pool integration, the pool's scope names origin, target and creation line."""
+        require_service("postgres")
+        leakguard.install(integrations=["asyncpg_pool"])
+
+        async def main() -> None:
+            async with asyncpg.create_pool(PG_URL, min_size=1, max_size=1) as pool:
+                line = this_line() - 1
+                async with pool.acquire() as conn:
+                    fd = _pools.fd_of(conn._con)  # type: ignore[attr-defined]
+                    (entry,) = [s for s in leakguard.snapshot().sockets if s.fd == fd]
+                    assert (entry.origin, entry.target) == ("asyncpg", PG_TARGET)
+                    assert site_is(entry, line), entry.stack
+                    assert entry.pool is not None and entry.pool["checked_out"] is True
+
+        asyncio.run(main())
+
+    def test_clean_use_reports_nothing(self) -> None:
+        require_service("postgres")
+        errors = registry.stats()["hook_errors"]
+
+        async def main() -> None:
+            async with asyncpg.create_pool(PG_URL, min_size=2, max_size=2) as pool:
+                created = this_line() - 1
+                entries = origin_sockets("asyncpg")
+                assert len(entries) == 2  # the second one opened in a task of the pool's
+                assert all(site_is(e, created) for e in entries), [e.stack for e in entries]
+                async with pool.acquire() as conn:
+                    checkout = this_line() - 1
+                    assert await conn.fetchval("SELECT 1") == 1
+                    (entry,) = [s for s in origin_sockets("asyncpg") if s.pool and s.pool["checked_out"]]
+                    assert at_line(entry.pool["checkout_stack"], checkout)  # type: ignore[index]
+                conn = await pool.acquire(timeout=10)  # under a timeout asyncpg acquires in another task
+                checkout = this_line() - 1
+                try:
+                    (entry,) = [s for s in origin_sockets("asyncpg") if s.pool and s.pool["checked_out"]]
+                    assert at_line(entry.pool["checkout_stack"], checkout)  # type: ignore[index]
+                finally:
+                    await pool.release(conn)
+                assert await pool.fetchval("SELECT 2") == 2
+                entries = origin_sockets("asyncpg")
+                assert len(entries) == 2 and all(e.state == "ESTABLISHED" for e in entries)
+                assert all(e.pool is not None and e.pool["checked_out"] is False for e in entries)
+                assert leakguard.snapshot().leaks == []
+
+        asyncio.run(main())
+        assert origin_sockets("asyncpg") == []
+        assert leakguard.snapshot().leaks == []
+        assert registry.stats()["hook_errors"] == errors
+
+
+    def test_bookkeeping_failure_is_contained(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """leakguard's pool bookkeeping failing: the pool works as without it, and the failures are counted."""
+        require_service("postgres")
+        errors = registry.stats()["hook_errors"]
+        for name in ("pooled", "checked_out", "checked_in"):
+            monkeypatch.setattr(_pools, name, _raise)
+
+        async def main() -> None:
+            async with asyncpg.create_pool(PG_URL, min_size=1, max_size=1) as pool:
+                async with pool.acquire() as conn:
+                    assert await conn.fetchval("SELECT 41 + 1") == 42
+                conn = await pool.acquire()
+                await pool.release(conn)
+                async with asyncpg.create_pool(PG_URL, min_size=1, max_size=1) as other:
+                    async with other.acquire() as foreign:
+                        with pytest.raises(asyncpg.InterfaceError, match="not a member of this pool"):
+                            await pool.release(foreign)
+
+        asyncio.run(main())
+        assert origin_sockets("asyncpg") == []
+        assert registry.stats()["hook_errors"] > errors
 
 
 # --------------------------------------------------------------------------- redis

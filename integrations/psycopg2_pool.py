@@ -1,0 +1,159 @@
+"""psycopg2.pool: which pooled connection is checked out, where, for how long.
+
+``SimpleConnectionPool`` and ``ThreadedConnectionPool`` share the key-based code
+of ``AbstractConnectionPool``; that is what is wrapped, so subclasses built the
+same way are covered too.
+
+- ``__init__`` captures the application's stack.  The pool opens ``minconn``
+  connections right there and more later, inside whatever ``getconn()`` finds the
+  pool empty; every connection it opens gets the pool's creation line as its
+  creation site (the ``getconn()`` line is the checkout stack's business).
+- ``_connect`` runs in a :func:`registry.scope` with that stack (origin
+  ``psycopg2``; the psycopg2 integration adopts the libpq socket) and marks the
+  new connection idle in the pool.
+- ``_getconn`` marks the connection checked out, with the checkout stack;
+  ``_putconn`` (also with ``close=True``) marks it back in once the pool took it,
+  and ``_closeall`` marks in what was still checked out (the pool closed it).
+  ``ThreadedConnectionPool`` calls these under its lock, so a connection put
+  back is never seen checked out by another thread before it is marked in.
+  ``SimpleConnectionPool``'s public methods are the very same functions, bound
+  under other names: those names are wrapped as well.
+
+Pool names read ``psycopg2.pool ThreadedConnectionPool`` (the pool's class).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any
+
+from leakguard import registry, stacks
+from leakguard._patch import Patches
+
+from . import _pools
+from ._pools import capture
+from .psycopg2 import SUPPORTED, pg_target, version_tuple
+
+__all__ = ["REQUIRES", "instrument", "uninstrument"]
+
+# The distribution is "psycopg2" or "psycopg2-binary": the gate reads psycopg2.__version__ instead.
+REQUIRES = None
+ORIGIN = "psycopg2"
+
+log = logging.getLogger("leakguard")
+_patches = Patches()
+_pool_frames: weakref.WeakKeyDictionary[Any, stacks.Frames] = weakref.WeakKeyDictionary()
+
+#: AbstractConnectionPool's method -> the public name SimpleConnectionPool binds it to
+_METHODS = (("_getconn", "getconn"), ("_putconn", "putconn"), ("_closeall", "closeall"))
+
+
+def _name(pool: Any) -> str:
+    return f"psycopg2.pool {type(pool).__name__}"
+
+
+def _init(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    try:
+        _pool_frames[instance] = capture()  # before the call: __init__ opens minconn connections
+    except Exception:
+        registry.count_error()
+    return wrapped(*args, **kwargs)
+
+
+def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    try:
+        frames = _pool_frames.get(instance)
+        if frames is None:  # a pool made before install(): the line that made it open one
+            frames = capture()
+        token = registry.push_scope(ORIGIN, None, frames)
+    except Exception:
+        registry.count_error()
+        return wrapped(*args, **kwargs)
+    try:
+        conn = wrapped(*args, **kwargs)
+    finally:
+        try:
+            registry.pop_scope(token)
+        except Exception:
+            registry.count_error()
+    try:
+        # Without the psycopg2 integration the socket is adopted here, with the same stack.
+        _pools.pooled(conn, _name(instance), ORIGIN, frames=frames)
+        rec = registry.get(conn.fileno())
+        if rec is not None and rec.target is None:
+            rec.target = pg_target(conn)
+    except Exception:
+        registry.count_error()
+    return conn
+
+
+def _getconn(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    frames = capture()
+    conn = wrapped(*args, **kwargs)
+    try:
+        _pools.checked_out(conn, _name(instance), ORIGIN, frames)
+    except Exception:
+        registry.count_error()
+    return conn
+
+
+def _putconn(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    result = wrapped(*args, **kwargs)
+    # After the call: a connection the pool refused (not one of its own, pool closed) stays out.
+    try:
+        conn = args[0] if args else kwargs.get("conn")
+        if conn is not None:
+            _pools.checked_in(conn)
+    except Exception:
+        registry.count_error()
+    return result
+
+
+def _closeall(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    try:
+        held = list(instance._used.values())
+    except Exception:
+        registry.count_error()
+        held = []
+    result = wrapped(*args, **kwargs)
+    try:
+        for conn in held:
+            _pools.checked_in(conn)  # closed by the pool: nothing is out any more
+    except Exception:
+        registry.count_error()
+    return result
+
+
+_WRAPPERS = {"_getconn": _getconn, "_putconn": _putconn, "_closeall": _closeall}
+
+
+def instrument() -> None:
+    import psycopg2
+    import psycopg2.pool
+
+    lo, hi = SUPPORTED
+    if not lo <= version_tuple(psycopg2.__version__) < hi:
+        log.debug("leakguard: psycopg2 %s not supported, skipped", psycopg2.__version__)
+        return
+    module = psycopg2.pool
+    base = module.AbstractConnectionPool
+    _patches.wrap(module, "AbstractConnectionPool.__init__", _init)
+    _patches.wrap(module, "AbstractConnectionPool._connect", _connect)
+    for private, public in _METHODS:
+        original = vars(base)[private]
+        # Aliases (SimpleConnectionPool.getconn = AbstractConnectionPool._getconn) bypass the wrapped
+        # name; a public method that calls the private one (ThreadedConnectionPool's) goes through it.
+        aliases = [
+            name
+            for name in ("SimpleConnectionPool", "ThreadedConnectionPool")
+            if vars(getattr(module, name)).get(public) is original
+        ]
+        _patches.wrap(module, f"AbstractConnectionPool.{private}", _WRAPPERS[private])
+        for name in aliases:
+            _patches.wrap(module, f"{name}.{public}", _WRAPPERS[private])
+
+
+def uninstrument() -> None:
+    _patches.undo()
+    _pools.stop()
