@@ -15,18 +15,22 @@ ratio is kept too).  With ``quick=False`` the nearest existing tools are measure
 on a smaller suite (they take minutes on 2,000 tests) when available:
 pytest-openfiles' ``--open-files`` and ``-X tracemalloc=16 -W error::ResourceWarning``.
 
-On a shared 2-core machine the timed ratios swing by +-15 % from run to run.
-Instruction counts do not: under ``valgrind --tool=callgrind`` (``PYTHONHASHSEED=0``,
-``setarch -R``, bytecode caching on as in the timed runs) the 2,000-test suite took
-5.868 G instructions without the plugin, 6.019 G with ``--leakguard`` (1.026x) and
-5.922 G with the plugin installed but off (1.009x).  Of the 151 M that
-``--leakguard`` adds, about 55 M are start-up (importing leakguard and
-``install()``, the same with no test at all) and 48 k are per test (its hooks:
-setup and teardown; the report wrapper is registered with the first verdict), down from 1.036x (about 80 k per test)
-before a test that opens no socket was judged in a few operations and the report
-hooks were left out until leakguard finds something.
+On a shared 2-core machine the timed ratios swing by +-15 % from run to run (one
+full run gave a paired 1.18x that 14 rounds right after measured at 1.017x).
+Instruction counts do not: :func:`instructions` (also in the full run) counts,
+under ``valgrind --tool=callgrind``, suites of 1 and 201 tests side by side and
+extrapolates to 2,000: 5.851 G instructions without the plugin and 5.971 G with
+``--leakguard`` (1.020x), of which 44 M are start-up (importing leakguard and
+``install()``) and 38 k per test (the setup and teardown hooks; the report wrapper
+is registered with the first verdict).  It was 1.036x (80 k per test) before a test
+that opens no socket was judged in a few operations, and 1.026x (60 k per test,
+55 M start-up) before the per-report wrapper and the import-time costs went.
+One effect is not in the count: leakguard's ~950 objects shift when CPython's
+automatic full collection triggers (one more of them in this suite), which costs
+CPU time on the order of 1-2 %.
 
     python benchmarks/bench_pytest.py [--quick]
+    python benchmarks/bench_pytest.py --instructions
 """
 
 from __future__ import annotations
@@ -119,7 +123,7 @@ def _compare(
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
-    rounds = 3 if quick else 7
+    rounds = 3 if quick else 11
     n = 500 if quick else N_TESTS
     rows = []
     with tempfile.TemporaryDirectory(prefix="leakguard-bench-pytest-") as tmp:
