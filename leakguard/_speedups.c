@@ -346,21 +346,23 @@ capture_into(int skip, int left, Py_ssize_t head)
 #define ENTRY_HEAD 5 /* (ref, created, seq, None, None) before the frames: registry.Entry */
 
 /* In-place reuse of an entry's values, for objects only that entry holds (see record_impl).
- * Each returns 1 when it rewrote *o*, 0 when the caller must make a new object. */
+ * With write=0 each only answers whether *o* can take *v* in place; with write=1 it also
+ * writes it.  0 means the caller must make a new object. */
 #ifndef Py_GIL_DISABLED
 static inline int
-float_reuse(PyObject *o, double v)
+float_reuse(PyObject *o, double v, int write)
 {
     if (Py_REFCNT(o) != 1 || !PyFloat_CheckExact(o))
         return 0;
-    ((PyFloatObject *)o)->ob_fval = v;
+    if (write)
+        ((PyFloatObject *)o)->ob_fval = v;
     return 1;
 }
 
 /* A positive int keeps its digit count here, so only digits are written: the
  * size/sign word stays valid.  Versions whose layout is not known here make new ints. */
 static inline int
-long_reuse(PyObject *o, unsigned long long v)
+long_reuse(PyObject *o, unsigned long long v, int write)
 {
     if (Py_REFCNT(o) != 1 || !PyLong_CheckExact(o))
         return 0;
@@ -381,8 +383,9 @@ long_reuse(PyObject *o, unsigned long long v)
         need++;
     if (need != size || need > 3)
         return 0;
-    for (Py_ssize_t i = 0; i < need; i++, v >>= PyLong_SHIFT)
-        d[i] = (digit)(v & PyLong_MASK);
+    if (write)
+        for (Py_ssize_t i = 0; i < need; i++, v >>= PyLong_SHIFT)
+            d[i] = (digit)(v & PyLong_MASK);
     return 1;
 }
 #endif
@@ -447,9 +450,11 @@ record_impl(PyObject *sock, int skip)
     if (old != NULL && Py_REFCNT(old) == 1 && PyTuple_CheckExact(old)
         && PyTuple_GET_SIZE(old) == ENTRY_HEAD + w.n) {
         PyObject **items = ((PyTupleObject *)old)->ob_item;
-        PyObject *c = float_reuse(items[1], created) ? NULL : PyFloat_FromDouble(created);
-        PyObject *s = long_reuse(items[2], n) ? NULL : PyLong_FromUnsignedLongLong(n);
-        if (PyErr_Occurred()) {
+        /* New objects where the old ones cannot take the values, before anything changes. */
+        int c_here = float_reuse(items[1], created, 0), s_here = long_reuse(items[2], n, 0);
+        PyObject *c = c_here ? NULL : PyFloat_FromDouble(created);
+        PyObject *s = s_here ? NULL : PyLong_FromUnsignedLongLong(n);
+        if ((!c_here && c == NULL) || (!s_here && s == NULL)) {
             Py_XDECREF(c);
             Py_XDECREF(s);
             Py_DECREF(ref);
@@ -457,6 +462,10 @@ record_impl(PyObject *sock, int skip)
             walk_release(&w, 1);
             return -1;
         }
+        if (c_here)
+            float_reuse(items[1], created, 1);
+        if (s_here)
+            long_reuse(items[2], n, 1);
         Py_DECREF(key);
         PyObject *prev[3] = {items[0], c != NULL ? items[1] : NULL, s != NULL ? items[2] : NULL};
         items[0] = ref;
