@@ -184,7 +184,8 @@ def plot(rows: list[dict[str, Any]], path: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smaller counts (smoke test)")
-    p.add_argument("--only", action="append", help="run only these modules (e.g. bench_core)")
+    p.add_argument("--only", action="append", choices=MODULES, help="run only these modules (e.g. bench_core)")
+    p.add_argument("--out", default=os.path.join(HERE, "results"), help="where latest.{md,json,png} go")
     args = p.parse_args(argv)
     started = time.time()
     rows: list[dict[str, Any]] = []
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print()
     print(md)
-    out = os.path.join(HERE, "results")
+    out = args.out
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "latest.json"), "w") as f:
         json.dump({"header": header, "rows": rows}, f, indent=1)
