@@ -36,8 +36,12 @@ __all__ = [
     "check_thresholds",
     "checked_in",
     "checked_out",
+    "enter_scope",
+    "exit_scope",
     "fd_of",
     "info_of",
+    "mark_in",
+    "mark_out",
     "pooled",
     "stop",
     "threshold",
@@ -64,6 +68,42 @@ def capture() -> stacks.Frames:
     except Exception:
         registry.count_error()
         return ()
+
+
+def enter_scope(origin: str, frames: stacks.Frames | None) -> Any:
+    """:func:`registry.push_scope` for a pool's own connect, contained: the token, or None."""
+    try:
+        return registry.push_scope(origin, None, frames)
+    except Exception:
+        registry.count_error()
+        return None
+
+
+def exit_scope(token: Any) -> None:
+    """Close what :func:`enter_scope` opened (nothing for None), contained."""
+    if token is None:
+        return
+    try:
+        registry.pop_scope(token)
+    except Exception:
+        registry.count_error()
+
+
+def mark_out(conn: Any, name: str, origin: str, frames: stacks.Frames) -> None:
+    """:func:`checked_out`, from a wrapper: a failure of ours is counted, never raised."""
+    try:
+        checked_out(conn, name, origin, frames)
+    except Exception:
+        registry.count_error()
+
+
+def mark_in(conn: Any) -> None:
+    """:func:`checked_in`, from a wrapper: a failure of ours is counted, never raised."""
+    try:
+        if conn is not None:
+            checked_in(conn)
+    except Exception:
+        registry.count_error()
 
 
 def threshold() -> float | None:

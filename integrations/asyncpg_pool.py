@@ -69,19 +69,12 @@ def _init(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 
 
 async def _new_connection_run(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    try:  # inside the coroutine: the scope belongs to the task that connects
-        frames = _pool_frames.get(id(instance))
-        token = registry.push_scope(ORIGIN, None, frames)
-    except Exception:
-        registry.count_error()
-        return await wrapped(*args, **kwargs)
+    frames = _pool_frames.get(id(instance))
+    token = _pools.enter_scope(ORIGIN, frames)  # inside the coroutine: the scope belongs to the task that connects
     try:
         conn = await wrapped(*args, **kwargs)
     finally:
-        try:
-            registry.pop_scope(token)
-        except Exception:
-            registry.count_error()
+        _pools.exit_scope(token)
     try:
         _pools.pooled(conn, _name(instance), ORIGIN, frames=frames or ())
         fd = _pools.fd_of(conn)
@@ -99,10 +92,7 @@ def _new_connection(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 
 async def _acquire_run(wrapped: Any, instance: Any, args: Any, kwargs: Any, frames: stacks.Frames) -> Any:
     proxy = await wrapped(*args, **kwargs)
-    try:
-        _pools.checked_out(proxy._con, _name(instance), ORIGIN, frames)
-    except Exception:
-        registry.count_error()
+    _pools.mark_out(getattr(proxy, "_con", None), _name(instance), ORIGIN, frames)
     return proxy
 
 

@@ -62,21 +62,14 @@ def _init(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 
 
 def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    try:
-        frames = _pool_frames.get(instance)
-        if frames is None:  # a pool made before install(): the line that made it open one
-            frames = capture()
-        token = registry.push_scope(ORIGIN, None, frames)
-    except Exception:
-        registry.count_error()
-        return wrapped(*args, **kwargs)
+    frames = _pool_frames.get(instance)
+    if frames is None:  # a pool made before install(): the line that made it open one
+        frames = capture()
+    token = _pools.enter_scope(ORIGIN, frames)
     try:
         conn = wrapped(*args, **kwargs)
     finally:
-        try:
-            registry.pop_scope(token)
-        except Exception:
-            registry.count_error()
+        _pools.exit_scope(token)
     try:
         # Without the psycopg2 integration the socket is adopted here, with the same stack.
         _pools.pooled(conn, _name(instance), ORIGIN, frames=frames)
@@ -91,22 +84,14 @@ def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 def _getconn(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     frames = capture()
     conn = wrapped(*args, **kwargs)
-    try:
-        _pools.checked_out(conn, _name(instance), ORIGIN, frames)
-    except Exception:
-        registry.count_error()
+    _pools.mark_out(conn, _name(instance), ORIGIN, frames)
     return conn
 
 
 def _putconn(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     result = wrapped(*args, **kwargs)
     # After the call: a connection the pool refused (not one of its own, pool closed) stays out.
-    try:
-        conn = args[0] if args else kwargs.get("conn")
-        if conn is not None:
-            _pools.checked_in(conn)
-    except Exception:
-        registry.count_error()
+    _pools.mark_in(args[0] if args else kwargs.get("conn"))
     return result
 
 
@@ -117,11 +102,8 @@ def _closeall(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         registry.count_error()
         held = []
     result = wrapped(*args, **kwargs)
-    try:
-        for conn in held:
-            _pools.checked_in(conn)  # closed by the pool: nothing is out any more
-    except Exception:
-        registry.count_error()
+    for conn in held:
+        _pools.mark_in(conn)  # closed by the pool: nothing is out any more
     return result
 
 

@@ -46,16 +46,6 @@ def _init(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     return wrapped(*args, **kwargs)
 
 
-def _scope(pool: Any) -> Any:
-    try:
-        cm = registry.scope(ORIGIN, None, _pool_frames.get(pool))
-        cm.__enter__()
-        return cm
-    except Exception:
-        registry.count_error()
-        return None
-
-
 def _pooled(conn: Any, pool: Any) -> None:
     try:
         # Without the psycopg integration the socket is adopted here, with the pool's creation stack.
@@ -67,32 +57,15 @@ def _pooled(conn: Any, pool: Any) -> None:
         registry.count_error()
 
 
-def _checked_out(conn: Any, pool: Any, frames: stacks.Frames) -> None:
-    try:
-        _pools.checked_out(conn, _name(pool), ORIGIN, frames)
-    except Exception:
-        registry.count_error()
-
-
-def _checked_in(args: Any, kwargs: Any) -> None:
-    try:
-        conn = args[0] if args else kwargs.get("conn")
-        if conn is not None:
-            _pools.checked_in(conn)
-    except Exception:
-        registry.count_error()
-
-
 # --------------------------------------------------------------------------- sync pool
 
 
 def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    cm = _scope(instance)
+    token = _pools.enter_scope(ORIGIN, _pool_frames.get(instance))
     try:
         conn = wrapped(*args, **kwargs)
     finally:
-        if cm is not None:
-            cm.__exit__(None, None, None)
+        _pools.exit_scope(token)
     _pooled(conn, instance)
     return conn
 
@@ -100,12 +73,12 @@ def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 def _getconn(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     frames = capture()
     conn = wrapped(*args, **kwargs)
-    _checked_out(conn, instance, frames)
+    _pools.mark_out(conn, _name(instance), ORIGIN, frames)
     return conn
 
 
 def _putconn(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    _checked_in(args, kwargs)
+    _pools.mark_in(args[0] if args else kwargs.get("conn"))
     return wrapped(*args, **kwargs)
 
 
@@ -113,12 +86,11 @@ def _putconn(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 
 
 async def _aconnect_run(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    cm = _scope(instance)  # inside the coroutine: the scope belongs to the task that connects
+    token = _pools.enter_scope(ORIGIN, _pool_frames.get(instance))  # inside the coroutine: the task's scope
     try:
         conn = await wrapped(*args, **kwargs)
     finally:
-        if cm is not None:
-            cm.__exit__(None, None, None)
+        _pools.exit_scope(token)
     _pooled(conn, instance)
     return conn
 
@@ -129,7 +101,7 @@ def _aconnect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 
 async def _agetconn_run(wrapped: Any, instance: Any, args: Any, kwargs: Any, frames: stacks.Frames) -> Any:
     conn = await wrapped(*args, **kwargs)
-    _checked_out(conn, instance, frames)
+    _pools.mark_out(conn, _name(instance), ORIGIN, frames)
     return conn
 
 
