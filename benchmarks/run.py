@@ -154,7 +154,14 @@ def plot(rows: list[dict[str, Any]], path: str) -> bool:
     except ImportError:
         return False
     snap = [r for r in rows if r.get("sockets") and "foreign" not in r["name"] and "ratio" in r]
-    ops = [r for r in rows if "ratio" in r and not r.get("sockets") and "baseline_us" in r and "plain vs plain" not in r["name"]]
+    # Per-operation rows only: not the noise control, the other tools (tens of times slower:
+    # they would squeeze every leakguard bar to nothing) or the idle-process CPU row.
+    ops = [
+        r
+        for r in rows
+        if "ratio" in r and "baseline_us" in r and not r.get("sockets")
+        and not any(k in r["name"] for k in ("plain vs plain", "for comparison", "while idle"))
+    ]  # fmt: skip
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
     if snap:
         xs = [r["sockets"] for r in snap]
@@ -171,7 +178,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> bool:
         names = [r["name"] for r in ops]
         pct = [(r.get("pair_ratio", r["ratio"]) - 1) * 100 for r in ops]
         b.barh(names, pct, color=["tab:red" if p > 5 else "tab:green" for p in pct])
-        b.set_xlabel("% added by leakguard (side by side, median of paired rounds)")
+        b.set_xlabel("% added (side by side, median of paired rounds)")
         b.set_title("Per-operation overhead")
         b.axvline(0, color="black", lw=0.8)
         b.grid(True, axis="x", alpha=0.3)
