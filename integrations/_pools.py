@@ -1,6 +1,6 @@
 """Pool tracking shared by the pool integrations (SQLAlchemy, psycopg_pool, psycopg2.pool, asyncpg, redis-py).
 
-A pool integration calls :func:`pooled` when its pool opens a connection (it is
+A pool integration calls :func:`mark_pooled` when its pool opens a connection (it is
 then idle in the pool), :func:`checked_out` when the application takes one and
 :func:`checked_in` when it gives it back.  The state lives in a
 :class:`registry.PoolInfo` attached to the connection's socket record, so
@@ -27,6 +27,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from leakguard import _state, registry, report, stacks
@@ -42,7 +43,7 @@ __all__ = [
     "info_of",
     "mark_in",
     "mark_out",
-    "pooled",
+    "mark_pooled",
     "stop",
     "threshold",
 ]
@@ -85,6 +86,20 @@ def exit_scope(token: Any) -> None:
         return
     try:
         registry.pop_scope(token)
+    except Exception:
+        registry.count_error()
+
+
+def mark_pooled(
+    conn: Any, name: str, origin: str, frames: stacks.Frames, target: Callable[[Any], str | None]
+) -> None:
+    """*conn* was just opened by pool *name* and sits idle in it (from a pool's connect
+    wrapper; contained).  Without the driver's own integration the socket is adopted
+    here, with *frames*, and its target is ``target(conn)``."""
+    try:
+        rec = _link(conn, name, origin, None, frames)[1]
+        if rec is not None and rec.target is None:
+            rec.target = target(conn)
     except Exception:
         registry.count_error()
 
@@ -210,19 +225,6 @@ def _link(conn: Any, name: str, origin: str, source: Any, frames: stacks.Frames 
     except TypeError:  # not weakly referenceable: the socket record alone holds the info
         pass
     return link
-
-
-def pooled(
-    conn: Any, name: str, origin: str, source: Any = None, frames: stacks.Frames = ()
-) -> registry.PoolInfo:
-    """*conn* was just opened by pool *name* and sits idle in it.
-
-    *source* is the object holding the socket when that is not *conn* itself
-    (SQLAlchemy: the DBAPI connection of a connection record); *frames* the
-    creation stack to use if no integration recorded the socket.
-    """
-    info: registry.PoolInfo = _link(conn, name, origin, source, frames)[0]
-    return info
 
 
 def checked_out(

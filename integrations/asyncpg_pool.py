@@ -75,14 +75,7 @@ async def _new_connection_run(wrapped: Any, instance: Any, args: Any, kwargs: An
         conn = await wrapped(*args, **kwargs)
     finally:
         _pools.exit_scope(token)
-    try:
-        _pools.pooled(conn, _name(instance), ORIGIN, frames=frames or ())
-        fd = _pools.fd_of(conn)
-        rec = registry.get(fd) if fd is not None else None
-        if rec is not None and rec.target is None:  # the asyncpg integration is off
-            rec.target = resolved_target(conn)
-    except Exception:
-        registry.count_error()
+    _pools.mark_pooled(conn, _name(instance), ORIGIN, frames or (), resolved_target)
     return conn
 
 

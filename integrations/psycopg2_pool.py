@@ -70,14 +70,7 @@ def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         conn = wrapped(*args, **kwargs)
     finally:
         _pools.exit_scope(token)
-    try:
-        # Without the psycopg2 integration the socket is adopted here, with the same stack.
-        _pools.pooled(conn, _name(instance), ORIGIN, frames=frames)
-        rec = registry.get(conn.fileno())
-        if rec is not None and rec.target is None:
-            rec.target = pg_target(conn)
-    except Exception:
-        registry.count_error()
+    _pools.mark_pooled(conn, _name(instance), ORIGIN, frames, pg_target)
     return conn
 
 

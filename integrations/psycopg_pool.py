@@ -47,14 +47,7 @@ def _init(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 
 
 def _pooled(conn: Any, pool: Any) -> None:
-    try:
-        # Without the psycopg integration the socket is adopted here, with the pool's creation stack.
-        _pools.pooled(conn, _name(pool), ORIGIN, frames=_pool_frames.get(pool, ()))
-        rec = registry.get(conn.fileno())
-        if rec is not None and rec.target is None:
-            rec.target = pg_target(conn)
-    except Exception:
-        registry.count_error()
+    _pools.mark_pooled(conn, _name(pool), ORIGIN, _pool_frames.get(pool, ()), pg_target)
 
 
 # --------------------------------------------------------------------------- sync pool

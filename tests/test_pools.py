@@ -387,7 +387,7 @@ class TestPsycopg2Pool:
         """leakguard's pool bookkeeping failing: the pool works as without it, and the failures are counted."""
         require_service("postgres")
         errors = registry.stats()["hook_errors"]
-        for name in ("pooled", "checked_out", "checked_in"):
+        for name in ("_link", "checked_out", "checked_in"):  # every step of the pool bookkeeping
             monkeypatch.setattr(_pools, name, _raise)
         pool = psycopg2.pool.ThreadedConnectionPool(1, 2, PG_DSN)
         try:
@@ -523,7 +523,7 @@ class TestAsyncpgPool:
         """leakguard's pool bookkeeping failing: the pool works as without it, and the failures are counted."""
         require_service("postgres")
         errors = registry.stats()["hook_errors"]
-        for name in ("pooled", "checked_out", "checked_in"):
+        for name in ("_link", "checked_out", "checked_in"):  # every step of the pool bookkeeping
             monkeypatch.setattr(_pools, name, _raise)
 
         async def main() -> None:
