@@ -135,22 +135,6 @@ class Config(Value):
     """The effective configuration of an install(): immutable, compared and hashed by
     value, as ``@dataclass(frozen=True)`` made it (see :class:`Value`)."""
 
-    _fields = (
-        "report_interval",
-        "stack_depth",
-        "integrations",
-        "checkout_threshold",
-        "log_format",
-        "dump_signal",
-        "top_sites",
-        "max_events_per_report",
-        "churn_warning",
-        "churn_limit",
-        "max_events_per_minute",
-        "metrics_port",
-        "metrics_addr",
-    )
-
     report_interval: float | None
     stack_depth: int
     integrations: tuple[str, ...] | None

@@ -13,10 +13,15 @@ __all__ = ["Value"]
 
 
 class Value:
-    """Subclasses name their fields, in order, in ``_fields`` and set them in ``__init__``."""
+    """Subclasses annotate their fields, in order, in the class body and set them in ``__init__``."""
 
     __slots__ = ()
     _fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The names, in order (the values stay text); getattr where annotations are made lazily (3.14).
+        cls._fields = tuple(vars(cls).get("__annotations__") or getattr(cls, "__annotations__", {}))
 
     def _values(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in self._fields)

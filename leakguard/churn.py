@@ -70,8 +70,6 @@ def local_port_range() -> tuple[int, int]:
 class ChurnWarning(Value):
     """One site closing connections to one peer fast enough to run out of local ports."""
 
-    _fields = ("site", "peer", "closes_per_60s", "limit", "ports", "origin")
-
     site: str
     peer: str | None
     closes_per_60s: int

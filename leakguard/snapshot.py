@@ -152,8 +152,6 @@ class SocketInfo(tuple):  # type: ignore[type-arg]
 class Snapshot(Value):
     """The process's sockets at one moment; :attr:`leaks` are those judged leaked."""
 
-    _fields = ("pid", "taken_at", "counts", "fds_open", "fds_limit", "sockets", "leaks")
-
     pid: int
     taken_at: float
     counts: dict[str, int]
