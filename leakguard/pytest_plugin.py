@@ -703,14 +703,18 @@ class _Checker:
             registry.count_error()
         self.pending.append(fx)
 
-    def _candidates(self) -> list[registry.Record]:
-        """The current test's sockets that are still open and not owned by a fixture."""
+    def _created(self) -> bool:
+        """Were sequence numbers taken since the current test began, beyond the plugin's own?
+        (If not, no socket was created: none of this test's can be open.)  A few operations."""
         if self.item is None:
-            return []
-        seq = registry.mark()
+            return False
         self.taken += 1
-        if seq - self.mark - self.taken <= 0:
-            return []  # fast path: no socket was created since the test started
+        return registry.mark() - self.mark - self.taken > 0
+
+    def _candidates(self, created: bool | None = None) -> list[registry.Record]:
+        """The current test's sockets that are still open and not owned by a fixture."""
+        if not (self._created() if created is None else created):
+            return []
         return registry.live_between(self.mark, None, self.claimed)
 
     def _adopt_reachable(self, cands: list[registry.Record], fixtures: Iterable[_Fixture]) -> list[registry.Record]:
@@ -776,10 +780,7 @@ class _Checker:
         # The common case first, in a few operations: no sequence number was taken since
         # the test began but the plugin's own (no socket was created, none can be open
         # from this test), no fixture finished and no socket was freed by the GC.
-        created = False
-        if self.item is not None:
-            self.taken += 1
-            created = registry.mark() - self.mark - self.taken > 0
+        created = self._created()
         if not (created or self.pending or _gc_events):
             self.item = None
             return
@@ -804,7 +805,7 @@ class _Checker:
         """*created*: sequence numbers were taken during the test (sockets may be open)."""
         settings = self.settings
         pending, self.pending = self.pending, []
-        cands = registry.live_between(self.mark, None, self.claimed) if created else []
+        cands = self._candidates(created)
         if not (cands or pending or _gc_events):
             return None  # this test opened no socket that is still open
         verdict = _Verdict()
