@@ -83,14 +83,15 @@ def _app_frames(depth: int, fn: Callable[[], Any]) -> Any:
     return fn() if depth == 0 else _app_frames(depth - 1, fn)
 
 
-def bench_socket_create(quick: bool) -> Row:
-    def op(n: int) -> None:
-        sock = socket.socket
-        for _ in range(n):
-            sock().close()
+def _create_loop(n: int) -> None:
+    sock = socket.socket
+    for _ in range(n):
+        sock().close()
 
+
+def bench_socket_create(quick: bool) -> Row:
     n = 20_000 if quick else 100_000
-    p, i, pr = _interleaved(lambda k: _app_frames(5, lambda: op(k)), n, 5 if quick else 9)
+    p, i, pr = _interleaved(lambda k: _app_frames(5, lambda: _create_loop(k)), n, 5 if quick else 9)
     return _row("socket create+close", p, i, pr)
 
 
@@ -150,15 +151,7 @@ def _loop_main(kind: str, n: int, installed: bool, port: int) -> None:
     """The program callgrind counts: *n* operations of *kind*, a few application frames deep."""
     if installed:
         leakguard.install(integrations="none")
-    if kind == "create":
-        sock = socket.socket
-
-        def op(k: int) -> None:
-            for _ in range(k):
-                sock().close()
-
-    else:
-        op = _connect_loop(("127.0.0.1", port))
+    op = _create_loop if kind == "create" else _connect_loop(("127.0.0.1", port))
     op(50)  # warm: allocator pools, the records table, caches
     _app_frames(5, lambda: op(n))
 

@@ -70,14 +70,16 @@ def _cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _unset() -> tuple[str, ...]:
+    """What no measured run inherits: leakguard and pytest settings from outside, and a switch
+    that turns bytecode caching off (on, as on a developer's machine)."""
+    return tuple(k for k in os.environ if k.startswith(("LEAKGUARD_", "PYTEST_")) or k == "PYTHONDONTWRITEBYTECODE")
+
+
 def _time(cmd: list[str], cwd: Path) -> tuple[float, float]:
     """(CPU seconds, wall seconds) of one run of *cmd*."""
-    # Bytecode caching on, as on a developer's machine (an environment may switch it off).
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("LEAKGUARD_", "PYTEST_")) and k != "PYTHONDONTWRITEBYTECODE"
-    }
+    unset = _unset()
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     cpu, start = _cpu(), time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wall, cpu = time.perf_counter() - start, _cpu() - cpu
@@ -192,8 +194,7 @@ def instructions(n: int = N_TESTS, small: int = 1, large: int = 201) -> dict[str
         counted = _callgrind.counts(
             [_pytest(*configs[name], str(roots[k])) for name, k in jobs],
             cwd=tmp,
-            # as in the timed runs: bytecode caches on, no leakguard or pytest settings from outside
-            unset=tuple(k for k in os.environ if k.startswith(("LEAKGUARD_", "PYTEST_")) or k == "PYTHONDONTWRITEBYTECODE"),
+            unset=_unset(),  # as in the timed runs
         )
     total = {}
     for name in configs:

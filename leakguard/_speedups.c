@@ -334,15 +334,6 @@ walk_tuple(walk_t *w, Py_ssize_t head)
     return t;
 }
 
-static PyObject *
-capture_into(int skip, int left, Py_ssize_t head)
-{
-    walk_t w;
-    if (walk(&w, skip, left) < 0)
-        return NULL;
-    return walk_tuple(&w, head);
-}
-
 #define ENTRY_HEAD 5 /* (ref, created, seq, None, None) before the frames: registry.Entry */
 
 /* In-place reuse of an entry's values, for objects only that entry holds (see record_impl).
@@ -628,7 +619,10 @@ capture(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_RuntimeError, "leakguard._speedups is not configured");
         return NULL;
     }
-    return capture_into(skip, d, 0);
+    walk_t w;
+    if (walk(&w, skip, d) < 0)
+        return NULL;
+    return walk_tuple(&w, 0);
 }
 
 static PyObject *
