@@ -43,15 +43,18 @@ def _source_checkout() -> None:
 _source_checkout()
 
 from ._state import get_config, install, installed, uninstall  # noqa: E402
+from .checks import LeakError, no_leaks  # noqa: E402
 from .snapshot import Snapshot, SocketInfo, take as _take  # noqa: E402
 
 __all__ = [
+    "LeakError",
     "Snapshot",
     "SocketInfo",
     "__version__",
     "get_config",
     "install",
     "installed",
+    "no_leaks",
     "snapshot",
     "uninstall",
 ]

@@ -1,25 +1,69 @@
 """Diagnose leaked sockets: who holds each one, and is any code still working with it.
 
-Only leaks are diagnosed, once per snapshot, and only when someone reads a
-diagnosis (``SocketInfo.verdict`` / ``held_by`` / ``in_use`` or ``to_dict()``):
-a snapshot without leaks pays nothing.  See :class:`Batch`.
+A creation line says where a socket was opened; the fix is often elsewhere.
+For every leak this module answers:
+
+- **held by**: up to 3 shortest reference paths from a root (module globals,
+  the live frames of threads and asyncio tasks, pytest fixture values) to the
+  socket, or to the Python object owning a descriptor made in C (a psycopg2
+  connection, as its integration recorded it), written as a person names them:
+  ``app.cache.REGISTRY['eu'].conn``, ``thread 'worker-3' in handle() local self.request``;
+- **in use**: the thread (and task) whose live frame holds it a few steps from a
+  local variable, and where that code is now;
+- **verdict**: ``in_use`` (that), ``idle_in_pool`` (its pool's integration says it
+  is idle), ``forgotten`` (reachable, and no running code holds it: a missing
+  ``close()``) or ``unreachable`` (only a reference cycle keeps it).
+
+Cost: nothing for a snapshot without leaks, and nothing until a diagnosis is
+read (:class:`Batch`); then one walk for all the snapshot's leaks.  The walk
+goes breadth first from the roots one level at a time, each level's referents
+taken by one ``gc.get_referents`` call and checked against the targets by
+identity in C (``map``/``compress`` over ids: no Python loop per object, no
+``gc.get_referrers``), and stops as soon as every target is found.  The paths are
+rebuilt afterwards from the few parents needed.  A budget of objects and of
+seconds bounds it; past it the diagnosis says "gave up after N objects".
+Sockets leakguard never saw created are found among the collector's objects
+by their C-level descriptor (no ``fileno()`` of arbitrary objects is called).
 """
 
 from __future__ import annotations
 
+import _socket
+import bisect
+import gc
+import itertools
+import linecache
+import operator
+import os
+import sys
 import threading
+import time
+import types
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from . import registry
+from . import registry, stacks
 from ._value import Value
 
 if TYPE_CHECKING:
     from .snapshot import SocketInfo
 
-__all__ = ["VERDICTS", "Batch", "Diagnosis"]
+__all__ = ["BUDGET_OBJECTS", "BUDGET_SECONDS", "VERDICTS", "Batch", "Diagnosis", "run"]
 
 #: Every verdict (bounded: the metrics label takes its values from here).
 VERDICTS = ("forgotten", "in_use", "idle_in_pool", "unreachable")
+#: Referents examined at most by one diagnosis, and its time limit (checked between levels).
+BUDGET_OBJECTS = 5_000_000
+BUDGET_SECONDS = 1.0
+#: Reference hops from a frame's local within which the frame counts as using the object (local, attribute,
+#: item: ``local writer._transport._sock``); an instance's ``__dict__`` step is not counted.
+IN_USE_STEPS = 3
+MAX_PATHS = 3
+
+_HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
+_OWN_DIRS = (_HERE, stacks._INTEGRATIONS_DIR)
+_is_socket = _socket.socket.__instancecheck__
+_fileno = _socket.socket.fileno  # the C method: reads the descriptor, runs no Python code
 
 
 class Diagnosis(Value):
@@ -37,12 +81,24 @@ class Diagnosis(Value):
         self.in_use = in_use
 
 
+Subject = tuple[Any, "int | None", "str | None", "registry.Record | None"]
+
+
+def key(fd: int | None, record: registry.Record | None) -> Any:
+    """What names one leak within its batch: its descriptor (or its record when the fd is unknown)."""
+    return fd if fd is not None else ("record", id(record))
+
+
 class Batch:
-    """The leaks of one snapshot, diagnosed together on first use (one heap pass for all)."""
+    """The leaks of one snapshot, diagnosed together on first use (one heap walk for all)."""
 
-    __slots__ = ("_done", "_lock", "subjects")
+    __slots__ = ("_done", "_lock", "roots", "settled", "subjects")
 
-    def __init__(self) -> None:
+    def __init__(self, settled: tuple[Any, ...] = (), roots: tuple[tuple[str, Any], ...] = ()) -> None:
+        #: frames not counted as running code (a no_leaks block's own frame, done with the block)
+        self.settled = settled
+        #: more roots as (label, object), e.g. the pytest plugin's live fixture values ("fixture `client`")
+        self.roots = roots
         # (key, fd, state, record) of each leak; not the SocketInfos, which hold the batch (no cycle)
         self.subjects: list[Subject] = []
         self._done: dict[Any, Diagnosis] | None = None
@@ -57,25 +113,625 @@ class Batch:
             with self._lock:
                 done = self._done
                 if done is None:
-                    done = self._done = _run(self.subjects)
+                    done = self._done = run(self.subjects, settled=self.settled, roots=self.roots)
         d = done.get(key(info.fd, info.record))
-        return d if d is not None else _crude(info.record)
+        return d if d is not None else _failed("not part of its snapshot's diagnosis")
 
 
-Subject = tuple[Any, "int | None", "str | None", "registry.Record | None"]
+def _failed(what: str) -> Diagnosis:
+    return Diagnosis("forgotten", f"not diagnosed ({what})", [], None)
 
 
-def key(fd: int | None, record: registry.Record | None) -> Any:
-    """What names one leak within its batch: its descriptor (or its record when the fd is unknown)."""
-    return fd if fd is not None else ("record", id(record))
+# --------------------------------------------------------------------------------------------- roots
 
 
-def _crude(rec: registry.Record | None) -> Diagnosis:
-    pool = rec.pool if rec is not None else None
-    if pool is not None and not pool.checked_out:
-        return Diagnosis("idle_in_pool", f"it sits idle in pool {pool.name}", [], None)
-    return Diagnosis("forgotten", "no code is using it", [], None)
+class _Root:
+    """Where a path starts: a module's globals, a frame's local, a fixture value."""
+
+    __slots__ = ("awaited", "label", "module", "stack", "task", "thread")
+
+    def __init__(
+        self,
+        label: str,
+        module: bool = False,
+        thread: str | None = None,
+        task: str | None = None,
+        stack: list[Any] | None = None,
+        awaited: Any = None,
+    ) -> None:
+        self.label = label
+        self.module = module  # the object is a module's __dict__: its keys read as attributes
+        self.thread = thread
+        self.task = task
+        self.stack = stack or []  # the frames of that thread / task, innermost first: where its code is now
+        self.awaited = awaited  # for a task: what its innermost coroutine awaits
 
 
-def _run(subjects: list[Subject]) -> dict[Any, Diagnosis]:
-    return {k: _crude(rec) for k, _, _, rec in subjects}
+def _own(code: Any) -> bool:
+    return bool(code.co_filename.startswith(_OWN_DIRS))
+
+
+def _frame_locals(frame: Any) -> list[tuple[str, Any]]:
+    try:
+        if frame.f_locals is frame.f_globals:  # module-level code: its names are the module's globals
+            return []
+        return list(frame.f_locals.items())
+    except Exception:
+        return []
+
+
+def _thread_roots(out: list[tuple[_Root, Any]], settled: list[tuple[_Root, Any]], settled_ids: set[int]) -> None:
+    names = {t.ident: t.name for t in threading.enumerate()}
+    for tid, top in sys._current_frames().items():
+        name = names.get(tid, f"thread {tid}")
+        chain = []
+        f: types.FrameType | None = top
+        while f is not None:
+            if not _own(f.f_code):
+                chain.append(f)
+            f = f.f_back
+        if not chain:
+            continue  # a thread of leakguard's own (the watcher)
+        for fr in chain:
+            if id(fr) in settled_ids:  # the checked block's own frame: it holds, but is done with the block
+                for local, value in _frame_locals(fr):
+                    settled.append((_Root(f"{fr.f_code.co_name}() local {local}"), value))
+                continue
+            label = f"thread {name!r} in {fr.f_code.co_name}()"
+            for local, value in _frame_locals(fr):
+                out.append((_Root(f"{label} local {local}", thread=name, stack=chain), value))
+
+
+def _tasks() -> list[Any]:
+    tasks = sys.modules.get("asyncio.tasks")
+    if tasks is None:
+        return []
+    found: list[Any] = []
+    for attr in ("_all_tasks", "_scheduled_tasks", "_eager_tasks"):
+        group = getattr(tasks, attr, None)
+        if group is not None:
+            try:
+                found.extend(list(group))
+            except Exception:
+                pass
+    return found
+
+
+def _await_chain(coro: Any) -> tuple[list[Any], Any]:
+    """The frames of a task's coroutine and of those it awaits, outermost first, and the awaited non-coroutine."""
+    frames, c, seen = [], coro, 0
+    while c is not None and seen < 100:
+        seen += 1
+        fr = getattr(c, "cr_frame", None) or getattr(c, "gi_frame", None) or getattr(c, "ag_frame", None)
+        if fr is None:
+            break
+        frames.append(fr)
+        nxt = getattr(c, "cr_await", None) if hasattr(c, "cr_await") else getattr(c, "gi_yieldfrom", None)
+        if nxt is None or not (hasattr(nxt, "cr_frame") or hasattr(nxt, "gi_frame")):
+            return frames, nxt
+        c = nxt
+    return frames, None
+
+
+def _task_roots(out: list[tuple[_Root, Any]]) -> None:
+    names = {t.ident: t.name for t in threading.enumerate()}
+    for task in _tasks():
+        try:
+            if task.done():
+                continue
+            tname = task.get_name()
+            frames, awaited = _await_chain(task.get_coro())
+            loop_tid = getattr(task.get_loop(), "_thread_id", None)
+        except Exception:
+            continue
+        if not frames:
+            continue
+        thread = names.get(loop_tid, "no running loop") if loop_tid is not None else "no running loop"
+        stack = frames[::-1]
+        for fr in frames:
+            label = f"task {tname!r} in {fr.f_code.co_name}()"
+            for local, value in _frame_locals(fr):
+                out.append((_Root(f"{label} local {local}", thread=thread, task=tname, stack=stack, awaited=awaited), value))
+
+
+def _module_roots(out: list[tuple[_Root, Any]], own: set[int]) -> None:
+    for name, mod in list(sys.modules.items()):
+        if not isinstance(mod, types.ModuleType):
+            continue
+        try:
+            d = object.__getattribute__(mod, "__dict__")
+        except Exception:
+            continue
+        if name == "leakguard" or name.startswith("leakguard."):
+            own.add(id(mod))
+            own.add(id(d))
+            continue
+        out.append((_Root(name, module=True), d))
+
+
+
+
+# --------------------------------------------------------------------------------------------- the walk
+
+
+class _Budget:
+    __slots__ = ("deadline", "gave_up", "limit", "used")
+
+    def __init__(self, objects: int, seconds: float) -> None:
+        self.limit = objects
+        self.used = 0
+        self.deadline = time.monotonic() + seconds
+        self.gave_up = False
+
+    def spend(self, n: int) -> bool:
+        """Account for *n* more objects; False (and gave_up) once over the budget."""
+        if self.used + n > self.limit or time.monotonic() > self.deadline:
+            self.gave_up = True
+            return False
+        self.used += n
+        return True
+
+
+_get_referents = gc.get_referents
+_is_tracked = gc.is_tracked
+
+
+class _Walk:
+    """Breadth-first levels from the roots; ``hits`` maps a target's id to up to MAX_PATHS (level, parent, offset)."""
+
+    def __init__(self, starts: list[Any], seen: set[int], budget: _Budget) -> None:
+        self.levels: list[list[Any]] = [starts]
+        self.flats: list[list[Any]] = []  # flats[k]: gc.get_referents(*levels[k])
+        self.cums: dict[int, list[int]] = {}  # cumulative referent counts of levels[k], made when needed
+        self.seen = seen
+        self.seen.update(map(id, starts))
+        self.budget = budget
+        self.hits: dict[int, list[tuple[int, int, int]]] = {}
+        self.complete = False  # every object reachable from the starts was examined
+
+    def search(self, targets: set[int], max_level: int | None = None) -> None:
+        """Walk until every id in *targets* is found, the reachable heap is exhausted, or the budget ends."""
+        remaining = set(targets)
+        starts = self.levels[0]
+        for i in itertools.compress(itertools.count(), map(remaining.__contains__, map(id, starts))):
+            found = self.hits.setdefault(id(starts[i]), [])  # a root that is itself a target (a local)
+            if len(found) < MAX_PATHS:
+                found.append((-1, i, 0))
+        remaining.difference_update(self.hits)
+        k = 0
+        while remaining:
+            if max_level is not None and k >= max_level:
+                return
+            level = self.levels[k]
+            if not level:
+                self.complete = True
+                return
+            if not self.budget.spend(len(level)):
+                return
+            flat = _get_referents(*level)
+            self.flats.append(flat)
+            ids = list(map(id, flat))
+            if not self.budget.spend(len(flat)):
+                return
+            contains = remaining.__contains__
+            for p in itertools.compress(itertools.count(), map(contains, ids)):
+                tid = ids[p]
+                found = self.hits.setdefault(tid, [])
+                if len(found) < MAX_PATHS:
+                    found.append((k, *self._locate(k, p)))
+            remaining.difference_update(self.hits)
+            if not remaining:
+                return
+            fresh = list(map(operator.not_, map(self.seen.__contains__, ids)))
+            nxt = dict(zip(itertools.compress(ids, fresh), itertools.compress(flat, fresh)))
+            self.seen.update(nxt)
+            self.levels.append(list(filter(_is_tracked, nxt.values())))
+            k += 1
+
+    def _cum(self, k: int) -> list[int]:
+        cum = self.cums.get(k)
+        if cum is None:
+            cum = self.cums[k] = list(itertools.accumulate(map(len, map(_get_referents, self.levels[k]))))
+        return cum
+
+    def parent_of(self, k: int, index: int) -> tuple[int, int]:
+        """For levels[k][index] (k >= 1): (index of a parent in levels[k-1], offset among its referents)."""
+        return self._locate(k - 1, operator.indexOf(map(id, self.flats[k - 1]), id(self.levels[k][index])))
+
+    def _locate(self, k: int, p: int) -> tuple[int, int]:
+        """Position *p* of flats[k] as (index of its object in levels[k], offset among that object's referents)."""
+        cum = self._cum(k)
+        parent = bisect.bisect_right(cum, p)
+        child = self.flats[k][p]
+        if parent < len(cum):
+            refs = _get_referents(self.levels[k][parent])
+            offset = p - (cum[parent - 1] if parent else 0)
+            if offset < len(refs) and refs[offset] is child:
+                return parent, offset
+        # Another thread changed a container since the level was read: look for a parent one by one.
+        for i, obj in enumerate(self.levels[k]):
+            for j, r in enumerate(_get_referents(obj)):
+                if r is child:
+                    return i, j
+        raise LookupError("the path changed during the diagnosis")
+
+    def chain(self, hit: tuple[int, int, int]) -> tuple[int, list[tuple[Any, int]]]:
+        """Root index and the path below it: [(object, offset of the next object among its referents), ...]."""
+        k, index, offset = hit
+        if k < 0:
+            return index, []
+        path = [(self.levels[k][index], offset)]
+        while k > 0:
+            index, offset = self.parent_of(k, index)
+            k -= 1
+            path.append((self.levels[k][index], offset))
+        path.reverse()
+        return index, path
+
+
+# --------------------------------------------------------------------------------------------- naming
+
+_MISSING = object()
+
+
+def _dict_of(obj: Any) -> Any:
+    if isinstance(obj, type):
+        try:
+            refs = _get_referents(obj.__dict__)  # the mappingproxy's dict
+            return refs[0] if refs else None
+        except Exception:
+            return None
+    try:
+        return object.__getattribute__(obj, "__dict__")
+    except Exception:
+        return None
+
+
+def _key_repr(k: Any) -> str:
+    if isinstance(k, (str, int, float, bytes, bool)) or k is None:
+        r = repr(k)
+        return r if len(r) <= 40 else r[:37] + "..."
+    if isinstance(k, tuple):
+        return ", ".join(_key_repr(x) for x in k[:3]) + (", ..." if len(k) > 3 else "")
+    return f"<{type(k).__qualname__}>"
+
+
+def _find_key(d: Any, child: Any) -> Any:
+    try:
+        for k, v in dict.items(d):
+            if v is child:
+                return k
+    except Exception:
+        pass
+    return _MISSING
+
+
+def _slot_name(obj: Any, child: Any) -> str | None:
+    for cls in type(obj).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            desc = cls.__dict__.get(name)
+            if isinstance(desc, types.MemberDescriptorType):
+                try:
+                    if desc.__get__(obj) is child:
+                        return str(name)
+                except AttributeError:
+                    pass
+    return None
+
+
+def _step(parent: Any, child: Any, offset: int, prev: Any, root: _Root | None) -> str:
+    """How *parent* refers to *child*, as a person writes it (*prev*: the object before *parent*)."""
+    if isinstance(parent, dict):
+        k = _find_key(parent, child)
+        if k is _MISSING:
+            return " (a dict key)"
+        if isinstance(k, str) and k.isidentifier() and (root is not None and root.module or (
+                prev is not None and _dict_of(prev) is parent)):
+            return f".{k}"
+        return f"[{_key_repr(k)}]"
+    if isinstance(parent, (list, tuple)):
+        try:
+            i = offset if offset < len(parent) and parent[offset] is child else next(
+                i for i, x in enumerate(parent) if x is child)
+            if isinstance(prev, types.FunctionType) and parent is prev.__closure__:
+                return ""  # a closure: the cell's step names the variable
+            return f"[{i}]"
+        except StopIteration:
+            return f" -> {type(child).__qualname__}"
+    if isinstance(parent, types.CellType):
+        return " (closure variable)"
+    if isinstance(parent, types.ModuleType) or isinstance(child, dict) and _dict_of(parent) is child:
+        return ""
+    if isinstance(parent, types.MethodType) and parent.__self__ is child:
+        return ".__self__"
+    d = _dict_of(parent)
+    if isinstance(d, dict):
+        k = _find_key(d, child)
+        if isinstance(k, str):
+            return f".{k}"
+    name = _slot_name(parent, child)
+    if name is not None:
+        return f".{name}"
+    try:
+        n = len(parent)  # deques and other sequences: their referents in order
+        if offset < n:
+            return f"[{offset}]"
+    except Exception:
+        pass
+    return f" -> {type(child).__qualname__}"
+
+
+def _render(root: _Root, path: list[tuple[Any, int]], target: Any) -> tuple[str, int]:
+    """The path as text, and its number of named steps (an instance's __dict__ step does not count)."""
+    text, steps = root.label, 1
+    objs = [o for o, _ in path] + [target]
+    for i, (obj, offset) in enumerate(path):
+        seg = _step(obj, objs[i + 1], offset, objs[i - 1] if i else None, root if i == 0 else None)
+        if seg:
+            steps += 1
+        text += seg
+    return text, steps
+
+
+# --------------------------------------------------------------------------------------------- in use
+
+
+_WAITS = (  # (substring of the line being executed, what that waits on)
+    (".acquire(", "a lock (acquire)"),
+    ("sleep(", "a sleep"),
+    (".recv", "a socket read (recv)"),
+    (".accept(", "a socket accept"),
+    (".read(", "a read"),
+    (".readline(", "a read"),
+    ("execute(", "a database call (execute)"),
+    ("fetch", "a database call (fetch)"),
+    (".join(", "another thread (join)"),
+    (".wait(", "an event or condition (wait)"),
+    (".get(", "a queue or a call (get)"),
+    ("select(", "I/O readiness (select)"),
+    ("await ", "an awaited operation"),
+)
+_LIB_WAITS = {  # (module file name, function) -> what it waits on
+    ("threading.py", "wait"): "a threading.Condition or Event (wait)",
+    ("threading.py", "acquire"): "a threading.Semaphore (acquire)",
+    ("threading.py", "_wait_for_tstate_lock"): "another thread to finish (join)",
+    ("threading.py", "join"): "another thread to finish (join)",
+    ("queue.py", "get"): "a queue.Queue (get)",
+    ("queue.py", "put"): "a full queue.Queue (put)",
+    ("socket.py", "readinto"): "a socket read",
+    ("socket.py", "accept"): "a socket accept",
+    ("selectors.py", "select"): "I/O readiness (select)",
+    ("ssl.py", "read"): "a TLS read",
+    ("ssl.py", "recv"): "a TLS read",
+    ("ssl.py", "recv_into"): "a TLS read",
+    ("tasks.py", "sleep"): "asyncio.sleep",
+    ("locks.py", "wait"): "an asyncio.Event or Condition (wait)",
+    ("locks.py", "acquire"): "an asyncio.Lock (acquire)",
+    ("queues.py", "get"): "an asyncio.Queue (get)",
+    ("streams.py", "_wait_for_data"): "data from the peer (StreamReader read)",
+    ("streams.py", "read"): "data from the peer (StreamReader read)",
+    ("streams.py", "readline"): "data from the peer (StreamReader read)",
+    ("streams.py", "readexactly"): "data from the peer (StreamReader read)",
+    ("streams.py", "readuntil"): "data from the peer (StreamReader read)",
+}
+
+
+def _waits_on(frame: Any, awaited: Any, is_task: bool) -> str:
+    code = frame.f_code
+    lib = _LIB_WAITS.get((os.path.basename(code.co_filename), code.co_name))
+    if lib is not None:
+        what = lib
+    else:
+        line = linecache.getline(code.co_filename, frame.f_lineno).strip()
+        what = next((w for s, w in _WAITS if s in line), "")
+        if not what:
+            what = f"the call on line {frame.f_lineno}" if line else "not visible"
+        if line:
+            what += f": `{line[:80]}`"
+    if is_task:
+        if awaited is not None and type(awaited).__name__ not in ("FutureIter", "Future", "generator"):
+            what += f" (awaiting a {type(awaited).__qualname__})"
+        return what
+    return what + " (a wait in C is not visible from Python: this is the line the thread is on)"
+
+
+def _in_use(root: _Root) -> dict[str, Any]:
+    """Where the code holding it is now: its innermost application frame (file, line, function), the innermost
+    frame of all (``now_at``) and what that waits on."""
+    where = root.stack[0]
+    shown = next((fr for fr in root.stack if stacks.is_app_file(fr.f_code.co_filename)), where)
+    return {
+        "thread": root.thread,
+        "task": root.task,
+        "file": shown.f_code.co_filename,
+        "line": shown.f_lineno,
+        "function": shown.f_code.co_name,
+        "now_at": f"{stacks.relpath(where.f_code.co_filename)}:{where.f_lineno} in {where.f_code.co_name}()",
+        "waits_on": _waits_on(where, root.awaited, root.task is not None),
+    }
+
+
+# --------------------------------------------------------------------------------------------- run
+
+
+def _sockets_by_fd(fds: set[int]) -> dict[int, list[Any]]:
+    """The socket objects among the collector's objects whose C-level descriptor is in *fds*."""
+    found: dict[int, list[Any]] = {}
+    for obj in filter(_is_socket, gc.get_objects()):
+        try:
+            fd = _fileno(obj)
+        except Exception:
+            continue
+        if fd in fds:
+            found.setdefault(fd, []).append(obj)
+    return found
+
+
+def run(
+    subjects: list[Subject],
+    budget_objects: int | None = None,
+    budget_seconds: float | None = None,
+    settled: tuple[Any, ...] = (),
+    roots: Iterable[tuple[str, Any]] = (),
+) -> dict[Any, Diagnosis]:
+    """Diagnose *subjects* ``(key, fd, state, record)``: key -> :class:`Diagnosis`. Never raises.
+
+    *settled*: frames whose locals hold but do not use (they are roots of held_by paths, never in_use).
+    *roots*: more roots as (label, object).
+    """
+    try:
+        return _run(subjects, budget_objects or BUDGET_OBJECTS, budget_seconds or BUDGET_SECONDS, settled, roots)
+    except Exception as exc:  # a diagnosis must never break a snapshot
+        registry.count_error()
+        return {k: _failed(f"{type(exc).__name__}: {exc}") for k, _, _, _ in subjects}
+
+
+def _run(
+    subjects: list[Subject],
+    budget_objects: int,
+    budget_seconds: float,
+    settled: tuple[Any, ...],
+    extra: Iterable[tuple[str, Any]],
+) -> dict[Any, Diagnosis]:
+    started = time.monotonic()
+    out: dict[Any, Diagnosis] = {}
+    # 1. The Python object behind each leak: its record's socket or owner, else a socket.socket with that fd.
+    objs: dict[Any, list[Any]] = {}
+    unknown: dict[int, Any] = {}
+    for k, fd, _, rec in subjects:
+        obj = rec.ref() if rec is not None and rec.ref is not None else None
+        if obj is not None:
+            objs[k] = [obj]
+        elif fd is not None:
+            unknown[fd] = k
+    if unknown:
+        for fd, found in _sockets_by_fd(set(unknown)).items():
+            objs[unknown[fd]] = found
+    pending: list[Subject] = []
+    for sub in subjects:
+        k, _, _, rec = sub
+        pool = rec.pool if rec is not None else None
+        if k not in objs:
+            out[k] = Diagnosis(
+                "forgotten",
+                "no Python object holds this descriptor (opened in C, or the socket was detach()ed):"
+                " nothing in the program will close it",
+                [],
+                None,
+            )
+        else:
+            pending.append(sub)
+        if pool is not None and not pool.checked_out:
+            out[k] = Diagnosis(
+                "idle_in_pool",
+                f"it sits idle in pool {pool.name}, which discards it at its next checkout or pre-ping",
+                [],
+                None,
+            )
+    if not pending:
+        return out
+    targets: dict[int, Any] = {}  # id -> key
+    target_objs: dict[int, Any] = {}
+    for k, _, _, _ in pending:
+        for obj in objs[k]:
+            targets[id(obj)] = k
+            target_objs[id(obj)] = obj
+    budget = _Budget(budget_objects, budget_seconds - (time.monotonic() - started))
+    own: set[int] = {id(objs), id(targets), id(target_objs), id(subjects), id(out)}
+    roots: list[tuple[_Root, Any]] = []
+    done_frames: list[tuple[_Root, Any]] = []
+    _thread_roots(roots, done_frames, set(map(id, settled)))
+    _task_roots(roots)
+    n_frames = len(roots)
+    roots += done_frames
+    roots += [(_Root(label), value) for label, value in extra]
+    _module_roots(roots, own)
+    own.add(id(roots))
+    module_objs = {id(o) for r, o in roots if r.module}
+
+    # 2. In use: a few steps from a live frame's local (modules and their globals not crossed).
+    uses: dict[int, tuple[_Root, str, int]] = {}
+    frame_roots = roots[:n_frames]
+    if frame_roots:
+        walk = _Walk([o for _, o in frame_roots], own | module_objs, budget)
+        walk.search(set(targets), max_level=IN_USE_STEPS + 2)
+        for tid, hits in walk.hits.items():
+            for hit in hits:
+                try:
+                    ri, path = walk.chain(hit)
+                except LookupError:
+                    continue
+                text, steps = _render(frame_roots[ri][0], path, target_objs[tid])
+                if steps <= IN_USE_STEPS and (tid not in uses or steps < uses[tid][2]):
+                    uses[tid] = (frame_roots[ri][0], text, steps)
+        del walk
+
+    # 3. Held by: the shortest paths from every root.
+    walk = _Walk([o for _, o in roots], set(own), budget)
+    walk.search(set(targets))
+    held: dict[int, list[str]] = {}
+    for tid, hits in walk.hits.items():
+        for hit in hits:
+            try:
+                ri, path = walk.chain(hit)
+            except LookupError:
+                continue
+            held.setdefault(tid, []).append(_render(roots[ri][0], path, target_objs[tid])[0])
+    complete = walk.complete
+    examined = budget.used
+    del walk
+
+    for k, _fd, _state, rec in pending:
+        if k in out:  # idle in its pool: the paths still say who keeps the pool
+            d = out[k]
+            d.held_by = _paths(objs[k], uses, held)
+            continue
+        paths = _paths(objs[k], uses, held)
+        use = next((uses[id(o)] for o in objs[k] if id(o) in uses), None)
+        if use is not None:
+            info = _in_use(use[0])
+            out[k] = Diagnosis(
+                "in_use",
+                f"a live frame holds it ({use[1]}) and that code is still running, now at {info['now_at']},"
+                f" waiting on {info['waits_on']}: the code that would close it has not got there (stuck,"
+                " slow, or short of workers), not a forgotten close()",
+                paths,
+                info,
+            )
+        elif paths:
+            pool = rec.pool if rec is not None else None
+            how = f" (checked out of pool {pool.name})" if pool is not None and pool.checked_out else ""
+            out[k] = Diagnosis(
+                "forgotten", f"{paths[0]} keeps it{how} and no running code holds it: a missing close()", paths, None
+            )
+        elif complete:
+            gc_note = (
+                "the garbage collector will close it at its next collection"
+                if gc.isenabled()
+                else "the garbage collector is disabled, so nothing will close it"
+            )
+            out[k] = Diagnosis(
+                "unreachable", f"nothing reachable refers to it (only a reference cycle keeps it): {gc_note}", [], None
+            )
+        else:
+            out[k] = Diagnosis(
+                "forgotten",
+                f"no holder found within the diagnosis budget (gave up after {examined:,} objects,"
+                f" {time.monotonic() - started:.2f} s); it may also be unreachable",
+                [],
+                None,
+            )
+    return out
+
+
+def _paths(objs: list[Any], uses: dict[int, tuple[_Root, str, int]], held: dict[int, list[str]]) -> list[str]:
+    paths: list[str] = []
+    for o in objs:
+        if id(o) in uses:
+            paths.append(uses[id(o)][1])
+    for o in objs:
+        for p in held.get(id(o), ()):
+            if p not in paths:
+                paths.append(p)
+    return paths[:MAX_PATHS]

@@ -21,10 +21,10 @@ import _socket
 import fnmatch
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import stacks
+from . import diagnose, stacks
 
 if TYPE_CHECKING:
     from .snapshot import SocketInfo
@@ -32,10 +32,14 @@ if TYPE_CHECKING:
 __all__ = [
     "CLOSE_GRACE",
     "LEAK_STATES",
+    "backoff",
+    "close_seen_update",
+    "diagnosed",
     "ignored",
     "is_leak",
     "leak_reason",
     "settle",
+    "was_connected",
 ]
 
 #: Seconds a TCP socket may stay in CLOSE (peer reset, or connect refused) before it is a leak.
@@ -157,26 +161,44 @@ def ignored(info: SocketInfo, globs: Iterable[str]) -> bool:
     return any(fnmatch.fnmatch(name, g) for g in globs for name in names if name)
 
 
-def settle(
-    pending: Sequence[Any],
-    alive: Callable[[Any], bool],
-    grace: float,
-    first_delay: float = 0.001,
-    max_delay: float = 0.1,
-) -> list[Any]:
-    """Wait up to *grace* seconds, with exponential back-off, for *pending* to stop being *alive*.
-
-    goleak's retry: things still closing get time to finish.  Returns those
-    still alive at the end (no wait at all when none is).
-    """
-    left = [p for p in pending if alive(p)]
+def backoff(grace: float, first_delay: float = 0.001, max_delay: float = 0.1) -> Iterator[float]:
+    """The waits of a grace period: exponential back-off (goleak's retry) until *grace* seconds have passed."""
     deadline = time.monotonic() + max(grace, 0.0)
     delay = first_delay
-    while left:
+    while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            break
-        time.sleep(min(delay, remaining))
+            return
+        yield min(delay, remaining)
         delay = min(delay * 2, max_delay)
+
+
+def settle(pending: Sequence[Any], alive: Callable[[Any], bool], grace: float) -> list[Any]:
+    """Wait up to *grace* seconds, with exponential back-off, for *pending* to stop being *alive*.
+
+    Things still closing get time to finish.  Returns those still alive at the
+    end (no wait at all when none is).
+    """
+    left = [p for p in pending if alive(p)]
+    for delay in backoff(grace):
+        if not left:
+            break
+        time.sleep(delay)
         left = [p for p in left if alive(p)]
     return left
+
+
+def diagnosed(
+    infos: Iterable[SocketInfo], settled_frames: tuple[Any, ...] = (), roots: Iterable[tuple[str, Any]] = ()
+) -> list[SocketInfo]:
+    """*infos* judged leaked by a check (still open at its end): the same sockets, with a diagnosis.
+
+    *settled_frames*: frames done with the checked code (their locals hold, but do not use, a socket).
+    *roots*: more (label, object) roots of the paths, e.g. ``("fixture `client`", value)``.
+    """
+    batch = diagnose.Batch(settled_frames, tuple(roots))
+    out = []
+    for info in infos:
+        batch.add(info.fd, info.state, info.record)
+        out.append(tuple.__new__(type(info), (*info[:10], batch)))
+    return out

@@ -62,7 +62,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from . import _state, kernel, registry, report, stacks
+from . import _state, judge, kernel, registry, report, stacks
 from .snapshot import SocketInfo, _type_name
 from .snapshot import take as _take_snapshot
 
@@ -483,23 +483,18 @@ def _settle(recs: list[registry.Record], grace: float, quiet: frozenset[int] = f
     alive = [r for r in alive if r.alive()]
     if alive and all(t.ident in quiet for t in threading.enumerate()):
         return alive
-    deadline = time.monotonic() + grace
-    delay = 0.001
-    while alive:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        time.sleep(min(delay, left))
-        delay = min(delay * 2, 0.1)
-        alive = [r for r in alive if r.alive()]
+    alive = judge.settle(alive, registry.Record.alive, grace)
     if alive:
         gc.collect()  # finalizers run by the first collection may have freed more
         alive = [r for r in alive if r.alive()]
     return alive
 
 
-def _infos(recs: list[registry.Record]) -> list[SocketInfo]:
-    """Kernel state joined with each record (read only for sockets judged leaked)."""
+def _infos(recs: list[registry.Record], fixtures: Iterable[_Fixture] = ()) -> list[SocketInfo]:
+    """Kernel state joined with each record (read only for sockets judged leaked), with the judge's diagnosis.
+
+    The values of *fixtures* still set up are roots of the diagnosis's paths ("fixture `client`").
+    """
     try:
         snap = _take_snapshot()
         by_rec = {id(s.record): s for s in snap.sockets if s.record is not None}
@@ -514,7 +509,8 @@ def _infos(recs: list[registry.Record]) -> list[SocketInfo]:
                 rec.fd, "?", "socket", None, None, _peer(rec), round(now - rec.created, 3), rec.origin, rec.target, rec
             )
         out.append(info)
-    return out
+    roots = [(f"fixture `{fx.name}`", obj) for fx in fixtures for obj in fx.roots()]
+    return judge.diagnosed(out, roots=roots)
 
 
 def _short(info: SocketInfo) -> str:
@@ -540,6 +536,8 @@ def _paragraph(info: SocketInfo) -> str:
     body = [f"Leaked {report.describe(info)}"]
     if info.reason:
         body.append(f"  why: {info.reason}")
+    if info.verdict:
+        body.append(f"  verdict: {info.verdict}: {info.verdict_reason}")
     stack = _relevant(info.stack)
     if stack:
         body += ["  created by:", report.format_stack(stack)]
@@ -848,7 +846,7 @@ class _Checker:
             cands = []
         fail = settings.mode == "fail"
         if cands:
-            infos = _infos(cands)
+            infos = _infos(cands, self.fixtures.values())
             text = _leak_text("leakguard: this test left", infos)
             verdict.test_leaks = len(infos)
             (verdict.fail_text if fail else verdict.warn_text).append(text)
@@ -858,7 +856,7 @@ class _Checker:
         for fx, r in fixture_recs:
             by_fixture.setdefault(id(fx), (fx, []))[1].append(r)
         for fx, recs in by_fixture.values():
-            infos = _infos(recs)
+            infos = _infos(recs, self.fixtures.values())
             text = _leak_text(f"leakguard: {fx.label()}, set up for {fx.where}, left", infos)
             verdict.fixture_leaks += len(infos)
             (verdict.fail_text if fail else verdict.warn_text).append(text)

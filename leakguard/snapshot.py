@@ -104,6 +104,12 @@ class SocketInfo(tuple):  # type: ignore[type-arg]
         return d.verdict if d is not None else None
 
     @property
+    def verdict_reason(self) -> str | None:
+        """For a leak: why that verdict, in words (who holds it, where the code using it is now)."""
+        d = self.diagnosis
+        return d.why if d is not None else None
+
+    @property
     def held_by(self) -> list[str]:
         """For a leak: up to 3 shortest reference paths from a root to it, as a person names them."""
         d = self.diagnosis
@@ -158,6 +164,7 @@ class SocketInfo(tuple):  # type: ignore[type-arg]
             "reason": self.reason,
             "site": self.site_str if stack else None,
             "verdict": self.verdict,
+            "verdict_reason": self.verdict_reason,
             "held_by": self.held_by,
             "in_use": self.in_use,
         }
