@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import _socket
 import bisect
+import collections
 import gc
 import itertools
 import linecache
@@ -39,7 +40,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import registry, stacks
@@ -54,7 +55,7 @@ __all__ = ["BUDGET_OBJECTS", "BUDGET_SECONDS", "VERDICTS", "Batch", "Diagnosis",
 VERDICTS = ("forgotten", "in_use", "idle_in_pool", "unreachable")
 #: Referents examined at most by one diagnosis, and its time limit (checked between levels).
 BUDGET_OBJECTS = 5_000_000
-BUDGET_SECONDS = 1.0
+BUDGET_SECONDS = 2.0
 #: Reference hops from a frame's local within which the frame counts as using the object (local, attribute,
 #: item: ``local writer._transport._sock``); an instance's ``__dict__`` step is not counted.
 IN_USE_STEPS = 3
@@ -273,30 +274,42 @@ class _Budget:
 
 
 _get_referents = gc.get_referents
+_NOT = bytes([1, 0]) + bytes(254)  # bytes.translate table: 0 <-> 1
 _is_tracked = gc.is_tracked
 
 
 class _Walk:
-    """Breadth-first levels from the roots; ``hits`` maps a target's id to up to MAX_PATHS (level, parent, offset)."""
+    """Breadth-first levels from the roots; ``hits`` maps a target's id to up to MAX_PATHS (level, parent, offset).
+
+    ``levels[k]`` holds the objects first met k steps from the roots, ``flats[k]`` the referents of
+    ``levels[k]`` in one list (``gc.get_referents(*levels[k])``, so each object's referents in turn).
+    Nothing per object is done in Python: ids, the seen set and the target check are ``map``, ``compress``
+    and set operations.  A target's parent is the object whose run of ``flats[k]`` holds it, found by
+    bisecting the cumulative referent counts, made only for the levels on a path.
+    """
 
     def __init__(self, starts: list[Any], seen: set[int], budget: _Budget) -> None:
         self.levels: list[list[Any]] = [starts]
-        self.flats: list[list[Any]] = []  # flats[k]: gc.get_referents(*levels[k])
-        self.cums: dict[int, list[int]] = {}  # cumulative referent counts of levels[k], made when needed
+        self.flats: list[list[Any]] = []
+        self.cums: dict[int, list[int]] = {}
         self.seen = seen
         self.seen.update(map(id, starts))
         self.budget = budget
         self.hits: dict[int, list[tuple[int, int, int]]] = {}
         self.complete = False  # every object reachable from the starts was examined
+        self._last: tuple[tuple[int, int], list[Any]] = ((-1, -1), [])  # the referents _locate read last
+
+    def _hit(self, tid: int, hit: tuple[int, int, int]) -> None:
+        found = self.hits.setdefault(tid, [])
+        if len(found) < MAX_PATHS:
+            found.append(hit)
 
     def search(self, targets: set[int], max_level: int | None = None) -> None:
         """Walk until every id in *targets* is found, the reachable heap is exhausted, or the budget ends."""
         remaining = set(targets)
         starts = self.levels[0]
         for i in itertools.compress(itertools.count(), map(remaining.__contains__, map(id, starts))):
-            found = self.hits.setdefault(id(starts[i]), [])  # a root that is itself a target (a local)
-            if len(found) < MAX_PATHS:
-                found.append((-1, i, 0))
+            self._hit(id(starts[i]), (-1, i, 0))  # a root that is itself a target (a local holding the socket)
         remaining.difference_update(self.hits)
         k = 0
         while remaining:
@@ -310,21 +323,24 @@ class _Walk:
                 return
             flat = _get_referents(*level)
             self.flats.append(flat)
-            ids = list(map(id, flat))
             if not self.budget.spend(len(flat)):
                 return
-            contains = remaining.__contains__
-            for p in itertools.compress(itertools.count(), map(contains, ids)):
-                tid = ids[p]
-                found = self.hits.setdefault(tid, [])
-                if len(found) < MAX_PATHS:
-                    found.append((k, *self._locate(k, p)))
+            # The targets first, without keeping the ids: when they are all here, the level ends the walk.
+            # A mask of bytes (no object per position) and find() (memchr) give their positions.
+            mask = bytes(map(remaining.__contains__, map(id, flat)))
+            p = mask.find(1)
+            while p >= 0:
+                self._hit(id(flat[p]), (k, *self._locate(k, p)))
+                p = mask.find(1, p + 1)
             remaining.difference_update(self.hits)
             if not remaining:
                 return
-            fresh = list(map(operator.not_, map(self.seen.__contains__, ids)))
+            ids = list(map(id, flat))
+            fresh = bytes(map(self.seen.__contains__, ids)).translate(_NOT)
             nxt = dict(zip(itertools.compress(ids, fresh), itertools.compress(flat, fresh)))
+            del ids, fresh
             self.seen.update(nxt)
+            # Untracked objects (atoms, and containers of atoms only) refer to nothing the walk needs.
             self.levels.append(list(filter(_is_tracked, nxt.values())))
             k += 1
 
@@ -334,18 +350,17 @@ class _Walk:
             cum = self.cums[k] = list(itertools.accumulate(map(len, map(_get_referents, self.levels[k]))))
         return cum
 
-    def parent_of(self, k: int, index: int) -> tuple[int, int]:
-        """For levels[k][index] (k >= 1): (index of a parent in levels[k-1], offset among its referents)."""
-        return self._locate(k - 1, operator.indexOf(map(id, self.flats[k - 1]), id(self.levels[k][index])))
-
     def _locate(self, k: int, p: int) -> tuple[int, int]:
         """Position *p* of flats[k] as (index of its object in levels[k], offset among that object's referents)."""
         cum = self._cum(k)
         parent = bisect.bisect_right(cum, p)
         child = self.flats[k][p]
+        offset = p - (cum[parent - 1] if parent else 0)
         if parent < len(cum):
-            refs = _get_referents(self.levels[k][parent])
-            offset = p - (cum[parent - 1] if parent else 0)
+            last = self._last
+            if last[0] != (k, parent):
+                last = self._last = ((k, parent), _get_referents(self.levels[k][parent]))
+            refs = last[1]
             if offset < len(refs) and refs[offset] is child:
                 return parent, offset
         # Another thread changed a container since the level was read: look for a parent one by one.
@@ -355,18 +370,43 @@ class _Walk:
                     return i, j
         raise LookupError("the path changed during the diagnosis")
 
-    def chain(self, hit: tuple[int, int, int]) -> tuple[int, list[tuple[Any, int]]]:
-        """Root index and the path below it: [(object, offset of the next object among its referents), ...]."""
-        k, index, offset = hit
-        if k < 0:
-            return index, []
-        path = [(self.levels[k][index], offset)]
-        while k > 0:
-            index, offset = self.parent_of(k, index)
-            k -= 1
-            path.append((self.levels[k][index], offset))
-        path.reverse()
-        return index, path
+    def chains(self, hits: list[tuple[int, int, int]]) -> list[tuple[int, list[tuple[Any, int]]] | None]:
+        """For each hit: the root index and the path below it, [(object, offset of the next one), ...]; or None.
+
+        All hits at once, one level at a time: one pass over a level's referents finds every parent needed there.
+        """
+        cur: list[tuple[int, int] | None] = []
+        paths: list[list[tuple[Any, int]]] = []
+        for k, index, offset in hits:
+            cur.append((k, index))
+            paths.append([(self.levels[k][index], offset)] if k >= 0 else [])
+        for k in range(max((h[0] for h in hits), default=0), 0, -1):
+            need = {id(self.levels[k][c[1]]) for c in cur if c is not None and c[0] == k}
+            if not need:
+                continue
+            pos: dict[int, int] = {}
+            flat = self.flats[k - 1]
+            for p in itertools.compress(itertools.count(), map(need.__contains__, map(id, flat))):
+                pos.setdefault(id(flat[p]), p)
+                if len(pos) == len(need):
+                    break
+            for j, c in enumerate(cur):
+                if c is None or c[0] != k:
+                    continue
+                at = pos.get(id(self.levels[k][c[1]]))
+                try:
+                    if at is None:
+                        raise LookupError
+                    parent, offset = self._locate(k - 1, at)
+                except LookupError:
+                    cur[j] = None
+                    continue
+                paths[j].append((self.levels[k - 1][parent], offset))
+                cur[j] = (k - 1, parent)
+        out: list[tuple[int, list[tuple[Any, int]]] | None] = []
+        for c, path in zip(cur, paths):
+            out.append((c[1], path[::-1]) if c is not None else None)
+        return out
 
 
 # --------------------------------------------------------------------------------------------- naming
@@ -396,16 +436,6 @@ def _key_repr(k: Any) -> str:
     return f"<{type(k).__qualname__}>"
 
 
-def _find_key(d: Any, child: Any) -> Any:
-    try:
-        for k, v in dict.items(d):
-            if v is child:
-                return k
-    except Exception:
-        pass
-    return _MISSING
-
-
 def _slot_name(obj: Any, child: Any) -> str | None:
     for cls in type(obj).__mro__:
         slots = cls.__dict__.get("__slots__", ())
@@ -420,58 +450,72 @@ def _slot_name(obj: Any, child: Any) -> str | None:
     return None
 
 
-def _step(parent: Any, child: Any, offset: int, prev: Any, root: _Root | None) -> str:
-    """How *parent* refers to *child*, as a person writes it (*prev*: the object before *parent*)."""
-    if isinstance(parent, dict):
-        k = _find_key(parent, child)
-        if k is _MISSING:
-            return " (a dict key)"
-        if isinstance(k, str) and k.isidentifier() and (root is not None and root.module or (
-                prev is not None and _dict_of(prev) is parent)):
-            return f".{k}"
-        return f"[{_key_repr(k)}]"
-    if isinstance(parent, (list, tuple)):
-        try:
-            i = offset if offset < len(parent) and parent[offset] is child else next(
-                i for i, x in enumerate(parent) if x is child)
+class _Namer:
+    """Writes a path as a person names it; a dict's keys by value are looked up once per diagnosis."""
+
+    def __init__(self) -> None:
+        self._keys: dict[int, dict[int, Any]] = {}
+        self._held: list[Any] = []  # the dicts keyed above, alive while their ids are
+
+    def key(self, d: Any, child: Any) -> Any:
+        keys = self._keys.get(id(d))
+        if keys is None:
+            try:
+                keys = dict(zip(map(id, dict.values(d)), dict.keys(d)))
+            except Exception:  # changed size meanwhile
+                keys = {}
+            self._keys[id(d)] = keys
+            self._held.append(d)
+        return keys.get(id(child), _MISSING)
+
+    def step(self, parent: Any, child: Any, offset: int, prev: Any, root: _Root | None) -> str:
+        """How *parent* refers to *child* (*prev*: the object before *parent*; *root*: where the path starts)."""
+        if isinstance(parent, dict):
+            k = self.key(parent, child)
+            if k is _MISSING:
+                return " (a dict key)"
+            as_attr = (root is not None and root.module) or (prev is not None and _dict_of(prev) is parent)
+            if as_attr and isinstance(k, str) and k.isidentifier():
+                return f".{k}"
+            return f"[{_key_repr(k)}]"
+        if isinstance(parent, (list, tuple)):
             if isinstance(prev, types.FunctionType) and parent is prev.__closure__:
                 return ""  # a closure: the cell's step names the variable
-            return f"[{i}]"
-        except StopIteration:
-            return f" -> {type(child).__qualname__}"
-    if isinstance(parent, types.CellType):
-        return " (closure variable)"
-    if isinstance(parent, types.ModuleType) or isinstance(child, dict) and _dict_of(parent) is child:
-        return ""
-    if isinstance(parent, types.MethodType) and parent.__self__ is child:
-        return ".__self__"
-    d = _dict_of(parent)
-    if isinstance(d, dict):
-        k = _find_key(d, child)
-        if isinstance(k, str):
-            return f".{k}"
-    name = _slot_name(parent, child)
-    if name is not None:
-        return f".{name}"
-    try:
-        n = len(parent)  # deques and other sequences: their referents in order
-        if offset < n:
+            items: Any = list.copy(parent) if isinstance(parent, list) else tuple(parent)  # no __getitem__ override
+            size = len(items)
+            for i in (size - 1 - offset, offset):  # lists and tuples give their referents last item first
+                if 0 <= i < size and items[i] is child:
+                    return f"[{i}]"
+            found = next((i for i in range(size) if items[i] is child), None)
+            return f"[{found}]" if found is not None else f" -> {type(child).__qualname__}"
+        if isinstance(parent, types.CellType):
+            return " (closure variable)"
+        if isinstance(parent, types.ModuleType) or isinstance(child, dict) and _dict_of(parent) is child:
+            return ""  # into an object's __dict__: the next step names the attribute
+        if isinstance(parent, types.MethodType) and parent.__self__ is child:
+            return ".__self__"
+        d = _dict_of(parent)
+        if isinstance(d, dict):
+            k = self.key(d, child)
+            if isinstance(k, str):
+                return f".{k}"
+        name = _slot_name(parent, child)
+        if name is not None:
+            return f".{name}"
+        if isinstance(parent, collections.deque):  # its referents are its items, in order
             return f"[{offset}]"
-    except Exception:
-        pass
-    return f" -> {type(child).__qualname__}"
+        return f" -> {type(child).__qualname__}"
 
-
-def _render(root: _Root, path: list[tuple[Any, int]], target: Any) -> tuple[str, int]:
-    """The path as text, and its number of named steps (an instance's __dict__ step does not count)."""
-    text, steps = root.label, 1
-    objs = [o for o, _ in path] + [target]
-    for i, (obj, offset) in enumerate(path):
-        seg = _step(obj, objs[i + 1], offset, objs[i - 1] if i else None, root if i == 0 else None)
-        if seg:
-            steps += 1
-        text += seg
-    return text, steps
+    def render(self, root: _Root, path: list[tuple[Any, int]], target: Any) -> tuple[str, int]:
+        """The path as text, and its number of named steps (a step into an instance's __dict__ does not count)."""
+        text, steps = root.label, 1
+        objs = [o for o, _ in path] + [target]
+        for i, (obj, offset) in enumerate(path):
+            seg = self.step(obj, objs[i + 1], offset, objs[i - 1] if i else None, root if i == 0 else None)
+            if seg:
+                steps += 1
+            text += seg
+        return text, steps
 
 
 # --------------------------------------------------------------------------------------------- in use
@@ -650,34 +694,27 @@ def _run(
     own.add(id(roots))
     module_objs = {id(o) for r, o in roots if r.module}
 
+    namer = _Namer()
     # 2. In use: a few steps from a live frame's local (modules and their globals not crossed).
     uses: dict[int, tuple[_Root, str, int]] = {}
     frame_roots = roots[:n_frames]
     if frame_roots:
         walk = _Walk([o for _, o in frame_roots], own | module_objs, budget)
         walk.search(set(targets), max_level=IN_USE_STEPS + 2)
-        for tid, hits in walk.hits.items():
-            for hit in hits:
-                try:
-                    ri, path = walk.chain(hit)
-                except LookupError:
-                    continue
-                text, steps = _render(frame_roots[ri][0], path, target_objs[tid])
-                if steps <= IN_USE_STEPS and (tid not in uses or steps < uses[tid][2]):
-                    uses[tid] = (frame_roots[ri][0], text, steps)
+        for tid, chain in _all_chains(walk):
+            ri, path = chain
+            text, steps = namer.render(frame_roots[ri][0], path, target_objs[tid])
+            if steps <= IN_USE_STEPS and (tid not in uses or steps < uses[tid][2]):
+                uses[tid] = (frame_roots[ri][0], text, steps)
         del walk
 
     # 3. Held by: the shortest paths from every root.
     walk = _Walk([o for _, o in roots], set(own), budget)
     walk.search(set(targets))
     held: dict[int, list[str]] = {}
-    for tid, hits in walk.hits.items():
-        for hit in hits:
-            try:
-                ri, path = walk.chain(hit)
-            except LookupError:
-                continue
-            held.setdefault(tid, []).append(_render(roots[ri][0], path, target_objs[tid])[0])
+    for tid, chain in _all_chains(walk):
+        ri, path = chain
+        held.setdefault(tid, []).append(namer.render(roots[ri][0], path, target_objs[tid])[0])
     complete = walk.complete
     examined = budget.used
     del walk
@@ -723,6 +760,14 @@ def _run(
                 None,
             )
     return out
+
+
+def _all_chains(walk: _Walk) -> Iterator[tuple[int, tuple[int, list[tuple[Any, int]]]]]:
+    """(target id, (root index, path)) for every hit of *walk*."""
+    flat = [(tid, hit) for tid, hits in walk.hits.items() for hit in hits]
+    for (tid, _), chain in zip(flat, walk.chains([h for _, h in flat])):
+        if chain is not None:
+            yield tid, chain
 
 
 def _paths(objs: list[Any], uses: dict[int, tuple[_Root, str, int]], held: dict[int, list[str]]) -> list[str]:
