@@ -19,6 +19,9 @@ flag                   ini                     environment                  mean
                                                                             (``host:port``) or targets
 =====================  ======================  ===========================  =========================
 
+Ignore globs from all three sources add up, each value split on commas and whitespace;
+the summary names any glob that matched no socket.
+
 How a socket is attributed:
 
 - A socket opened during a test's setup, call or teardown and still open once that
@@ -37,6 +40,8 @@ How a socket is attributed:
   Tests that opened no socket pay one integer comparison; the kernel is read only for
   sockets finally judged leaked.
 - Under pytest-xdist each worker checks its own tests; the controller prints the summary.
+- A socket idle in a pool a module global keeps (``urllib3._DEFAULT_POOL``, a
+  module-level ``requests.Session``) is nobody's leak: the summary names the pool once.
 - A socket that was never closed but freed by the garbage collector (what
   ``ResourceWarning`` reports) is listed with its creation stack: a warning in the
   terminal summary by default, a failure with ``--leakguard-gc=fail``.
