@@ -198,12 +198,12 @@ def _kernel() -> list[Finding]:
             }
         )
     ka = [_int(_read(sysnet + f"tcp_keepalive_{k}")) for k in ("time", "intvl", "probes")]
-    if None not in ka:
-        t, i, p = ka  # type: ignore[misc]
-        dead = t + i * p  # type: ignore[operator]
+    t, i, p = (v if v is not None else -1 for v in ka)
+    if min(t, i, p) >= 0:
+        dead = t + i * p
         out.append(
             {
-                "level": "note" if t > 600 else "ok",  # type: ignore[operator]
+                "level": "note" if t > 600 else "ok",
                 "setting": "net.ipv4.tcp_keepalive_time/intvl/probes",
                 "value": f"{t} {i} {p}",
                 "advice": (
@@ -211,7 +211,7 @@ def _kernel() -> list[Finding]:
                     f"(~{dead / 60:.0f} min), and only if the socket asked for keep-alive; NAT gateways, firewalls and "
                     "load balancers drop idle connections much sooner (often 350 s or less): enable keep-alive with "
                     "TCP_KEEPIDLE below that timeout, or recycle pooled connections before it (pool_recycle, pre-ping)"
-                    if t > 600  # type: ignore[operator]
+                    if t > 600
                     else f"a dead idle peer is noticed after {dead} s when the socket enables SO_KEEPALIVE"
                 ),
             }

@@ -192,7 +192,7 @@ def _family_name(family: int) -> str:
 
 def _type_name(family: int, kind: int) -> str:
     if family in (socket.AF_INET, socket.AF_INET6):
-        return {socket.SOCK_STREAM: "tcp", socket.SOCK_DGRAM: "udp"}.get(kind, "raw")
+        return "tcp" if kind == socket.SOCK_STREAM else "udp" if kind == socket.SOCK_DGRAM else "raw"
     if family == socket.AF_UNIX:
         return "unix"
     if family == getattr(socket, "AF_NETLINK", -1):
@@ -278,7 +278,7 @@ def _read_psutil(pid: int) -> dict[str, Any]:
         conns = getter(kind="all")
         open_fds = proc.num_fds() if hasattr(proc, "num_fds") else proc.num_handles()
         try:
-            limit = int(proc.rlimit(psutil.RLIMIT_NOFILE)[0])  # type: ignore[attr-defined]
+            limit = int(proc.rlimit(psutil.RLIMIT_NOFILE)[0])
         except (AttributeError, psutil.Error):
             limit = -1
     except psutil.NoSuchProcess:
@@ -289,11 +289,18 @@ def _read_psutil(pid: int) -> dict[str, Any]:
     for c in sorted(conns, key=lambda c: c.fd):
         state = c.status if c.type == socket.SOCK_STREAM and c.family in (socket.AF_INET, socket.AF_INET6) else None
         state = None if state == "NONE" else state
-        fmt = (lambda a: f"[{a[0]}]:{a[1]}") if c.family == socket.AF_INET6 else (lambda a: f"{a[0]}:{a[1]}")
-        local = (fmt(c.laddr) if isinstance(c.laddr, tuple) else c.laddr) if c.laddr else None
-        remote = (fmt(c.raddr) if isinstance(c.raddr, tuple) else c.raddr) if c.raddr else None
+        local = _psutil_addr(c.family, c.laddr)
+        remote = _psutil_addr(c.family, c.raddr)
         sockets.append(_socket_dict(c.fd if c.fd >= 0 else None, int(c.family), int(c.type), state, local, remote))
     return _assemble(pid, sockets, open_fds, limit)
+
+
+def _psutil_addr(family: int, addr: Any) -> str | None:
+    if not addr:
+        return None
+    if not isinstance(addr, tuple):
+        return str(addr)  # a UNIX path
+    return f"[{addr[0]}]:{addr[1]}" if family == socket.AF_INET6 else f"{addr[0]}:{addr[1]}"
 
 
 def format_view(view: dict[str, Any], title: str = "") -> str:
