@@ -28,7 +28,7 @@ from leakguard import registry
 from leakguard.integrations import _pools
 
 from .helpers import this_line, wait_for
-from .test_integrations_http import Server
+from .test_integrations_http import Server, cert, tls_server  # noqa: F401  (fixtures)
 
 HERE = os.path.abspath(__file__)
 
@@ -133,6 +133,17 @@ class TestPoolState:
             finally:
                 keep.close()
             assert pool.num_connections == 0
+
+    def test_https_pool_keeps_the_link_through_the_tls_wrap(self, tls_server: Server, cert: tuple[str, str]) -> None:
+        with requests.Session() as session:
+            assert session.get(tls_server.url(credentials=False), verify=cert[0]).ok
+            line = this_line() - 1
+            tls_server.hang_up_now()
+            leak = dead(tls_server)
+            assert site_line(leak) == line and leak.target == f"https://127.0.0.1:{tls_server.port}"
+            assert leak.pool is not None and leak.pool["checked_out"] is False
+            assert leak.pool["name"] == f"urllib3 HTTPSConnectionPool(https://127.0.0.1:{tls_server.port}, maxsize=10)"
+            assert leak.pool["owner"] is not None and leak.pool["owner"].startswith("requests.Session")
 
     def test_clean_use_reports_nothing(self) -> None:
         srv = Server(keep_alive=True)
