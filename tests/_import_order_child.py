@@ -175,8 +175,58 @@ def _gevent(server: HangUpHTTP) -> Callable[[], None]:
 
     monkey.patch_socket()  # what the gevent integration is for: the patched socket module's sockets
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    _http_get(sock)
+    return sock.close
+
+
+def _http_get(sock: Any) -> None:
     sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     sock.recv(4096)
+
+
+def _asyncio(server: HangUpHTTP, new_loop: Callable[[], asyncio.AbstractEventLoop] | None = None) -> Callable[[], None]:
+    async def main() -> None:
+        # wait_for runs open_connection in a task of its own on 3.10-3.11: the line is still this one
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", server.port), 10)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await reader.readuntil(b"ok")
+        RESULT["leaks"] = [_leak(s) for s in leaks_to(server.port)]
+        writer.close()
+        await writer.wait_closed()
+
+    if new_loop is None:
+        asyncio.run(main())
+    else:
+        loop = new_loop()
+        try:
+            loop.run_until_complete(main())
+        finally:
+            loop.close()
+    return lambda: None
+
+
+def _uvloop(server: HangUpHTTP) -> Callable[[], None]:
+    import uvloop
+
+    return _asyncio(server, uvloop.new_event_loop)
+
+
+def _threading(server: HangUpHTTP) -> Callable[[], None]:
+    made: list[socket.socket] = []
+    # A thread started on library code (no application frame of its own): the line that started it.
+    thread = threading.Thread(target=lambda: made.append(socket.create_connection(("127.0.0.1", server.port))))
+    thread.start()
+    thread.join()
+    _http_get(made[0])
+    return made[0].close
+
+
+def _executors(server: HangUpHTTP) -> Callable[[], None]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        sock = pool.submit(socket.create_connection, ("127.0.0.1", server.port)).result()
+    _http_get(sock)
     return sock.close
 
 
@@ -319,6 +369,10 @@ RECIPES: dict[str, tuple[Callable[[HangUpHTTP], Callable[[], None]], int | None]
     "httpx": (_httpx, None),
     "aiohttp": (_aiohttp, None),
     "gevent": (_gevent, None),
+    "asyncio": (_asyncio, None),
+    "uvloop": (_uvloop, None),
+    "threading": (_threading, None),
+    "concurrent.futures.thread": (_executors, None),
     "psycopg2": (_psycopg2, 5432),
     "psycopg2.pool": (_psycopg2_pool, 5432),
     "psycopg": (_psycopg, 5432),

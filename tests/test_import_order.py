@@ -63,6 +63,12 @@ CASES: dict[str, Case] = {
     "aiohttp": Case(("aiohttp",), "aiohttp", False),
     # gevent's integration hooks gevent's socket class: its sockets are plain "socket" ones with a stack.
     "gevent": Case(("gevent",), "socket", False),
+    # Task and thread boundaries, and loops that make sockets in C: the socket's line is the
+    # application's (leakguard imports threading itself: "after install" is "before" there).
+    "asyncio": Case(("asyncio",), "socket", False),
+    "uvloop": Case(("uvloop", "asyncio"), "socket", False),
+    "threading": Case(("threads",), "socket", False),
+    "concurrent.futures.thread": Case(("executors",), "socket", False),
     "psycopg2": Case(("psycopg2",), "psycopg2", False, "postgres"),
     "psycopg2.pool": Case(("psycopg2", "psycopg2_pool"), "psycopg2", True, "postgres"),
     "psycopg": Case(("psycopg",), "psycopg", False, "postgres", ("psycopg2",)),
