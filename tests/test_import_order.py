@@ -55,10 +55,10 @@ HTTP = ("http_client",)
 CASES: dict[str, Case] = {
     "http.client": Case(HTTP, "http.client", False),
     "urllib.request": Case(HTTP, "http.client", False),
-    "requests": Case(("requests", "urllib3", *HTTP), "requests", False),
-    "requests.adapters": Case(("requests", "urllib3", *HTTP), "requests", False),
-    "urllib3": Case(("urllib3", *HTTP), "urllib3", False),
-    "urllib3.poolmanager": Case(("urllib3", *HTTP), "urllib3", False),
+    "requests": Case(("requests", "urllib3", *HTTP), "requests", True),
+    "requests.adapters": Case(("requests", "urllib3", *HTTP), "requests", True),
+    "urllib3": Case(("urllib3", *HTTP), "urllib3", True),
+    "urllib3.poolmanager": Case(("urllib3", *HTTP), "urllib3", True),
     "httpx": Case(("httpx",), "httpx", False),
     "aiohttp": Case(("aiohttp",), "aiohttp", False),
     # gevent's integration hooks gevent's socket class: its sockets are plain "socket" ones with a stack.
