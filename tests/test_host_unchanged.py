@@ -1,0 +1,132 @@
+"""leakguard never changes the host: descriptor flags, exceptions, forks, descriptors it does not own.
+
+Each class is one defect a hostile review found (issue 14); each test failed before its fix.
+Programs whose global state matters (``socket.setdefaulttimeout``, fork, gc thresholds) run
+in a fresh interpreter, from a directory that is not the repository root, under ``-W error``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+
+def run_py(tmp_path: Path, code: str, *, python: str = sys.executable, timeout: float = 120) -> str:
+    """Run *code* in a fresh interpreter under ``-W error``; its stdout (it must exit 0).
+
+    Its stderr may hold leakguard's JSON report lines and nothing else.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEAKGUARD_")}
+    proc = subprocess.run(
+        [python, "-W", "error", "-c", textwrap.dedent(code)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    other = [line for line in proc.stderr.splitlines() if not line.startswith('{"')]
+    assert other == [], proc.stderr
+    return proc.stdout
+
+
+# Shared by the flag tests: blocking sockets leakguard never saw created (made before install()),
+# a TCP pair and a UNIX pair, while socket.setdefaulttimeout() is set.
+_BLOCKING_SOCKETS = """
+import fcntl, os, socket, threading, time
+socket.setdefaulttimeout(5.0)
+lst = socket.create_server(("127.0.0.1", 0))
+tcp = socket.create_connection(lst.getsockname())
+tcp_peer, _ = lst.accept()
+unix, unix_peer = socket.socketpair()
+HOST = [tcp, unix]
+PEERS = {tcp: tcp_peer, unix: unix_peer}
+for s in HOST:
+    s.settimeout(None)  # blocking: O_NONBLOCK cleared
+FLAGS = {s.fileno(): fcntl.fcntl(s.fileno(), fcntl.F_GETFL) for s in HOST}
+
+def check_blocking(where):
+    for s in HOST:
+        now = fcntl.fcntl(s.fileno(), fcntl.F_GETFL)
+        assert now == FLAGS[s.fileno()], (where, s, oct(FLAGS[s.fileno()]), oct(now))
+        # A blocking recv() waits for the peer's data instead of raising BlockingIOError.
+        t = threading.Timer(0.2, PEERS[s].sendall, (b"x",))
+        t.start()
+        assert s.recv(1) == b"x", where
+        t.join()
+
+def close_all():
+    for s in [lst, *HOST, *PEERS.values()]:
+        s.close()
+"""
+
+
+class TestDescriptorFlags:
+    """snapshot() and the watcher never change a descriptor's flags, even under socket.setdefaulttimeout()."""
+
+    def test_snapshot_keeps_blocking_sockets_blocking(self, tmp_path: Path) -> None:
+        code = _BLOCKING_SOCKETS + textwrap.dedent(
+            """
+            import leakguard
+            leakguard.install(integrations="none")
+            snap = leakguard.snapshot()
+            assert {s.fileno() for s in HOST} <= {i.fd for i in snap.sockets}, snap.sockets
+            assert all(i.origin == "unknown" for i in snap.sockets if i.fd in FLAGS)
+            check_blocking("snapshot")
+            leakguard.snapshot()  # not installed: the same
+            leakguard.uninstall()
+            leakguard.snapshot()
+            check_blocking("snapshot without install")
+            close_all()
+            print("ok")
+            """
+        )
+        assert run_py(tmp_path, code).split() == ["ok"]
+
+    def test_watcher_keeps_blocking_sockets_blocking(self, tmp_path: Path) -> None:
+        code = _BLOCKING_SOCKETS + textwrap.dedent(
+            """
+            import leakguard
+            from leakguard import watcher
+            leakguard.install(integrations="none", report_interval=0.01, log_format="json")
+            w = watcher.current()
+            while w.ticks < 3:
+                time.sleep(0.01)
+            leakguard.uninstall()
+            check_blocking("watcher")
+            close_all()
+            print("ok")
+            """
+        )
+        assert run_py(tmp_path, code).split() == ["ok"]
+
+    def test_forked_child_keeps_parents_sockets_blocking(self, tmp_path: Path) -> None:
+        """The flag lives on the open file description: a child's snapshot would change the parent's socket."""
+        code = _BLOCKING_SOCKETS + textwrap.dedent(
+            """
+            import leakguard
+            leakguard.install(integrations="none")
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    leakguard.snapshot()
+                    leakguard.install(integrations="none", report_interval=0.01, log_format="json")
+                    from leakguard import watcher
+                    w = watcher.current()
+                    while w.ticks < 3:
+                        time.sleep(0.01)
+                finally:
+                    os._exit(0)
+            assert os.waitpid(pid, 0)[1] == 0
+            check_blocking("after the child's snapshot and watcher")
+            close_all()
+            print("ok")
+            """
+        )
+        assert run_py(tmp_path, code).split() == ["ok"]
