@@ -377,10 +377,22 @@ def _drop(fd: int, entry: Entry) -> None:
         _views.pop(fd, None)
 
 
+def _entries() -> Any:
+    """The table's items, copied in one step.
+
+    ``dict.copy()`` runs no Python code while it copies; ``list(d.items())``
+    allocates a tuple per item, and a garbage collection triggered by one can
+    run a gc callback or finalizer that opens a socket (or, without the GIL,
+    another thread does): "dictionary changed size during iteration" would
+    reach the host.
+    """
+    return _records.copy().items()
+
+
 def live() -> dict[int, Record]:
     """All live records by fd; drops stale ones on the way."""
     out: dict[int, Record] = {}
-    for fd, entry in list(_records.items()):
+    for fd, entry in _entries():
         if _alive(fd, entry[0]):
             out[fd] = _view(fd, entry)
         else:
@@ -399,7 +411,7 @@ def live_sockets(
     known: dict[int, tuple[str | None, str | None, int, int]] = {}
     views = _views.get
     holder = _holder
-    for fd, entry in list(_records.items()):
+    for fd, entry in _entries():
         obj = holder(fd, entry[0])
         if obj is None:
             _drop(fd, entry)
@@ -439,7 +451,7 @@ def live_between(after: int, before: int | None = None, exclude: Any = ()) -> li
     """
     top = before if before is not None else float("inf")
     return [
-        _view(fd, e) for fd, e in list(_records.items()) if after < e[2] < top and e[2] not in exclude and _alive(fd, e[0])
+        _view(fd, e) for fd, e in _entries() if after < e[2] < top and e[2] not in exclude and _alive(fd, e[0])
     ]
 
 
@@ -448,7 +460,7 @@ def all_records(after: int = 0) -> list[Record]:
 
     Older entries cost one comparison each: no view is built for them.
     """
-    return [_view(fd, entry) for fd, entry in list(_records.items()) if entry[2] > after]
+    return [_view(fd, entry) for fd, entry in _entries() if entry[2] > after]
 
 
 def prune() -> int:

@@ -130,3 +130,73 @@ class TestDescriptorFlags:
             """
         )
         assert run_py(tmp_path, code).split() == ["ok"]
+
+
+_OPENING_DURING_SNAPSHOT = """
+import gc, socket, threading
+import leakguard
+leakguard.install(integrations="none")
+base = [socket.socket() for _ in range(100)]  # a table big enough to be copied for a while
+OPENED = []
+
+def open_one():
+    if len(OPENED) < 2000:
+        OPENED.append(socket.socket())
+
+def snapshots(n):
+    for _ in range(n):
+        leakguard.snapshot()
+        leakguard.snapshot().to_dict()
+"""
+
+
+class TestSnapshotWhileSocketsOpen:
+    """snapshot() never raises when a gc callback or another thread opens sockets meanwhile.
+
+    The table is copied in one step that runs no Python code: copying it item by
+    item allocated a tuple per item, and a collection triggered by one ran a gc
+    callback (or a finalizer) that opened a socket, changing the table's size.
+    """
+
+    def test_gc_callback_opens_sockets(self, tmp_path: Path) -> None:
+        code = _OPENING_DURING_SNAPSHOT + textwrap.dedent(
+            """
+            gc.callbacks.append(lambda phase, info: open_one() if phase == "start" else None)
+            gc.set_threshold(1)  # a collection at nearly every allocation: inside snapshot's loops too
+            snapshots(3)
+            gc.set_threshold(700)
+            gc.callbacks.clear()
+            assert OPENED
+            for s in base + OPENED:
+                s.close()
+            leakguard.uninstall()
+            print("ok")
+            """
+        )
+        assert run_py(tmp_path, code).split() == ["ok"]
+
+    def test_threads_open_and_close_sockets(self, tmp_path: Path) -> None:
+        code = _OPENING_DURING_SNAPSHOT + textwrap.dedent(
+            """
+            import sys
+            sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+            stop = threading.Event()
+            def churn():
+                while not stop.is_set():
+                    socket.socket().close()
+            threads = [threading.Thread(target=churn) for _ in range(3)]
+            for t in threads:
+                t.start()
+            try:
+                snapshots(100)
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join()
+            for s in base:
+                s.close()
+            leakguard.uninstall()
+            print("ok")
+            """
+        )
+        assert run_py(tmp_path, code).split() == ["ok"]
