@@ -15,6 +15,7 @@ captured once at the library's entry point), or adopt a descriptor created in C
 
 from __future__ import annotations
 
+import _socket
 import contextvars
 import itertools
 import os
@@ -220,11 +221,21 @@ def _holder(fd: int, ref: Any) -> Any:
     if obj is None:
         return None
     try:
-        return obj if obj.fileno() == fd else None
+        return obj if _fileno_of(obj) == fd else None
     except AttributeError:
         return obj  # an owner without fileno(): alive while the owner is
     except Exception:
         return None  # closed sockets and connections raise or return -1
+
+
+_sock_fileno = _socket.socket.fileno
+
+
+def _fileno_of(obj: Any) -> int:
+    """A socket's own descriptor, whatever a subclass's ``fileno()`` does; an owner's ``fileno()``."""
+    if isinstance(obj, _socket.socket):
+        return int(_sock_fileno(obj))
+    return int(obj.fileno())
 
 
 def _alive(fd: int, ref: Any) -> bool:
@@ -239,14 +250,14 @@ def record_socket(sock: Any, inherit: bool = False) -> None:
     holding the same descriptor is carried over so the TLS socket keeps the
     original creation stack.
     """
-    fd = sock.fileno()
+    fd = _fileno_of(sock)
     if fd < 0:
         return
     if inherit:
         old = _records.get(fd)
         if old is not None and old[0] is not None:
             other = old[0]()
-            if other is not None and other is not sock and other.fileno() == fd:
+            if other is not None and other is not sock and _holder(fd, old[0]) is other:
                 _handover(fd, old, sock)
                 return
     sc = _scope.get()

@@ -7,13 +7,21 @@ in a fresh interpreter, from a directory that is not the repository root, under 
 
 from __future__ import annotations
 
+import _socket
+import io
 import os
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+import leakguard
+from leakguard import registry
+
+from .test_core import hot_path  # noqa: F401  (the fixture: compiled and pure-Python hook)
 
 
 def run_py(tmp_path: Path, code: str, *, python: str = sys.executable, timeout: float = 120) -> str:
@@ -200,3 +208,55 @@ class TestSnapshotWhileSocketsOpen:
             """
         )
         assert run_py(tmp_path, code).split() == ["ok"]
+
+
+class _Guarded(socket.socket):
+    """A socket subclass whose fileno() refuses once it is closed (as some wrappers do)."""
+
+    def fileno(self) -> int:
+        if self._closed:  # type: ignore[attr-defined]
+            raise OSError("closed")
+        return super().fileno()
+
+
+class _NoFileno(socket.socket):
+    """A socket subclass that hides its descriptor altogether."""
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("fileno")
+
+
+@pytest.mark.usefixtures("installed_quiet", "hot_path")
+class TestSubclassFileno:
+    """A subclass's fileno() never costs a record: leakguard reads the descriptor of the C socket itself."""
+
+    def test_stale_subclass_object_on_the_descriptor(self) -> None:
+        old = _Guarded()
+        fd = old.fileno()
+        assert registry.get(fd) is not None
+        old.close()  # the object stays referenced; its record is stale, and its fileno() raises
+        raw = _socket.socket()  # the lowest free number: the one old had
+        assert raw.fileno() == fd
+        new = socket.socket(fileno=raw.detach())  # the inherit path (as ssl's wrap_socket)
+        try:
+            rec = registry.get(fd)
+            assert rec is not None and rec.ref is not None and rec.ref() is new
+            assert [s.origin for s in leakguard.snapshot().sockets if s.fd == fd] == ["socket"]
+        finally:
+            new.close()
+        del old
+
+    def test_subclass_without_fileno(self) -> None:
+        s = _NoFileno()
+        try:
+            fd = _socket.socket.fileno(s)
+            rec = registry.get(fd)
+            assert rec is not None and rec.ref is not None and rec.ref() is s
+            twin = _NoFileno(fileno=os.dup(fd))  # the inherit path too
+            try:
+                twin_rec = registry.get(_socket.socket.fileno(twin))
+                assert twin_rec is not None and twin_rec.ref is not None and twin_rec.ref() is twin
+            finally:
+                twin.close()
+        finally:
+            s.close()
