@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +27,9 @@ from leakguard import registry
 from leakguard.integrations import _pools
 
 from .helpers import this_line, wait_for
-from .test_integrations_http import Server, cert, tls_server  # noqa: F401  (fixtures)
+from .test_integrations_http import Server, cert, server, tls_server  # noqa: F401  (fixtures)
 
 HERE = os.path.abspath(__file__)
-
-
-@pytest.fixture
-def server() -> Iterator[Server]:
-    """Hangs up right after each (keep-alive) response."""
-    srv = Server(hang_up_at_once=True)
-    try:
-        yield srv
-    finally:
-        srv.close()
 
 
 def dead(srv: Server) -> leakguard.SocketInfo:
