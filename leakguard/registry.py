@@ -15,6 +15,7 @@ captured once at the library's entry point), or adopt a descriptor created in C
 
 from __future__ import annotations
 
+import _socket
 import contextvars
 import itertools
 import os
@@ -239,14 +240,14 @@ def record_socket(sock: Any, inherit: bool = False) -> None:
     holding the same descriptor is carried over so the TLS socket keeps the
     original creation stack.
     """
-    fd = sock.fileno()
+    fd = _descriptor(sock)
     if fd < 0:
         return
     if inherit:
         old = _records.get(fd)
         if old is not None and old[0] is not None:
             other = old[0]()
-            if other is not None and other is not sock and other.fileno() == fd:
+            if other is not None and other is not sock and _holds(other, fd):
                 _handover(fd, old, sock)
                 return
     sc = _scope.get()
@@ -259,6 +260,24 @@ def record_socket(sock: Any, inherit: bool = False) -> None:
 
 _ref = weakref.ref
 _monotonic = time.monotonic
+_raw_socket = _socket.socket
+_raw_fileno = _socket.socket.fileno
+
+
+def _descriptor(sock: Any) -> int:
+    """The descriptor a socket object holds, read from the object itself when it is a
+    ``_socket.socket``: a subclass's ``fileno()`` may be overridden, and may raise."""
+    return _raw_fileno(sock) if isinstance(sock, _raw_socket) else int(sock.fileno())
+
+
+def _holds(other: Any, fd: int) -> bool:
+    """Does *other*, the object a record points to, still hold *fd*?  Never raises: an
+    old object that cannot answer (a ``fileno()`` that raises) does not hold it, and the
+    new socket gets a record of its own."""
+    try:
+        return _descriptor(other) == fd
+    except Exception:
+        return False
 
 
 def _handover(fd: int, old: Entry, sock: Any) -> None:
