@@ -15,6 +15,7 @@ captured once at the library's entry point), or adopt a descriptor created in C
 
 from __future__ import annotations
 
+import _socket
 import contextvars
 import itertools
 import os
@@ -59,10 +60,22 @@ class PoolInfo:
     """What a connection pool knows about one pooled connection.
 
     ``checked_out`` is True while the application holds the connection; the
-    checkout time and stack describe the last checkout.
+    checkout time and stack describe the last checkout.  ``idle_since`` is when it
+    last went back to the pool (None before its first check-in).  ``owner`` names
+    the object the pool belongs to (a ``requests.Session``), and ``holders`` are
+    weak references to the pool and its owners, for "is this a process-wide pool?"
     """
 
-    __slots__ = ("checked_out", "checkout_frames", "checkout_time", "name", "reported_at")
+    __slots__ = (
+        "checked_out",
+        "checkout_frames",
+        "checkout_time",
+        "holders",
+        "idle_since",
+        "name",
+        "owner",
+        "reported_at",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -70,6 +83,9 @@ class PoolInfo:
         self.checkout_time: float | None = None  # time.monotonic()
         self.checkout_frames: stacks.Frames = ()
         self.reported_at: float | None = None  # checkout_threshold bookkeeping
+        self.idle_since: float | None = None  # time.monotonic() of the last check-in
+        self.owner: str | None = None
+        self.holders: tuple[Any, ...] = ()  # weakref.ref to the pool, its manager, its owner
 
     def check_out(self, frames: stacks.Frames) -> None:
         self.checked_out = True
@@ -79,6 +95,7 @@ class PoolInfo:
 
     def check_in(self) -> None:
         self.checked_out = False
+        self.idle_since = time.monotonic()
 
     def to_dict(self, now: float | None = None) -> dict[str, Any]:
         now = time.monotonic() if now is None else now
@@ -93,6 +110,10 @@ class PoolInfo:
             "checkout_stack": [f.to_dict() for f in stacks.frames(self.checkout_frames)]
             if self.checked_out
             else [],
+            "idle_s": round(now - self.idle_since, 3)
+            if not self.checked_out and self.idle_since is not None
+            else None,
+            "owner": self.owner,
         }
 
 
@@ -237,11 +258,21 @@ def _holder(fd: int, ref: Any) -> Any:
     if obj is None:
         return None
     try:
-        return obj if obj.fileno() == fd else None
+        return obj if _fileno_of(obj) == fd else None
     except AttributeError:
         return obj  # an owner without fileno(): alive while the owner is
     except Exception:
         return None  # closed sockets and connections raise or return -1
+
+
+_sock_fileno = _socket.socket.fileno
+
+
+def _fileno_of(obj: Any) -> int:
+    """A socket's own descriptor, whatever a subclass's ``fileno()`` does; an owner's ``fileno()``."""
+    if isinstance(obj, _socket.socket):
+        return int(_sock_fileno(obj))
+    return int(obj.fileno())
 
 
 def _alive(fd: int, ref: Any) -> bool:
@@ -256,14 +287,14 @@ def record_socket(sock: Any, inherit: bool = False) -> None:
     holding the same descriptor is carried over so the TLS socket keeps the
     original creation stack.
     """
-    fd = sock.fileno()
+    fd = _fileno_of(sock)
     if fd < 0:
         return
     if inherit:
         old = _records.get(fd)
         if old is not None and old[0] is not None:
             other = old[0]()
-            if other is not None and other is not sock and other.fileno() == fd:
+            if other is not None and other is not sock and _holder(fd, old[0]) is other:
                 _handover(fd, old, sock)
                 return
     sc = _scope.get()
@@ -442,10 +473,22 @@ def _drop(fd: int, entry: Entry) -> None:
         _views.pop(fd, None)
 
 
+def _entries() -> Any:
+    """The table's items, copied in one step.
+
+    ``dict.copy()`` runs no Python code while it copies; ``list(d.items())``
+    allocates a tuple per item, and a garbage collection triggered by one can
+    run a gc callback or finalizer that opens a socket (or, without the GIL,
+    another thread does): "dictionary changed size during iteration" would
+    reach the host.
+    """
+    return _records.copy().items()
+
+
 def live() -> dict[int, Record]:
     """All live records by fd; drops stale ones on the way."""
     out: dict[int, Record] = {}
-    for fd, entry in list(_records.items()):
+    for fd, entry in _entries():
         if _alive(fd, entry[0]):
             out[fd] = _view(fd, entry)
         else:
@@ -464,7 +507,7 @@ def live_sockets(
     known: dict[int, tuple[str | None, str | None, int, int]] = {}
     views = _views.get
     holder = _holder
-    for fd, entry in list(_records.items()):
+    for fd, entry in _entries():
         obj = holder(fd, entry[0])
         if obj is None:
             _drop(fd, entry)
@@ -504,7 +547,7 @@ def live_between(after: int, before: int | None = None, exclude: Any = ()) -> li
     """
     top = before if before is not None else float("inf")
     return [
-        _view(fd, e) for fd, e in list(_records.items()) if after < e[2] < top and e[2] not in exclude and _alive(fd, e[0])
+        _view(fd, e) for fd, e in _entries() if after < e[2] < top and e[2] not in exclude and _alive(fd, e[0])
     ]
 
 
@@ -513,7 +556,7 @@ def all_records(after: int = 0) -> list[Record]:
 
     Older entries cost one comparison each: no view is built for them.
     """
-    return [_view(fd, entry) for fd, entry in list(_records.items()) if entry[2] > after]
+    return [_view(fd, entry) for fd, entry in _entries() if entry[2] > after]
 
 
 def prune() -> int:
