@@ -26,6 +26,10 @@ INTEGRATIONS: dict[str, tuple[str, ...]] = {
     "redis": ("redis",),
     "sqlalchemy": ("sqlalchemy",),
     "gevent": ("gevent",),
+    "asyncio": ("asyncio",),
+    "uvloop": ("uvloop",),
+    "threads": ("threading",),
+    "executors": ("concurrent.futures.thread",),
 }
 
 __all__ = ["INTEGRATIONS"]

@@ -16,10 +16,11 @@ socket urllib3 opens for requests belongs to ``requests``.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
-from types import ModuleType
+from types import CodeType, ModuleType
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -28,6 +29,7 @@ from leakguard import registry, stacks
 __all__ = [
     "DEFAULT_PORTS",
     "Entered",
+    "callable_code",
     "enter",
     "http_target",
     "leave",
@@ -407,3 +409,18 @@ def leave(entered: Entered | None) -> None:
         registry.pop_scope(entered.token)
     except Exception:  # e.g. a coroutine closed from another context
         registry.count_error()
+
+
+def callable_code(f: Any) -> CodeType | None:
+    """The code object a callable runs (through partials, bound methods, callable objects), or None."""
+    for _ in range(8):  # bounded: partials of partials
+        if isinstance(f, functools.partial):
+            f = f.func
+        elif hasattr(f, "__func__"):
+            f = f.__func__
+        elif not hasattr(f, "__code__") and callable(f) and not isinstance(f, type):
+            f = getattr(type(f), "__call__", None)
+        else:
+            break
+    code = getattr(f, "__code__", None)
+    return code if isinstance(code, CodeType) else None

@@ -42,12 +42,15 @@ __all__ = [
     "count_error",
     "entry",
     "clear",
+    "continuation",
     "current_scope",
+    "enter_continuation",
     "get",
     "live",
     "prune",
     "record_socket",
     "scope",
+    "stack_here",
     "stats",
 ]
 
@@ -56,10 +59,22 @@ class PoolInfo:
     """What a connection pool knows about one pooled connection.
 
     ``checked_out`` is True while the application holds the connection; the
-    checkout time and stack describe the last checkout.
+    checkout time and stack describe the last checkout.  ``idle_since`` is when it
+    last went back to the pool (None before its first check-in).  ``owner`` names
+    the object the pool belongs to (a ``requests.Session``), and ``holders`` are
+    weak references to the pool and its owners, for "is this a process-wide pool?"
     """
 
-    __slots__ = ("checked_out", "checkout_frames", "checkout_time", "name", "reported_at")
+    __slots__ = (
+        "checked_out",
+        "checkout_frames",
+        "checkout_time",
+        "holders",
+        "idle_since",
+        "name",
+        "owner",
+        "reported_at",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -67,6 +82,9 @@ class PoolInfo:
         self.checkout_time: float | None = None  # time.monotonic()
         self.checkout_frames: stacks.Frames = ()
         self.reported_at: float | None = None  # checkout_threshold bookkeeping
+        self.idle_since: float | None = None  # time.monotonic() of the last check-in
+        self.owner: str | None = None
+        self.holders: tuple[Any, ...] = ()  # weakref.ref to the pool, its manager, its owner
 
     def check_out(self, frames: stacks.Frames) -> None:
         self.checked_out = True
@@ -76,6 +94,7 @@ class PoolInfo:
 
     def check_in(self) -> None:
         self.checked_out = False
+        self.idle_since = time.monotonic()
 
     def to_dict(self, now: float | None = None) -> dict[str, Any]:
         now = time.monotonic() if now is None else now
@@ -90,18 +109,36 @@ class PoolInfo:
             "checkout_stack": [f.to_dict() for f in stacks.frames(self.checkout_frames)]
             if self.checked_out
             else [],
+            "idle_s": round(now - self.idle_since, 3)
+            if not self.checked_out and self.idle_since is not None
+            else None,
+            "owner": self.owner,
         }
 
 
 class Scope:
-    """What an integration tells the socket hook about sockets opened inside it."""
+    """What an integration tells the socket hook about sockets opened inside it.
 
-    __slots__ = ("frames", "origin", "target")
+    ``cont`` (a :data:`stacks.Continuation`) is set inside a task, thread or executor job
+    that library code created: a capture there that holds no application frame goes on
+    with the stack that created it.  A scope with ``origin`` None carries only that (or
+    only frames): :func:`current_scope` does not show it, and its sockets keep origin
+    ``socket``.
+    """
 
-    def __init__(self, origin: str, target: str | None, frames: stacks.Frames | None) -> None:
+    __slots__ = ("cont", "frames", "origin", "target")
+
+    def __init__(
+        self,
+        origin: str | None,
+        target: str | None,
+        frames: stacks.Frames | None,
+        cont: stacks.Continuation | None = None,
+    ) -> None:
         self.origin = origin
         self.target = target
         self.frames = frames
+        self.cont = cont
 
 
 class Record:
@@ -138,7 +175,7 @@ class Record:
         self.created: float = created  # time.monotonic()
         self.seq: int = seq  # increases with every record: "created after X" is seq > X.seq
         self.frames: stacks.Frames = frames
-        self.origin: str = sc.origin if sc is not None else "socket"
+        self.origin: str = sc.origin if sc is not None and sc.origin is not None else "socket"
         self.target: str | None = sc.target if sc is not None else None
         self.pool: PoolInfo | None = None
         #: (local, remote, family, type) once the kernel showed them settled: they never change again
@@ -262,8 +299,12 @@ def record_socket(sock: Any, inherit: bool = False) -> None:
     if sc is None:
         _records[fd] = (_ref(sock), _monotonic(), _next_seq(), stacks.capture(2, depth[0]), None)
     else:
-        frames = sc.frames if sc.frames is not None else stacks.capture(2, depth[0])
-        _records[fd] = (_ref(sock), _monotonic(), _next_seq(), frames, sc)
+        frames = sc.frames
+        if frames is None:
+            frames = stacks.capture(2, depth[0])
+            if sc.cont is not None:
+                frames = stacks.continued(frames, sc.cont, depth[0])
+        _records[fd] = (_ref(sock), _monotonic(), _next_seq(), frames, sc if sc.origin is not None else None)
 
 
 _ref = weakref.ref
@@ -305,6 +346,9 @@ def adopt(
     """
     if frames is None:
         frames = stacks.capture(2, depth[0])
+    sc = _scope.get()
+    if sc is not None and sc.cont is not None:
+        frames = stacks.continued(frames, sc.cont, depth[0])
     ref = None
     if owner is not None:
         try:
@@ -334,11 +378,16 @@ def push_scope(origin: str, target: str | None = None, frames: stacks.Frames | N
     ``current_scope()`` until then.
     """
     outer = _scope.get()
-    if outer is not None:
-        sc = Scope(outer.origin, outer.target or target, outer.frames if outer.frames is not None else frames)
-    else:
-        sc = Scope(origin, target, frames)
-    return _scope.set(sc)
+    if outer is None:
+        return _scope.set(Scope(origin, target, frames))
+    cont = outer.cont
+    if outer.frames is not None:
+        frames = outer.frames
+    elif frames is not None and cont is not None:
+        frames = stacks.continued(frames, cont, depth[0])
+    if outer.origin is None:  # a continuation only: this is the first integration scope
+        return _scope.set(Scope(origin, target, frames, cont))
+    return _scope.set(Scope(outer.origin, outer.target or target, frames, cont))
 
 
 def pop_scope(token: Any) -> None:
@@ -360,7 +409,43 @@ def scope(origin: str, target: str | None = None, frames: stacks.Frames | None =
 
 
 def current_scope() -> Scope | None:
-    return _scope.get()
+    """The innermost integration scope (a continuation-only scope is not one), or None."""
+    sc = _scope.get()
+    return sc if sc is None or sc.origin is not None else None
+
+
+def continuation(skip: int = 1, boundary: Any = None, inherits: bool = True) -> stacks.Continuation | None:
+    """What a task, thread or job created here continues with (see :class:`Scope`), or None.
+
+    Captures the caller's stack (*skip* as in ``stacks.capture``), itself continued when
+    this code runs in such a task.  Inside an integration scope that has its frames, a
+    new task (*inherits*: it gets a copy of this context) needs nothing: None; a thread
+    or job continues with those frames.
+    """
+    sc = _scope.get()
+    if sc is not None and sc.frames is not None:
+        return None if inherits else (boundary, sc.frames)
+    return (boundary, stack_here(skip + 1))
+
+
+def stack_here(skip: int = 1) -> stacks.Frames:
+    """The caller's stack (*skip* as in ``stacks.capture``): the current scope's frames when it
+    has them, else a capture continued across the task or thread boundary it runs in."""
+    sc = _scope.get()
+    if sc is not None and sc.frames is not None:
+        return sc.frames
+    frames = stacks.capture(skip + 1, depth[0])
+    if sc is not None and sc.cont is not None:
+        frames = stacks.continued(frames, sc.cont, depth[0])
+    return frames
+
+
+def enter_continuation(cont: stacks.Continuation) -> Any:
+    """Make *cont* the continuation of the current context (a thread or job starting); the token for :func:`pop_scope`."""
+    sc = _scope.get()
+    if sc is not None and sc.origin is not None:
+        return _scope.set(Scope(sc.origin, sc.target, sc.frames, cont))
+    return _scope.set(Scope(None, None, None, cont))
 
 
 def get(fd: int) -> Record | None:

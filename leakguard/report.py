@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from . import stacks
 
 if TYPE_CHECKING:
+    from . import registry
     from .snapshot import Snapshot, SocketInfo
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "format_stack",
     "get_logger",
     "group",
+    "pool_line",
     "snapshot_dict",
     "socket_dict",
     "summary_line",
@@ -353,6 +355,8 @@ def format_group(
         lines.append(f"  why: {o.reason}")
     if g.verdict and o.reason:
         lines.append(f"  why: {o.reason}")
+    elif not o.reason and o.record is not None and o.record.pool is not None:
+        lines.append(f"  pool: {pool_line(o.record.pool)}")
     held = g.held_by()
     if held:
         lines.append("  held by: " + "; ".join(held))
@@ -369,6 +373,23 @@ def format_group(
     elif o.record is None:
         lines.append("  created by: unknown (opened before leakguard was installed, or by C code no integration covers)")
     return "\n".join(lines)
+
+
+def pool_line(pool: registry.PoolInfo) -> str:
+    """Where a pooled socket is: checked out (since when, where) or idle, and whose pool it is."""
+    now = time.monotonic()
+    if pool.checked_out:
+        site = stacks.creation_site(stacks.resolve(pool.checkout_frames))
+        text = f"checked out of {pool.name}"
+        if pool.checkout_time is not None:
+            text += f" for {now - pool.checkout_time:.1f} s"
+        if site is not None:
+            text += f" at {stacks.format_site(site)}"
+    else:
+        text = f"idle in {pool.name}"
+        if pool.idle_since is not None:
+            text += f" for {now - pool.idle_since:.1f} s"
+    return text + (f", owned by {pool.owner}" if pool.owner else "")
 
 
 def describe(info: SocketInfo) -> str:

@@ -8,7 +8,7 @@ import socket
 import time
 from typing import Any
 
-from . import kernel, registry, stacks
+from . import diagnose, judge, kernel, registry, stacks
 from ._value import Value
 
 __all__ = ["Snapshot", "SocketInfo", "take"]
@@ -49,14 +49,6 @@ def _type_name(family: int, kind: int) -> str:
 _NAMES: dict[tuple[int, int], tuple[str, str]] = {}
 
 
-def _age(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 class SocketInfo(tuple):  # type: ignore[type-arg]
     """One socket of the process: kernel state joined with leakguard's record.
 
@@ -79,8 +71,9 @@ class SocketInfo(tuple):  # type: ignore[type-arg]
         origin: str,
         target: str | None,
         record: registry.Record | None = None,
+        batch: diagnose.Batch | None = None,
     ) -> SocketInfo:
-        return tuple.__new__(cls, (fd, family, type, state, local, remote, age_s, origin, target, record))
+        return tuple.__new__(cls, (fd, family, type, state, local, remote, age_s, origin, target, record, batch))
 
     fd: int | None = property(_itemgetter(0), doc="file descriptor")  # type: ignore[assignment]
     family: str = property(_itemgetter(1), doc='"AF_INET", "AF_INET6", "AF_UNIX", ...')  # type: ignore[assignment]
@@ -95,8 +88,32 @@ class SocketInfo(tuple):  # type: ignore[type-arg]
 
     @property
     def leaked(self) -> bool:
-        """Judged leaked: every TCP socket in CLOSE_WAIT."""
-        return bool(self[3] == "CLOSE_WAIT" and self[2] == "tcp")
+        """Judged leaked (see :mod:`leakguard.judge`): it carries a diagnosis."""
+        return self[10] is not None
+
+    @property
+    def diagnosis(self) -> diagnose.Diagnosis | None:
+        """Verdict, holders and user of a leak (computed once per snapshot, on first use); None when not a leak."""
+        batch = self[10]
+        return batch.of(self) if batch is not None else None
+
+    @property
+    def verdict(self) -> str | None:
+        """For a leak: "forgotten", "in_use", "idle_in_pool" or "unreachable"; None when not a leak."""
+        d = self.diagnosis
+        return d.verdict if d is not None else None
+
+    @property
+    def held_by(self) -> list[str]:
+        """For a leak: up to 3 shortest reference paths from a root to it, as a person names them."""
+        d = self.diagnosis
+        return list(d.held_by) if d is not None else []
+
+    @property
+    def in_use(self) -> dict[str, Any] | None:
+        """For verdict in_use: the thread (and task) whose live frame holds it, and where that code is now."""
+        d = self.diagnosis
+        return dict(d.in_use) if d is not None and d.in_use is not None else None
 
     @property
     def stack(self) -> list[stacks.Frame]:
@@ -113,7 +130,7 @@ class SocketInfo(tuple):  # type: ignore[type-arg]
     @property
     def reason(self) -> str | None:
         """Why this socket is judged leaked, in words; None when it is not."""
-        return _leak_reason(self, self[9]) if self.leaked else None
+        return judge.leak_reason(self) if self[10] is not None else None
 
     @property
     def site(self) -> stacks.Frame | None:
@@ -183,34 +200,6 @@ class Snapshot(Value):
         return self.format()
 
 
-def _leak_reason(info: SocketInfo, rec: registry.Record | None) -> str:
-    peer = info.remote or "the peer"
-    text = f"peer {peer} closed the connection; this process never closed its end"
-    if info.age_s is not None:
-        text += f", opened {_age(info.age_s)} ago"
-    site = info.site
-    if site is not None:
-        text += f" at {stacks.format_site(site)}"
-    if rec is None:
-        text += " (opened before leakguard was installed or by C code: no creation stack)"
-    pool = rec.pool if rec is not None else None
-    if pool is not None:
-        if pool.checked_out:
-            age = time.monotonic() - (pool.checkout_time or time.monotonic())
-            co = stacks.format_site(stacks.creation_site(stacks.frames(pool.checkout_frames)))
-            text += (
-                f"; it is checked out of pool {pool.name} (for {_age(age)}, at {co}):"
-                " the application holds it and must return or close it"
-            )
-        else:
-            text += (
-                f"; it sits idle in pool {pool.name}: the application returned it and the pool"
-                " keeps it until it next checks it or hands it out (a checkout check such as"
-                " pool_pre_ping drops dead connections before a query fails)"
-            )
-    return text
-
-
 _new = tuple.__new__  # SocketInfo without its Python-level __new__, in the loop below
 
 
@@ -226,6 +215,9 @@ def take(cache: kernel.StateCache | None = None) -> Snapshot:
     leaks: list[SocketInfo] = []
     counts: dict[str, int] = {}
     get, add, names, info_cls = records.get, sockets.append, _NAMES, SocketInfo
+    leak_states, is_leak = judge.LEAK_STATES, judge.is_leak
+    batch: diagnose.Batch | None = None  # made with the first leak: a snapshot without leaks pays nothing
+    close_seen: dict[tuple[Any, ...], float] = {}
     # Indexes, not names, and nothing called that need not be: this loop runs once per socket of the process.
     for ks in kernel_socks:
         kfd, fam, kind, state = ks[0], ks[1], ks[2], ks[3]
@@ -233,19 +225,25 @@ def take(cache: kernel.StateCache | None = None) -> Snapshot:
         if name is None:
             name = names[(fam, kind)] = (_family_name(fam), _type_name(fam, kind))
         rec = get(kfd) if kfd is not None else None
+        age = now - rec.created if rec is not None else None
+        leak = None
+        if state in leak_states and is_leak(state, name[1], kfd, (kfd, ks[4], ks[5]), age, now, close_seen):
+            if batch is None:
+                batch = diagnose.Batch()
+            batch.add(kfd, state, rec)
+            leak = batch
         if rec is None:
-            info = _new(info_cls, (kfd, name[0], name[1], state, ks[4], ks[5], None, "unknown", None, None))
+            info = _new(info_cls, (kfd, name[0], name[1], state, ks[4], ks[5], None, "unknown", None, None, leak))
         else:
             if rec.addrs is None and ks[6] is not None and state in _STABLE:
                 rec.addrs = (ks[4], ks[5], fam, kind)
-            info = _new(
-                info_cls, (kfd, name[0], name[1], state, ks[4], ks[5], now - rec.created, rec.origin, rec.target, rec)
-            )
+            info = _new(info_cls, (kfd, name[0], name[1], state, ks[4], ks[5], age, rec.origin, rec.target, rec, leak))
         add(info)
         if state and name[1] == "tcp":
             counts[state] = counts.get(state, 0) + 1
-            if state == "CLOSE_WAIT":
+            if leak is not None:
                 leaks.append(info)
+    judge.close_seen_update(close_seen)
     if open_fds is None:  # psutil's order; /proc/self/fd lists descriptors in ascending order already
         sockets.sort(key=lambda s: (s.fd is None, s.fd or 0))
         leaks.sort(key=lambda s: (s.fd is None, s.fd or 0))

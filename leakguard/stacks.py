@@ -24,11 +24,14 @@ __all__ = [
     "CONTEXT",
     "Folded",
     "Frame",
+    "DRIVERS",
     "capture",
+    "continued",
     "creation_site",
     "fold",
     "format_folded",
     "format_site",
+    "has_app_frame",
     "frames",
     "from_application",
     "is_app_file",
@@ -192,6 +195,47 @@ def capture_py(skip: int = 1, depth: int = 32) -> Frames:
 
 
 capture = capture_py
+
+
+#: Code objects of event-loop drivers (``Handle._run``, ``run_forever``, ...): a task's or a
+#: callback's own frames end below the first of them.  Filled by the asyncio integration.
+DRIVERS: set[Any] = set()
+
+#: ``(boundary, parent)``: where a task's or thread's own frames end (the code of the task's
+#: coroutine, or None) and the stack captured where it was created (see :func:`continued`).
+Continuation = tuple[Any, Frames]
+
+
+def continued(frames: Frames, cont: Continuation, depth: int) -> Frames:
+    """*frames* captured in a task, thread or executor job, continued with the stack that created it.
+
+    The task's own frames end at its coroutine (*cont*'s boundary) or at the first
+    event-loop driver frame; below them lies the loop (``asyncio.run(...)``), not the
+    code that asked for the work.  When those own frames hold an application frame,
+    *frames* are returned unchanged; otherwise the own frames followed by the parent's
+    stack, at most *depth* frames in all.  Applying it twice gives the same result.
+    """
+    boundary, parent = cont
+    end = len(frames)
+    drivers = DRIVERS
+    for i in range(0, end, 2):
+        code = frames[i]
+        if code is boundary:
+            end = i + 2
+            break
+        if code in drivers:
+            end = i
+            break
+    for i in range(0, end, 2):
+        if _is_app_code(frames[i]):
+            return frames
+    room = 2 * depth - end
+    return frames[:end] + (parent if len(parent) <= room else parent[: max(room, 0)])
+
+
+def has_app_frame(frames: Frames) -> bool:
+    """Does *frames* (a capture) hold an application frame?"""
+    return any(_is_app_code(frames[i]) for i in range(0, len(frames), 2))
 
 
 def _line_of(code: CodeType, lasti: int) -> int:
