@@ -1058,7 +1058,8 @@ class TestProcessWidePools:
                 assert out.count(f"kept by process-wide pool `{where}`") == 1, (where, out)
             result.stdout.fnmatch_lines(
                 [
-                    f"Leaked tcp socket * origin=requests * created at test_pw.py:{line + 1}",
+                    f"Leaked tcp socket created at test_pw.py:{line + 1}, in *",
+                    "  origin requests, *",
                     "  pool: idle in urllib3 HTTPConnectionPool(http://127.0.0.1:*, maxsize=10) for *"
                     f", owned by requests.Session 0x* created at test_pw.py:{line}",
                 ]

@@ -344,7 +344,7 @@ class TestToDict:
         leak = info.leaked
         return {
             "fd": info.fd, "family": info.family, "type": info.type, "state": info.state, "local": info.local,
-            "remote": info.remote, "age_s": round(info.age_s, 3) if info.age_s is not None else None,
+            "remote": info.remote, "age_s": (info.age_s * 1000.0 + 0.5) // 1.0 / 1000.0 if info.age_s is not None else None,
             "origin": info.origin, "target": info.target, "pool": info.pool, "stack": [f.to_dict() for f in info.stack],
             "reason": info.reason, "site": info.site_str if info.stack else None,
             "verdict": getattr(info, "verdict", None) if leak else None,
