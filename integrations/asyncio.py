@@ -12,7 +12,7 @@ no application frame goes on with it.  A task running an application coroutine
 costs one cache lookup: its own frames already name the application.
 
 Accepted connections name the handler that got them (innermost) and the stack
-that made the listening socket (the ``start_server`` / ``create_server`` line).
+of the ``create_server`` call (the ``start_server`` line; else the listening socket's record).
 ``sock_accept`` names its caller even when the accept completes in a loop callback.
 
 uvloop (and any loop wrapped through :func:`wrap_loop_class`) connects and
@@ -129,7 +129,27 @@ def accept_frames(protocol_factory: Any, server_frames: stacks.Frames) -> stacks
     return frames[: 2 * registry.depth[0]]
 
 
-def _listening_frames(server: Any) -> stacks.Frames:
+# protocol factory -> the stack of the create_server call that was given it
+_server_frames: weakref.WeakKeyDictionary[Any, stacks.Frames] = weakref.WeakKeyDictionary()
+
+
+def _create_server(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    """``create_server`` / ``create_unix_server`` of asyncio's own loops: remember where it was called."""
+    try:
+        factory = args[0] if args else kwargs.get("protocol_factory")
+        _server_frames[factory] = registry.stack_here(1)
+    except Exception:  # a factory that takes no weak reference: the listening socket's record names it
+        pass
+    return wrapped(*args, **kwargs)
+
+
+def _listening_frames(factory: Any, server: Any) -> stacks.Frames:
+    try:
+        frames = _server_frames.get(factory)
+    except TypeError:
+        frames = None
+    if frames is not None:
+        return frames
     for sock in getattr(server, "_sockets", None) or ():
         try:
             rec = registry.get(sock.fileno())
@@ -149,7 +169,7 @@ def _accept_connection2(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> 
         server = args[4] if len(args) > 4 else kwargs.get("server")
         fd = conn.fileno()
         rec = registry.get(fd)
-        server_frames = _listening_frames(server)
+        server_frames = _listening_frames(factory, server)
         if rec is not None and server_frames:
             registry.adopt(fd, rec.origin, target=rec.target, frames=accept_frames(factory, server_frames), owner=conn)
     except Exception:
@@ -323,8 +343,12 @@ def wrap_loop_class(patches: Patches, module: Any, name: str) -> None:
 def instrument() -> None:
     import asyncio.base_events
     import asyncio.selector_events
+    import asyncio.unix_events
 
     _patches.wrap(asyncio.base_events, "BaseEventLoop.create_task", _create_task)
+    _patches.wrap(asyncio.base_events, "BaseEventLoop.create_server", _create_server)
+    if hasattr(asyncio.unix_events, "_UnixSelectorEventLoop"):
+        _patches.wrap(asyncio.unix_events, "_UnixSelectorEventLoop.create_unix_server", _create_server)
     _patches.wrap(asyncio.selector_events, "BaseSelectorEventLoop._accept_connection2", _accept_connection2)
     _patches.wrap(asyncio.selector_events, "BaseSelectorEventLoop.sock_accept", _sock_accept)
     codes = _driver_codes() - stacks.DRIVERS

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,7 @@ import asyncio.base_events, asyncio.selector_events, concurrent.futures.thread, 
 def state():
     return [
         vars(asyncio.base_events.BaseEventLoop)["create_task"],
+        vars(asyncio.base_events.BaseEventLoop)["create_server"],
         vars(asyncio.selector_events.BaseSelectorEventLoop)["_accept_connection2"],
         vars(asyncio.selector_events.BaseSelectorEventLoop)["sock_accept"],
         vars(concurrent.futures.thread._WorkItem)["__init__"],
@@ -114,3 +117,94 @@ def test_uninstall_restores_every_original(tmp_path: Path, order: str) -> None:
         ["create_task", "create_connection", "create_unix_connection", "connect_accepted_socket",
          "create_server", "create_unix_server", "sock_accept"]
     )
+
+
+_UVICORN_APP = r"""
+import asyncio, json, os, socket, sys
+if sys.argv[1] == "before":
+    import uvloop
+import leakguard
+leakguard.install()
+import uvicorn
+if sys.argv[2] == "uvloop":
+    import uvloop
+
+LINES = {}
+with open(__file__) as source:
+    for number, text in enumerate(source.read().splitlines(), 1):
+        if "# @" + "case:" in text:
+            LINES[text.rsplit("# @" + "case:", 1)[1].strip()] = number
+never = None
+
+
+async def app(scope, receive, send):
+    global never
+    if scope["path"] == "/hang":
+        never = never or asyncio.Event()
+        await never.wait()
+        return
+    out = {"lines": LINES, "loop": type(asyncio.get_running_loop()).__module__, "sockets": [
+        {"fd": s.fd, "state": s.state, "local": s.local, "remote": s.remote, "origin": s.origin,
+         "site": s.site.line if s.site and s.site.file == __file__ else s.site_str,
+         "stack": [f.line for f in s.stack if f.file == __file__]}
+        for s in leakguard.snapshot().sockets]}
+    body = json.dumps(out).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+sock = socket.create_server(("127.0.0.1", 0))
+print(sock.getsockname()[1], flush=True)
+config = uvicorn.Config(app, loop=sys.argv[2], lifespan="off", log_level="error", http="h11")
+uvicorn.Server(config).run(sockets=[sock])  # @case:start
+"""
+
+UVICORN_CASES = [("asyncio", "after")] + ([("uvloop", "before"), ("uvloop", "after")] if HAVE_UVLOOP else [])
+
+
+def _http(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(request)
+        data = b""
+        while chunk := c.recv(65536):
+            data += chunk
+    return data
+
+
+@pytest.mark.parametrize("loop,order", UVICORN_CASES)
+def test_uvicorn_server_side_leak_names_the_server_start(tmp_path: Path, loop: str, order: str) -> None:
+    """A real uvicorn server (uvloop: accepts in C): a client hangs up while the app holds the
+    request, and the server side's CLOSE_WAIT record names the line that started the server."""
+    pytest.importorskip("uvicorn")
+    app = tmp_path / "server_app.py"
+    app.write_text(_UVICORN_APP)
+    server = subprocess.Popen(
+        [sys.executable, "-W", "error", str(app), order, loop],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        # A body larger than uvicorn's flow-control limit: it stops reading, so it never sees the FIN.
+        client.sendall(b"POST /hang HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 100_000)
+        peer = "127.0.0.1:%d" % client.getsockname()[1]
+        client.close()
+        deadline = time.monotonic() + 10
+        while True:
+            out = json.loads(_http(port, b"GET /snapshot HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").split(b"\r\n\r\n", 1)[1])
+            mine = [s for s in out["sockets"] if s["remote"] == peer]
+            if (mine and mine[0]["state"] == "CLOSE_WAIT") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        server.kill()  # uvicorn's graceful shutdown would wait for the held request
+        server.wait(30)
+        stderr = server.stderr.read() if server.stderr else ""
+        for f in (server.stdout, server.stderr):
+            if f:
+                f.close()
+    assert stderr == ""
+    assert out["loop"].startswith(loop)
+    assert len(mine) == 1 and mine[0]["state"] == "CLOSE_WAIT", out["sockets"]
+    assert mine[0]["site"] == out["lines"]["start"] and mine[0]["origin"] == "socket", mine
