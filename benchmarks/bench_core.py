@@ -33,7 +33,7 @@ def _best(fn: Callable[[], float], rounds: int) -> float:
 
 
 def _interleaved(
-    op: Callable[[int], None], n: int, rounds: int, control: bool = False
+    op: Callable[[int], None], n: int, rounds: int, control: bool = False, integrations: Any = "none"
 ) -> tuple[float, float, float]:
     """(plain, installed) seconds per operation, best of *rounds*, and the median ratio of paired rounds.
 
@@ -42,7 +42,7 @@ def _interleaved(
     median of each pair's ratio (a plain and an installed round run back to back) cancels the
     machine's drift over the run, which the two bests do not.  With *control*, leakguard is
     never installed: both sides are plain, and how far their figures differ is the noise of
-    the method on this machine.
+    the method on this machine.  *integrations* is what ``install()`` is given.
     """
     plain = installed = float("inf")
     ratios: list[float] = []
@@ -50,7 +50,7 @@ def _interleaved(
         got: dict[str, float] = {}
         for mode in ("plain", "installed") if r % 2 == 0 else ("installed", "plain"):
             if mode == "installed" and not control:
-                leakguard.install(integrations="none")
+                leakguard.install(integrations=integrations)
             gc.collect()
             t = time.perf_counter()
             op(n)

@@ -80,6 +80,8 @@ def _run(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 def instrument() -> None:
     import concurrent.futures.thread as thread
 
+    if "fn" not in thread._WorkItem.__init__.__code__.co_varnames:  # 3.14 reshaped the work item
+        return
     _patches.wrap(thread, "_WorkItem.__init__", _work_init)
     _patches.wrap(thread, "_WorkItem.run", _run)
 

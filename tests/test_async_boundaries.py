@@ -10,6 +10,7 @@ must observe the same behaviour (results, exceptions, context variables).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -30,25 +31,27 @@ except ImportError:  # pragma: no cover - uvloop is in the test extra
     HAVE_UVLOOP = False
 
 
-def run_script(tmp_path: Path, *args: str) -> dict[str, Any]:
+def run_script(tmp_path: Path, *args: str, pure: bool = False) -> dict[str, Any]:
     script = tmp_path / "boundaries.py"
     if not script.exists():
         shutil.copy(SCRIPT, script)
+    env = {**os.environ, "LEAKGUARD_PURE_PYTHON": "1" if pure else "0"}
     proc = subprocess.run(
-        [sys.executable, "-W", "error", str(script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=120
-    )
+        [sys.executable, "-W", "error", str(script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env=env,
+    )  # fmt: skip
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     return json.loads(proc.stdout)  # type: ignore[no-any-return]
 
 
-CASES = [("asyncio", "after")]
+CASES = [("asyncio", "after", False), ("asyncio", "after", True)]  # compiled hook, then pure Python
 if HAVE_UVLOOP:
-    CASES += [("uvloop", "before"), ("uvloop", "after")]
+    CASES += [("uvloop", "before", False), ("uvloop", "after", False)]
 
 
-@pytest.mark.parametrize("loop,order", CASES)
-def test_every_boundary_names_the_application_line(tmp_path: Path, loop: str, order: str) -> None:
-    out = run_script(tmp_path, loop, order, "1")
+@pytest.mark.parametrize("loop,order,pure", CASES)
+def test_every_boundary_names_the_application_line(tmp_path: Path, loop: str, order: str, pure: bool) -> None:
+    out = run_script(tmp_path, loop, order, "1", pure=pure)
     plain = run_script(tmp_path, loop, order, "0")
     assert out["observed"] == plain["observed"] and out["observed"]["loop"] == loop
     lines, cases = out["lines"], out["cases"]
