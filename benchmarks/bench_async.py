@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # python benchmarks/bench_async.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import leakguard
-from benchmarks.bench_core import Row, _interleaved, _row, _Server
+from benchmarks.bench_core import Row, _interleaved, _row, _Server, instruction_row
 
 ASYNC = ["asyncio", "uvloop", "threads", "executors"]
 
@@ -161,15 +161,7 @@ def bench_instructions(quick: bool) -> list[Row]:
             for f in ("0", "1"):
                 a, b = next(got), next(got)
                 per[f] = (b - a) / (large - small)
-            rows.append(
-                {
-                    "name": f"{name} (instructions)",
-                    "baseline_instructions": round(per["0"]),
-                    "leakguard_instructions": round(per["1"]),
-                    "added_instructions": round(per["1"] - per["0"]),
-                    "ratio": round(per["1"] / per["0"], 4),
-                }
-            )
+            rows.append(instruction_row(name, per["0"], per["1"]))
     finally:
         srv.close()
     return rows

@@ -178,18 +178,21 @@ def bench_instructions(quick: bool) -> list[Row]:
                 )  # fmt: skip
                 for flag in ("0", "1")
             }
-            rows.append(
-                {
-                    "name": f"{name} (instructions)",
-                    "baseline_instructions": round(per["0"]),
-                    "leakguard_instructions": round(per["1"]),
-                    "added_instructions": round(per["1"] - per["0"]),
-                    "ratio": round(per["1"] / per["0"], 4),
-                }
-            )
+            rows.append(instruction_row(name, per["0"], per["1"]))
     finally:
         srv.close()
     return rows
+
+
+def instruction_row(name: str, plain: float, installed: float) -> Row:
+    """A row of instructions per operation, plain and installed (see _callgrind)."""
+    return {
+        "name": f"{name} (instructions)",
+        "baseline_instructions": round(plain),
+        "leakguard_instructions": round(installed),
+        "added_instructions": round(installed - plain),
+        "ratio": round(installed / plain, 4),
+    }
 
 
 _TLS_SERVER = textwrap.dedent(

@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_PORTS",
     "Entered",
     "callable_code",
+    "call_then_reset",
     "enter",
     "http_target",
     "leave",
@@ -388,11 +389,16 @@ def call_in_scope(
     except Exception:
         registry.count_error()
         return wrapped(*args, **kwargs)
+    return call_then_reset(registry.pop_scope, token, wrapped, args, kwargs)
+
+
+def call_then_reset(reset: Any, token: Any, wrapped: Any, args: Any, kwargs: Any) -> Any:
+    """``wrapped(*args, **kwargs)``, then ``reset(token)`` (contained: never raises, never hides the call's exception)."""
     try:
         return wrapped(*args, **kwargs)
     finally:
         try:
-            registry.pop_scope(token)
+            reset(token)
         except Exception:  # a token from another context: nothing of the host's to disturb
             registry.count_error()
 

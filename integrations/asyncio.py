@@ -35,7 +35,7 @@ from typing import Any
 from leakguard import registry, stacks
 from leakguard._patch import Patches
 
-from ._common import callable_code
+from ._common import call_then_reset, callable_code
 
 __all__ = ["REQUIRES", "instrument", "uninstrument", "wrap_loop_class"]
 
@@ -69,13 +69,7 @@ def _create_task(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     except Exception:
         registry.count_error()
         return wrapped(*args, **kwargs)
-    try:
-        return wrapped(*args, **kwargs)
-    finally:
-        try:
-            _scope.reset(token)
-        except Exception:
-            registry.count_error()
+    return call_then_reset(_scope.reset, token, wrapped, args, kwargs)
 
 
 def _driver_codes() -> set[Any]:

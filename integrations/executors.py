@@ -18,7 +18,7 @@ from typing import Any
 from leakguard import registry, stacks
 from leakguard._patch import Patches
 
-from ._common import callable_code
+from ._common import call_then_reset, callable_code
 
 __all__ = ["REQUIRES", "instrument", "uninstrument"]
 
@@ -58,23 +58,15 @@ def _run(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         if cont is None:
             return wrapped(*args, **kwargs)
         ctx = _job_context(instance.fn)
-        if ctx is not None:
+        if ctx is not None:  # to_thread: the continuation goes into its private copy of the context
             token = ctx.run(registry.enter_continuation, cont)
+            reset: Any = functools.partial(ctx.run, registry.pop_scope)
         else:
-            token = registry.enter_continuation(cont)
+            token, reset = registry.enter_continuation(cont), registry.pop_scope
     except Exception:
         registry.count_error()
         return wrapped(*args, **kwargs)
-    try:
-        return wrapped(*args, **kwargs)
-    finally:
-        try:
-            if ctx is not None:
-                ctx.run(registry.pop_scope, token)
-            else:
-                registry.pop_scope(token)
-        except Exception:
-            registry.count_error()
+    return call_then_reset(reset, token, wrapped, args, kwargs)
 
 
 def instrument() -> None:

@@ -9,6 +9,7 @@ must observe the same behaviour (results, exceptions, context variables).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -211,3 +212,60 @@ def test_uvicorn_server_side_leak_names_the_server_start(tmp_path: Path, loop: s
     assert out["loop"].startswith(loop)
     assert len(mine) == 1 and mine[0]["state"] == "CLOSE_WAIT", out["sockets"]
     assert mine[0]["site"] == out["lines"]["start"] and mine[0]["origin"] == "socket", mine
+
+
+# --------------------------------------------------------------------------- the continuation itself
+
+
+def test_continued_cuts_at_the_boundary_and_is_idempotent() -> None:
+    from leakguard import stacks
+
+    def app() -> Any:
+        return stacks.capture(0, 48)
+
+    app_frames = app()  # innermost: this test's app() frame
+    lib = asyncio.sleep.__code__  # library code objects
+    boundary = asyncio.gather.__code__
+    parent = app_frames
+    # library frames up to the boundary, then an application frame below it (the loop's caller)
+    child = (lib, 0, boundary, 2, app_frames[0], 4)
+    once = stacks.continued(child, (boundary, parent), 48)
+    assert once == (lib, 0, boundary, 2) + parent
+    assert stacks.continued(once, (boundary, parent), 48) == once
+    # own frames with an application frame: unchanged
+    mine = (app_frames[0], 0, boundary, 2)
+    assert stacks.continued(mine, (boundary, parent), 48) is mine
+    # bounded by depth
+    assert len(stacks.continued(child, (boundary, parent * 40), 10)) == 20
+
+
+def test_failures_inside_the_wrappers_are_contained(tmp_path: Path) -> None:
+    """continuation() broken: tasks, jobs and threads run exactly as without leakguard; errors are counted."""
+    code = r"""
+import asyncio, threading, json
+from concurrent.futures import ThreadPoolExecutor
+import leakguard
+from leakguard import registry
+leakguard.install()
+def broken(*a, **k):
+    raise RuntimeError("leakguard bug")
+registry.continuation = broken
+before = registry.stats()["hook_errors"]
+async def main():
+    a = await asyncio.wait_for(asyncio.sleep(0, result=1), 5)
+    b = await asyncio.gather(asyncio.sleep(0, result=2))
+    c = await asyncio.to_thread(abs, -3)
+    return [a, b, c]
+out = asyncio.run(main())
+with ThreadPoolExecutor(1) as pool:
+    out.append(pool.submit(abs, -4).result())
+box = []
+t = threading.Thread(target=box.append, args=(5,))
+t.start(); t.join()
+out.append(box)
+print(json.dumps({"out": out, "errors": registry.stats()["hook_errors"] - before}))
+"""
+    proc = subprocess.run([sys.executable, "-W", "error", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["out"] == [1, [2], 3, 4, [5]] and got["errors"] >= 4
