@@ -229,14 +229,21 @@ def test_continued_cuts_at_the_boundary_and_is_idempotent() -> None:
     parent = app_frames
     # library frames up to the boundary, then an application frame below it (the loop's caller)
     child = (lib, 0, boundary, 2, app_frames[0], 4)
-    once = stacks.continued(child, (boundary, parent), 48)
+    cont = stacks.Continuation(boundary, parent, None)
+    once = stacks.continued(child, cont, 48)
     assert once == (lib, 0, boundary, 2) + parent
-    assert stacks.continued(once, (boundary, parent), 48) == once
+    assert stacks.continued(once, cont, 48) == once
     # own frames with an application frame: unchanged
     mine = (app_frames[0], 0, boundary, 2)
-    assert stacks.continued(mine, (boundary, parent), 48) is mine
+    assert stacks.continued(mine, cont, 48) is mine
     # bounded by depth
-    assert len(stacks.continued(child, (boundary, parent * 40), 10)) == 20
+    assert len(stacks.continued(child, stacks.Continuation(boundary, parent * 40, None), 10)) == 20
+    # a chain of creators is resolved lazily, and never more than one link is kept
+    first = stacks.Continuation(None, (lib, 0), None)
+    second = stacks.Continuation(None, (lib, 2), first)
+    third = stacks.Continuation(None, (lib, 4), second)
+    assert second.outer is None and third.outer is second
+    assert third.stack() == (lib, 4, lib, 2, lib, 0) and third.outer is None
 
 
 def test_failures_inside_the_wrappers_are_contained(tmp_path: Path) -> None:
