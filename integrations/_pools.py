@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +35,7 @@ from typing import Any
 from leakguard import _state, registry, report, stacks
 
 __all__ = [
+    "attach",
     "capture",
     "check_thresholds",
     "checked_in",
@@ -44,6 +47,7 @@ __all__ = [
     "mark_in",
     "mark_out",
     "mark_pooled",
+    "process_wide",
     "stop",
     "threshold",
 ]
@@ -97,9 +101,23 @@ def mark_pooled(
     wrapper; contained).  Without the driver's own integration the socket is adopted
     here, with *frames*, and its target is ``target(conn)``."""
     try:
-        rec = _link(conn, name, origin, None, frames)[1]
+        info, rec = _link(conn, name, origin, None, frames)
+        if not info.checked_out and info.idle_since is None:
+            info.idle_since = time.monotonic()  # opened into the pool: idle from now
         if rec is not None and rec.target is None:
             rec.target = target(conn)
+    except Exception:
+        registry.count_error()
+
+
+def attach(conn: Any, origin: str, source: Any) -> None:
+    """*conn*, already known to a pool, just opened its socket (*source*): link that
+    socket's record to the pool slot (from a connect wrapper; contained, and a dict
+    lookup for a connection no pool knows)."""
+    try:
+        link = _links.get(conn)
+        if link is not None:
+            _link(conn, link[0].name, origin, source)
     except Exception:
         registry.count_error()
 
@@ -170,6 +188,46 @@ def socket_of(conn: Any) -> tuple[int | None, Any]:
     except Exception:
         return None, None
     return None, None
+
+
+def process_wide(info: registry.PoolInfo) -> str | None:
+    """The module global that keeps *info*'s pool alive for the whole process, or None.
+
+    ``urllib3._DEFAULT_POOL`` (the PoolManager behind ``urllib3.request()``), or
+    ``app.clients.session`` (an attribute of a module-level object): a pool
+    reachable from a module global, directly or one attribute down, lives as long
+    as the process, so a connection idle in it is nobody's leak.  Looks at the
+    pool and the objects that own it (``info.holders``: its manager, its
+    ``requests.Session``) by identity; one pass over the loaded modules' globals.
+    """
+    targets = {id(o): o for o in (ref() for ref in info.holders) if o is not None}
+    if not targets:
+        return None
+    nested: list[tuple[str, Any]] = []
+    for modname, module in list(sys.modules.items()):
+        try:
+            names = list(vars(module).items())
+        except TypeError:
+            continue
+        for attr, value in names:
+            if id(value) in targets:
+                return f"{modname}.{attr}"
+            if not isinstance(value, _OPAQUE):
+                nested.append((f"{modname}.{attr}", value))
+    for where, obj in nested:
+        try:
+            inner = object.__getattribute__(obj, "__dict__")
+        except Exception:  # no instance dict (slots, builtins), or a proxy refusing
+            continue
+        if isinstance(inner, dict):
+            for attr, value in list(inner.items()):
+                if id(value) in targets:
+                    return f"{where}.{attr}"
+    return None
+
+
+#: module globals not looked into for :func:`process_wide` (they hold no pool of their own)
+_OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, str, bytes, int, float)
 
 
 def _record(fd: int | None, origin: str, owner: Any, frames: stacks.Frames = ()) -> registry.Record | None:

@@ -25,6 +25,8 @@ class _State:
         self.installed = False
         self.config = _config.Config()
         self.applied: dict[str, ModuleType] = {}  # integration name -> its module, instrumented
+        #: integration name -> why it is not applied ("needs urllib3 >= 1.26, < 3", "failed: ..."), for doctor
+        self.not_applied: dict[str, str] = {}
         self.watcher: Any = None  # watcher.Watcher
         self.imports: ImportWatcher | None = None
         self.pid = os.getpid()
@@ -110,15 +112,19 @@ def _apply(name: str) -> None:
         mod = importlib.import_module(f"leakguard.integrations.{name}")
     except ImportError:
         log.debug("leakguard: no integration module for %s", name)
+        _state.not_applied[name] = "no integration module"
         return
     try:
         requires = getattr(mod, "REQUIRES", None)
         if requires and not version_ok(requires):
             log.debug("leakguard: %s skipped, needs %s", name, requires)
+            _state.not_applied[name] = f"skipped: needs {requires}"
             return
         mod.instrument()
         _state.applied[name] = mod
-    except Exception:
+        _state.not_applied.pop(name, None)
+    except Exception as exc:
+        _state.not_applied[name] = f"failed: {type(exc).__name__}: {exc}"
         log.warning("leakguard: the %s integration failed and is skipped", name, exc_info=True)
         try:
             mod.uninstrument()

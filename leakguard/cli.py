@@ -1,4 +1,4 @@
-"""``leakguard`` command line: ``demo``, ``run -- CMD``, ``snapshot``."""
+"""``leakguard`` command line: ``demo``, ``run -- CMD``, ``snapshot``, ``inspect``, ``attach``, ``doctor``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from . import _config
 
@@ -41,7 +42,8 @@ def _flag(name: str) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leakguard", description="Find connection leaks and the line that opened them.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="store_true", help="print the version (and whether the speedups are compiled)")
+    sub = p.add_subparsers(dest="command")
     sub.add_parser("demo", help="leak a loopback connection into CLOSE_WAIT and show the report")
     run = sub.add_parser(
         "run",
@@ -61,7 +63,75 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command to run, after --")
     snap = sub.add_parser("snapshot", help="print this process's sockets (mostly useful under 'run')")
     snap.add_argument("--json", action="store_true")
+    _live_parsers(sub)
     return p
+
+
+def _live_parsers(sub: Any) -> None:
+    """The subcommands for a live process from outside (inspect, attach) and for this installation (doctor)."""
+    ins = sub.add_parser(
+        "inspect",
+        help="a running process's sockets read from outside (/proc), nothing run inside it",
+        description=(
+            "Read the sockets of process PID from /proc (its descriptors, its network namespace's tables and its "
+            "own RLIMIT_NOFILE) without running anything inside it: TCP sockets by state, CLOSE_WAIT by peer, "
+            "listening sockets, descriptors against the limit. Needs root or the process's user."
+        ),
+    )
+    ins.add_argument("pid", type=int)
+    ins.add_argument("--json", action="store_true", help="print the snapshot().to_dict() shape")
+    att = sub.add_parser(
+        "attach",
+        help="run leakguard inside a live Python process (no restart) and print who holds its leaks",
+        description=(
+            "Run leakguard.snapshot() inside the live Python process PID (Python 3.14+: sys.remote_exec; 3.10-3.13: "
+            "gdb) and print it with verdict / held_by / in_use for every leak. The process is paused only while "
+            "the snapshot is taken (see docs/LIVE.md); nothing stays behind unless --install."
+        ),
+    )
+    att.add_argument("pid", type=int)
+    att.add_argument("--json", action="store_true", help="print the snapshot().to_dict() shape")
+    att.add_argument(
+        "--install",
+        action="store_true",
+        help="leave leakguard installed in the process: sockets it opens from now on carry creation stacks",
+    )
+    att.add_argument(
+        "--report-interval", metavar="S", default=None, help="with --install: start the periodic watcher every S seconds"
+    )
+    att.add_argument("--timeout", metavar="S", type=float, default=30.0, help="give up after S seconds (default 30)")
+    doc = sub.add_parser("doctor", help="what is active and why; the limits and kernel settings that matter")
+    doc.add_argument("--json", action="store_true")
+
+
+def _live(args: argparse.Namespace) -> int:
+    if args.command == "inspect":
+        from . import procview
+
+        try:
+            view = procview.read_process(args.pid)
+        except procview.ProcessError as exc:
+            print(f"leakguard inspect: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(view, indent=2) if args.json else procview.format_view(view))
+        return 0
+    if args.command == "attach":
+        from . import attach
+
+        try:
+            result = attach.attach(
+                args.pid, install=args.install, report_interval=args.report_interval, timeout=args.timeout
+            )
+        except attach.AttachError as exc:
+            print(f"leakguard attach: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(result, indent=2) if args.json else attach.format_result(result))
+        return 0
+    from . import doctor
+
+    report = doctor.check()
+    print(json.dumps(report, indent=2) if args.json else doctor.format_report(report))
+    return 0
 
 
 def run_environment(options: dict[str, str], environ: dict[str, str]) -> dict[str, str]:
@@ -114,7 +184,17 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import doctor
+
+        print(doctor.version_line())
+        return 0
+    if args.command is None:
+        parser.error("a command is required (demo, run, snapshot, inspect, attach, doctor)")
+    if args.command in ("inspect", "attach", "doctor"):
+        return _live(args)
     if args.command == "demo":
         from . import demo
 

@@ -138,8 +138,10 @@ def leak_reason(info: SocketInfo) -> str:
                 " the application holds it and must return or close it"
             )
         else:
+            since = f" for {_age(time.monotonic() - pool.idle_since)}" if pool.idle_since is not None else ""
+            owner = f" (owned by {pool.owner})" if pool.owner else ""
             text += (
-                f"; it sits idle in pool {pool.name}: the application returned it and the pool"
+                f"; it sits idle in pool {pool.name}{owner}{since}: the application returned it and the pool"
                 " keeps it until it next checks it or hands it out (a checkout check such as"
                 " pool_pre_ping drops dead connections before a query fails)"
             )

@@ -19,6 +19,9 @@ flag                   ini                     environment                  mean
                                                                             (``host:port``) or targets
 =====================  ======================  ===========================  =========================
 
+Ignore globs from all three sources add up, each value split on commas and whitespace;
+the summary names any glob that matched no socket.
+
 How a socket is attributed:
 
 - A socket opened during a test's setup, call or teardown and still open once that
@@ -37,6 +40,8 @@ How a socket is attributed:
   Tests that opened no socket pay one integer comparison; the kernel is read only for
   sockets finally judged leaked.
 - Under pytest-xdist each worker checks its own tests; the controller prints the summary.
+- A socket idle in a pool a module global keeps (``urllib3._DEFAULT_POOL``, a
+  module-level ``requests.Session``) is nobody's leak: the summary names the pool once.
 - A socket that was never closed but freed by the garbage collector (what
   ``ResourceWarning`` reports) is listed with its creation stack: a warning in the
   terminal summary by default, a failure with ``--leakguard-gc=fail``.
@@ -63,10 +68,11 @@ from typing import Any, NamedTuple
 import pytest
 
 from . import _state, kernel, registry, report, stacks
+from .integrations import _pools
 from .snapshot import SocketInfo, _type_name
 from .snapshot import take as _take_snapshot
 
-__all__ = ["Settings", "settings_key"]
+__all__ = ["Settings", "parse_globs", "settings_key"]
 
 MODES = ("fail", "warn")
 GC_MODES = ("warn", "fail", "off")
@@ -136,7 +142,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         dest="leakguard_ignore",
         metavar="GLOB",
-        help="ignore sockets whose creation site (path.py:LINE), peer (host:port) or target matches",
+        help="ignore sockets whose creation site (path.py:LINE), peer (host:port) or target matches "
+        "(comma- or space-separated globs; repeatable)",
     )
     parser.addini("leakguard", "enable leakguard's socket leak checks", type="bool", default=False)
     parser.addini("leakguard_mode", "leakguard: fail or warn", default="")
@@ -199,10 +206,16 @@ def load_settings(config: pytest.Config) -> Settings:
     mode = _parse_choice(*_pick(config, "leakguard_mode", "LEAKGUARD_PYTEST_MODE", "leakguard_mode"), MODES, "fail")
     gc_mode = _parse_choice(*_pick(config, "leakguard_gc", "LEAKGUARD_PYTEST_GC", "leakguard_gc"), GC_MODES, "warn")
     grace = _parse_grace(*_pick(config, "leakguard_grace", "LEAKGUARD_PYTEST_GRACE", "leakguard_grace"))
-    ignore: list[str] = list(config.getini("leakguard_ignore") or [])
-    ignore += [g for g in os.environ.get("LEAKGUARD_PYTEST_IGNORE", "").replace(",", " ").split() if g]
-    ignore += config.getoption("leakguard_ignore", None) or []
+    ignore = parse_globs(config.getini("leakguard_ignore") or [])
+    ignore += parse_globs([os.environ.get("LEAKGUARD_PYTEST_IGNORE", "")])
+    ignore += parse_globs(config.getoption("leakguard_ignore", None) or [])
     return Settings(enabled, mode, gc_mode, grace, tuple(dict.fromkeys(ignore)))
+
+
+def parse_globs(values: Iterable[str]) -> list[str]:
+    """Ignore globs from any source (flag, ini line, environment): each value is split
+    on commas and whitespace, so ``'a.py:*,127.0.0.1:*'`` is two globs everywhere."""
+    return [g for v in values for g in str(v).replace(",", " ").split()]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -457,7 +470,41 @@ def _matches(rec: registry.Record, globs: Iterable[str], peer: str | None = None
         names.append(peer)
     if rec.target:
         names.append(rec.target)
-    return any(fnmatch.fnmatchcase(n, g) for n in names for g in globs)
+    hit = [g for g in globs if any(fnmatch.fnmatchcase(n, g) for n in names)]
+    _matched_globs.update(hit)  # every glob that matched, for the summary's "matched nothing"
+    return bool(hit)
+
+
+_matched_globs: set[str] = set()  # ignore globs that matched a socket in this process
+
+
+def _process_wide(rec: registry.Record) -> str | None:
+    """The module global keeping the pool *rec* (or, for a server-side socket, its
+    client end in this process) sits idle in, or None."""
+    pool = rec.pool
+    if pool is None and _accepted(rec):
+        client = _client_end(rec)
+        pool = client.pool if client is not None else None
+    if pool is None or pool.checked_out:
+        return None
+    where: str | None = _pools.process_wide(pool)
+    return where
+
+
+def _client_end(rec: registry.Record) -> registry.Record | None:
+    """The record of the socket at the other end of accepted connection *rec*, if in this process."""
+    sock = _sock_of(rec)
+    if sock is None:
+        return None
+    try:
+        peer = _addr_key(sock.family, sock.getpeername())
+    except OSError:
+        return None
+    for other in registry.live().values():
+        s = _sock_of(other)
+        if other is not rec and other.pool is not None and s is not None and _local_key(s) == peer:
+            return other
+    return None
 
 
 def _loop_internal(rec: registry.Record) -> bool:
@@ -540,10 +587,29 @@ def _paragraph(info: SocketInfo) -> str:
     body = [f"Leaked {report.describe(info)}"]
     if info.reason:
         body.append(f"  why: {info.reason}")
+    elif info.record is not None and info.record.pool is not None:
+        body.append(f"  pool: {_pool_line(info.record.pool)}")
     stack = _relevant(info.stack)
     if stack:
         body += ["  created by:", report.format_stack(stack)]
     return "\n".join(body)
+
+
+def _pool_line(pool: registry.PoolInfo) -> str:
+    """Where a pooled socket is: checked out (since when, where) or idle, and whose pool it is."""
+    now = time.monotonic()
+    if pool.checked_out:
+        site = stacks.creation_site(stacks.frames(pool.checkout_frames))
+        text = f"checked out of {pool.name}"
+        if pool.checkout_time is not None:
+            text += f" for {now - pool.checkout_time:.1f} s"
+        if site is not None:
+            text += f" at {stacks.format_site(site)}"
+    else:
+        text = f"idle in {pool.name}"
+        if pool.idle_since is not None:
+            text += f" for {now - pool.idle_since:.1f} s"
+    return text + (f", owned by {pool.owner}" if pool.owner else "")
 
 
 def _leak_text(head: str, infos: list[SocketInfo]) -> str:
@@ -584,9 +650,11 @@ class _Verdict:
         self.gc_closed = 0
         self.kind: str | None = None  # "test" when the test itself fails, "fixture" for a fixture error
         self.unchecked: str | None = None
+        self.kept: list[str] = []  # process-wide pools holding this test's idle sockets, first sight
 
     def summary(self) -> dict[str, Any]:
         return {
+            "kept": self.kept,
             "kind": self.kind,
             "test_leaks": self.test_leaks,
             "fixture_leaks": self.fixture_leaks,
@@ -631,6 +699,7 @@ class _Checker:
         self.session_notes: list[str] = []
         self.quiet: frozenset[int] = frozenset()  # threads running before any test
         self.verdicts = 0  # verdicts stashed on items, not yet put on their teardown report
+        self.kept: set[str] = set()  # process-wide pools already named (module globals)
 
     # -- lifecycle
 
@@ -746,6 +815,21 @@ class _Checker:
             left = keep
         return left
 
+    def _drop_process_wide(self, recs: list[Any], verdict: _Verdict) -> list[Any]:
+        """Sockets idle in a pool a module global keeps for the whole process
+        (``urllib3._DEFAULT_POOL``), and the server ends of their connections, are
+        nobody's leak: named once per run, not judged.  *recs*: records, or
+        (fixture, record) pairs."""
+        left = []
+        for item in recs:
+            where = _process_wide(item[1] if isinstance(item, tuple) else item)
+            if where is None:
+                left.append(item)
+            elif where not in self.kept:
+                self.kept.add(where)
+                verdict.kept.append(where)
+        return left
+
     def _adopt_accepted(self, cands: list[registry.Record]) -> list[registry.Record]:
         """Server-side connections belong to whoever owns the listening socket."""
         left = []
@@ -824,6 +908,8 @@ class _Checker:
             cands = [r for r in cands if not _matches(r, globs)]
         cands = [r for r in cands if not _loop_internal(r)]
         if cands:
+            cands = self._drop_process_wide(cands, verdict)
+        if cands:
             cands = self._adopt_accepted(cands)
         if cands and self.fixtures:
             cands = self._adopt_reachable(cands, list(self.fixtures.values()))
@@ -834,6 +920,8 @@ class _Checker:
         fixture_recs = [
             (fx, r) for fx, r in fixture_recs if not _matches(r, settings.ignore) and not _loop_internal(r)
         ]
+        if fixture_recs:
+            fixture_recs = self._drop_process_wide(fixture_recs, verdict)
         if cands or fixture_recs:
             # Every fixture of this test is torn down, but pytest drops the values it
             # handed the test only after this hook: let go of them now, so that an
@@ -866,7 +954,7 @@ class _Checker:
                 verdict.kind = "fixture"
         self._judge_gc(verdict, skip, pending)
         verdict.unchecked = skip
-        if not (verdict.fail_text or verdict.warn_text):
+        if not (verdict.fail_text or verdict.warn_text or verdict.kept):
             return None
         return verdict
 
@@ -937,6 +1025,9 @@ class _Checker:
 
     @pytest.hookimpl(wrapper=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> Iterator[None]:
+        workeroutput = getattr(self.config, "workeroutput", None)
+        if isinstance(workeroutput, dict):  # an xdist worker: sent to the controller, which prints the summary
+            workeroutput["leakguard_matched"] = sorted(_matched_globs)
         result = yield
         # Fixtures finalized outside any test's teardown (an interrupted run).
         pending = [fx for fx in self.pending if any(r.alive() for r in fx.owned)]
@@ -1031,6 +1122,18 @@ class _Summary:
         self.fixture_leaks = 0
         self.gc_closed = 0
         self.warnings: list[tuple[str, str]] = []
+        self.matched: set[str] = set()  # ignore globs the xdist workers saw match
+        self.kept: dict[str, str] = {}  # process-wide pool -> the first test whose socket it kept
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        """An xdist worker finished: the ignore globs that matched there."""
+        self.matched.update(getattr(node, "workeroutput", {}).get("leakguard_matched", ()))
+
+    def unmatched(self) -> list[str]:
+        """The ignore globs that matched no socket in any process of this run."""
+        seen = self.matched | _matched_globs
+        return [g for g in self.settings.ignore if g not in seen]
 
     def add(self, report: pytest.TestReport, info: dict[str, Any]) -> None:
         """A teardown report that carries leakguard's findings (``report.leakguard``)."""
@@ -1043,6 +1146,8 @@ class _Summary:
         self.gc_closed += info.get("gc_closed", 0)
         for text in info.get("warnings") or ():
             self.warnings.append((report.nodeid, text))
+        for where in info.get("kept") or ():
+            self.kept.setdefault(where, report.nodeid)
 
     def _uncount_call(self, report: pytest.TestReport) -> None:
         """A leaking test counts once, as failed: not also as passed for its call phase."""
@@ -1072,6 +1177,17 @@ class _Summary:
             for text in notes:
                 tr.write_line(text)
                 tr.write_line("")
+        for where, nodeid in self.kept.items():
+            tr.write_line(
+                f"leakguard: kept by process-wide pool `{where}` (first in {nodeid}):"
+                " sockets idle in it are not counted as leaks"
+            )
+        unmatched = self.unmatched()
+        if unmatched:
+            tr.write_line(
+                f"leakguard: {_plural(len(unmatched), 'ignore pattern')} matched no socket: {', '.join(unmatched)}",
+                yellow=True,
+            )
         parts = [f"{_plural(_teardown_reports(tr), 'test')} checked"]
         parts.append(f"{_plural(self.test_leaks, 'leaked socket')} in {_plural(self.leaky_tests, 'test')}")
         if self.fixture_leaks:

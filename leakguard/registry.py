@@ -59,10 +59,22 @@ class PoolInfo:
     """What a connection pool knows about one pooled connection.
 
     ``checked_out`` is True while the application holds the connection; the
-    checkout time and stack describe the last checkout.
+    checkout time and stack describe the last checkout.  ``idle_since`` is when it
+    last went back to the pool (None before its first check-in).  ``owner`` names
+    the object the pool belongs to (a ``requests.Session``), and ``holders`` are
+    weak references to the pool and its owners, for "is this a process-wide pool?"
     """
 
-    __slots__ = ("checked_out", "checkout_frames", "checkout_time", "name", "reported_at")
+    __slots__ = (
+        "checked_out",
+        "checkout_frames",
+        "checkout_time",
+        "holders",
+        "idle_since",
+        "name",
+        "owner",
+        "reported_at",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -70,6 +82,9 @@ class PoolInfo:
         self.checkout_time: float | None = None  # time.monotonic()
         self.checkout_frames: stacks.Frames = ()
         self.reported_at: float | None = None  # checkout_threshold bookkeeping
+        self.idle_since: float | None = None  # time.monotonic() of the last check-in
+        self.owner: str | None = None
+        self.holders: tuple[Any, ...] = ()  # weakref.ref to the pool, its manager, its owner
 
     def check_out(self, frames: stacks.Frames) -> None:
         self.checked_out = True
@@ -79,6 +94,7 @@ class PoolInfo:
 
     def check_in(self) -> None:
         self.checked_out = False
+        self.idle_since = time.monotonic()
 
     def to_dict(self, now: float | None = None) -> dict[str, Any]:
         now = time.monotonic() if now is None else now
@@ -93,6 +109,10 @@ class PoolInfo:
             "checkout_stack": [f.to_dict() for f in stacks.frames(self.checkout_frames)]
             if self.checked_out
             else [],
+            "idle_s": round(now - self.idle_since, 3)
+            if not self.checked_out and self.idle_since is not None
+            else None,
+            "owner": self.owner,
         }
 
 

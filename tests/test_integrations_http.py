@@ -575,9 +575,15 @@ class TestNothingRunsPerRequest:
             srv.close()
 
     def test_requests_and_urllib3(self, keep_server: Server) -> None:
+        # Only the pool's checkout and check-in bookkeeping (the pool view, see test_pools_urllib3.py):
+        # the same few calls for every request, no socket or scope work.
         with requests.Session() as s:
-            assert _leakguard_calls(lambda: s.get(keep_server.url()))  # the new connection
-            assert _leakguard_calls(lambda: [s.get(keep_server.url()) for _ in range(3)]) == []
+            first = _leakguard_calls(lambda: s.get(keep_server.url()))  # the new connection
+            assert "urllib3.py:_new_conn" in first
+            one = _leakguard_calls(lambda: s.get(keep_server.url()))
+            assert _leakguard_calls(lambda: [s.get(keep_server.url()) for _ in range(3)]) == one * 3
+            assert one[0] == "urllib3.py:_get_conn" and "urllib3.py:_put_conn" in one and len(one) <= 15
+            assert not [c for c in one if c.split(":")[0] not in ("urllib3.py", "_pools.py", "registry.py")]
 
     def test_http_client(self, keep_server: Server) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", keep_server.port)

@@ -919,3 +919,150 @@ class TestOnlyWhenSomethingHappened:
         leaky.stdout.fnmatch_lines(["FAILED test_leaky.py::test_leaks - leakguard: this test left 1*"])
         leaky.stdout.no_fnmatch_line("ERROR test_leaky.py::test_leaks*")
         leaky.stdout.no_fnmatch_line("PASSED test_leaky.py::test_leaks*")
+
+
+IGNORE_SUITE = {
+    "site_a": "import socket\nKEEP = []\ndef open_one():\n    KEEP.append(socket.socket())\n",
+    "site_b": "import socket\nKEEP = []\ndef open_one():\n    KEEP.append(socket.socket())\n",
+    "test_ignored": """\
+import socket
+import site_a
+import site_b
+
+KEEP = []
+
+def test_a():
+    site_a.open_one()
+
+def test_b():
+    site_b.open_one()
+
+def test_not_ignored():
+    KEEP.append(socket.socket())
+""",
+}
+
+
+class TestIgnoreLists:
+    """One parsing for every source: comma- or space-separated globs from the flag, the
+    environment and the ini option; a glob that never matched is named in the summary."""
+
+    @pytest.mark.parametrize("source", ["flag", "flag twice", "environment", "ini", "ini one line"])
+    def test_every_source_splits_the_same(
+        self, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, source: str
+    ) -> None:
+        pytester.makepyfile(**IGNORE_SUITE)
+        args: list[str] = []
+        if source == "flag":
+            args = ["--leakguard-ignore", "site_a.py:*,site_b.py:* nowhere.py:*"]
+        elif source == "flag twice":
+            args = ["--leakguard-ignore=site_a.py:*,nowhere.py:*", "--leakguard-ignore", "site_b.py:*"]
+        elif source == "environment":
+            monkeypatch.setenv("LEAKGUARD_PYTEST_IGNORE", "site_a.py:*, site_b.py:*,nowhere.py:*")
+        elif source == "ini":
+            pytester.makeini("[pytest]\nleakguard_ignore =\n    site_a.py:*\n    site_b.py:*,nowhere.py:*\n")
+        else:
+            pytester.makeini("[pytest]\nleakguard_ignore = site_a.py:*,site_b.py:* nowhere.py:*\n")
+        result = run(pytester, "-v", "--strict-config", *args)
+        result.stdout.fnmatch_lines(["*test_a PASSED*", "*test_b PASSED*", "*test_not_ignored FAILED*"])
+        result.assert_outcomes(passed=2, failed=1)
+        result.stdout.fnmatch_lines(["leakguard: 1 ignore pattern matched no socket: nowhere.py:*"])
+
+    def test_settings_split_commas_and_spaces(
+        self, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from leakguard.pytest_plugin import load_settings, parse_globs
+
+        assert parse_globs(["a.py:*,b.py:1", " c:* ,, d ", ""]) == ["a.py:*", "b.py:1", "c:*", "d"]
+        pytester.makeini("[pytest]\nleakguard_ignore = i1,i2\n")
+        monkeypatch.setenv("LEAKGUARD_PYTEST_IGNORE", "e1 e2")
+        settings = load_settings(pytester.parseconfig("--leakguard-ignore=f1,f2", "--leakguard-ignore=i1"))
+        assert settings.ignore == ("i1", "i2", "e1", "e2", "f1", "f2")
+
+    def test_unmatched_under_xdist_counts_every_worker(self, pytester: pytest.Pytester) -> None:
+        pytester.makepyfile(**IGNORE_SUITE)
+        result = run(pytester, "-n", "2", "--leakguard-ignore", "site_a.py:*,site_b.py:*,nowhere.py:*,nor:*")
+        result.assert_outcomes(passed=2, failed=1)
+        result.stdout.fnmatch_lines(["leakguard: 2 ignore patterns matched no socket: nowhere.py:*, nor:*"])
+
+    def test_all_matched_prints_nothing_extra(self, pytester: pytest.Pytester) -> None:
+        pytester.makepyfile(**IGNORE_SUITE)
+        result = run(pytester, "--leakguard-ignore", "site_a.py:*,site_b.py:*")
+        result.assert_outcomes(passed=2, failed=1)
+        result.stdout.no_fnmatch_line("*matched no socket*")
+
+
+PROCESS_WIDE_TESTS = """\
+import requests
+import urllib3
+
+SESSION = requests.Session()  # a module-level Session: its pools live as long as the process
+
+
+class Clients:
+    def __init__(self):
+        self.http = urllib3.PoolManager()
+
+
+CLIENTS = Clients()
+
+
+def test_session_never_closed(http_url):
+    s = requests.Session()  # LEAK
+    assert s.get(http_url).status_code == 200
+    KEEP.append(s)
+
+
+def test_top_level_request(http_url):
+    assert urllib3.request("GET", http_url).status == 200  # kept in urllib3._DEFAULT_POOL
+
+
+def test_again(http_url):
+    assert urllib3.request("GET", http_url + "/x").status == 200
+
+
+def test_module_session(http_url):
+    assert SESSION.get(http_url).status_code == 200
+
+
+def test_attribute_of_a_module_global(http_url):
+    assert CLIENTS.http.request("GET", http_url).status == 200
+
+
+def test_cleanup():
+    KEEP.pop().close()  # the leak above was reported; the server may now close its end
+
+
+KEEP = []
+"""
+
+
+class TestProcessWidePools:
+    """A socket idle in a pool a module global keeps (urllib3.request()'s default
+    PoolManager, a module-level Session) fails no test: the summary names the pool
+    once.  A Session the test made and never closed still fails it, naming the Session."""
+
+    def test_named_once_and_nothing_fails(self, pytester: pytest.Pytester) -> None:
+        pytester.makeconftest(SERVER_CONFTEST)
+        pytester.makepyfile(test_pw=PROCESS_WIDE_TESTS)
+        line = line_of(PROCESS_WIDE_TESTS, "# LEAK")
+        for args in ((), ("-n", "2", "--dist=loadfile")):  # loadfile: test_cleanup runs after the leak
+            result = run(pytester, "-rA", "-W", "error", *args)
+            result.assert_outcomes(passed=5, failed=1)
+            out = result.stdout.str()
+            assert "FAILED test_pw.py::test_session_never_closed" in out
+            for where in ("urllib3._DEFAULT_POOL", "test_pw.SESSION", "test_pw.CLIENTS.http"):
+                assert out.count(f"kept by process-wide pool `{where}`") == 1, (where, out)
+            result.stdout.fnmatch_lines(
+                [
+                    f"Leaked tcp socket * origin=requests * created at test_pw.py:{line + 1}",
+                    "  pool: idle in urllib3 HTTPConnectionPool(http://127.0.0.1:*, maxsize=10) for *"
+                    f", owned by requests.Session 0x* created at test_pw.py:{line}",
+                ]
+            )
+            result.stdout.fnmatch_lines(["*leakguard (fail mode): 6 tests checked, 1 leaked socket in 1 test, 0 *"])
+
+    def test_without_leakguard_the_same_outcomes(self, pytester: pytest.Pytester) -> None:
+        pytester.makeconftest(SERVER_CONFTEST)
+        pytester.makepyfile(test_pw=PROCESS_WIDE_TESTS)
+        run(pytester, "-W", "error", on=False).assert_outcomes(passed=6)

@@ -1,0 +1,399 @@
+"""Live processes from outside: ``leakguard inspect``, ``attach``, ``doctor``, ``--version``.
+
+Every target is a real process started here and ended by pid; it never imports
+leakguard itself.  Attach tests run the target on each pyenv interpreter
+3.10-3.13 that exists (leakguard imported there pure Python from this
+installation when the versions differ).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+TARGET = """\
+import os, socket, sys, threading
+
+HELD = []
+LATER = []
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(16)
+addr = srv.getsockname()
+HELD.append(socket.create_connection(addr))
+peer, _ = srv.accept()
+peer.close()
+lock = threading.Lock()
+lock.acquire()
+ready = threading.Event()
+
+
+def worker():
+    conn = socket.create_connection(addr)
+    p, _ = srv.accept()
+    p.close()
+    ready.set()
+    with lock:  # STUCK
+        conn.close()
+
+
+t = threading.Thread(target=worker, name="stuck-worker", daemon=True)
+t.start()
+ready.wait()
+print("READY", os.getpid(), flush=True)
+for line in sys.stdin:
+    cmd = line.strip()
+    if cmd == "open":
+        LATER.append(socket.create_connection(addr))  # LATER
+        p, _ = srv.accept()
+        p.close()
+        print("OPENED", flush=True)
+    elif cmd == "quit":
+        break
+lock.release()
+t.join()
+print("DONE", len(HELD), len(LATER), flush=True)
+for s in HELD + LATER + [srv]:
+    s.close()
+sys.exit(3)
+"""
+
+PYENV = Path.home() / ".pyenv" / "versions"
+
+
+def _interpreter(version: str) -> str | None:
+    if version == "current":
+        return sys.executable
+    for d in sorted(PYENV.glob(f"{version}.*")) if PYENV.is_dir() else []:
+        exe = d / "bin" / f"python{version}"
+        if exe.exists():
+            return str(exe)
+    return None
+
+
+def line_of(marker: str, source: str = TARGET) -> int:
+    return next(i for i, ln in enumerate(source.splitlines(), 1) if marker in ln)
+
+
+def leakguard_cli(*args: str, timeout: float = 90, **kw: Any) -> subprocess.CompletedProcess[str]:
+    env = kw.pop("env", None) or dict(os.environ)
+    env.pop("LEAKGUARD_REPORT_INTERVAL", None)
+    return subprocess.run(
+        [sys.executable, "-m", "leakguard", *args], capture_output=True, text=True, timeout=timeout, env=env, **kw
+    )
+
+
+def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+    try:
+        r = leakguard_cli(*args, user=65534, cwd="/")
+    except PermissionError:
+        pytest.skip("this Python installation cannot be run by uid 65534")
+    if "No module named" in r.stderr:
+        pytest.skip("this installation is not readable by uid 65534")
+    return r
+
+
+class Target:
+    """The plain program above, running; ``finish()`` checks it ends with its normal output and exit code."""
+
+    def __init__(self, exe: str, cwd: Path, source: str = TARGET) -> None:
+        path = cwd / "target.py"
+        path.write_text(source)
+        self.path = path
+        self.proc = subprocess.Popen(
+            [exe, "-W", "error", str(path)],
+            cwd=cwd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        first = self.proc.stdout.readline()
+        assert first.startswith("READY"), first + self.proc.stderr.read()  # type: ignore[union-attr]
+        self.pid = self.proc.pid
+
+    def send(self, cmd: str, expect: str) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == expect
+
+    def finish(self, later: int = 0) -> None:
+        out, err = self.proc.communicate("quit\n", timeout=20)
+        assert (self.proc.returncode, out, err) == (3, f"DONE 1 {later}\n", "")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.pid, 9)
+        self.proc.communicate(timeout=10)
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Iterator[Target]:
+    t = Target(sys.executable, tmp_path)
+    try:
+        yield t
+    finally:
+        t.kill()
+
+
+def _kernel_view(pid: int) -> dict[int, tuple[str, str | None, str | None]]:
+    out = {}
+    for c in psutil.Process(pid).net_connections("tcp"):
+        fmt = (lambda a: f"[{a[0]}]:{a[1]}") if c.family == socket.AF_INET6 else (lambda a: f"{a[0]}:{a[1]}")
+        out[c.fd] = (c.status, fmt(c.laddr) if c.laddr else None, fmt(c.raddr) if c.raddr else None)
+    return out
+
+
+class TestInspect:
+    """``leakguard inspect PID`` reads a process that never imported leakguard, from outside."""
+
+    def test_matches_the_kernel(self, target: Target) -> None:
+        r = leakguard_cli("inspect", str(target.pid), "--json")
+        assert r.returncode == 0, r.stderr
+        view = json.loads(r.stdout)
+        ours = {s["fd"]: (s["state"], s["local"], s["remote"]) for s in view["sockets"] if s["type"] == "tcp"}
+        assert ours == _kernel_view(target.pid)
+        assert view["counts"] == {"LISTEN": 1, "CLOSE_WAIT": 2}
+        assert [s["state"] for s in view["leaks"]] == ["CLOSE_WAIT", "CLOSE_WAIT"]
+        assert all(s["origin"] == "unknown" and s["stack"] == [] for s in view["sockets"])
+        assert view["fds"]["open"] == psutil.Process(target.pid).num_fds()
+        assert view["fds"]["limit"] == psutil.Process(target.pid).rlimit(psutil.RLIMIT_NOFILE)[0]
+        assert set(view) == {"pid", "taken_at", "counts", "fds", "sockets", "leaks"}
+        target.finish()
+
+    def test_text_groups_close_wait_by_peer(self, target: Target) -> None:
+        r = leakguard_cli("inspect", str(target.pid))
+        assert r.returncode == 0, r.stderr
+        listen = next(s for s in _kernel_view(target.pid).values() if s[0] == "LISTEN")[1]
+        assert f"listening: {listen}" in r.stdout
+        assert "TCP by state: CLOSE_WAIT 2, LISTEN 1" in r.stdout
+        assert f"      2 to {listen}" in r.stdout
+        target.finish()
+
+    def test_own_limit_not_ours(self, tmp_path: Path) -> None:
+        """The limit is the target's RLIMIT_NOFILE (/proc/PID/limits), not the inspecting process's."""
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (200, 4096)); "
+             "print('x', flush=True); sys.stdin.read()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == "x\n"
+            r = leakguard_cli("inspect", str(proc.pid), "--json")
+            assert json.loads(r.stdout)["fds"]["limit"] == 200
+        finally:
+            proc.kill()
+            proc.communicate(timeout=10)
+
+    def test_no_such_process(self) -> None:
+        r = leakguard_cli("inspect", "999999999")
+        assert (r.returncode, r.stdout, r.stderr) == (1, "", "leakguard inspect: no such process: 999999999\n")
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the check as another user")
+    def test_permission_denied(self, target: Target) -> None:
+        r = as_nobody("inspect", str(target.pid))
+        assert r.returncode == 1
+        assert r.stderr.startswith("leakguard inspect: permission denied reading /proc/")
+        assert "(uid 0)" in r.stderr and r.stderr.count("\n") == 1
+
+
+class TestDoctorAndVersion:
+    """``leakguard doctor`` and ``--version`` say what is active and why, and judge the settings."""
+
+    def test_version(self) -> None:
+        import leakguard
+
+        r = leakguard_cli("--version")
+        assert r.returncode == 0
+        assert r.stdout.startswith(f"leakguard {leakguard.__version__} (Python {sys.version.split()[0]}, ")
+
+    def test_json(self) -> None:
+        from leakguard.integrations import INTEGRATIONS
+
+        r = leakguard_cli("doctor", "--json")
+        assert r.returncode == 0, r.stderr
+        rep = json.loads(r.stdout)
+        assert [i["name"] for i in rep["integrations"]] == list(INTEGRATIONS)
+        assert {i["status"] for i in rep["integrations"]} <= {"applied", "skipped", "failed"}
+        assert next(i for i in rep["integrations"] if i["name"] == "requests")["status"] == "applied"
+        settings = {s["setting"]: s for s in rep["settings"]}
+        assert "removed in Linux 4.12" in settings["net.ipv4.tcp_tw_recycle"]["advice"]
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            assert settings["net.ipv4.ip_local_port_range"]["value"] == " ".join(f.read().split())
+        assert {"RLIMIT_NOFILE", "net.ipv4.tcp_tw_reuse", "net.core.somaxconn"} <= set(settings)
+        assert isinstance(rep["speedups"]["active"], bool) and rep["speedups"]["reason"]
+
+    def test_pure_python_says_why(self) -> None:
+        r = leakguard_cli("doctor", "--json", env={**os.environ, "LEAKGUARD_PURE_PYTHON": "1"})
+        assert json.loads(r.stdout)["speedups"] == {
+            "active": False,
+            "reason": "pure Python: LEAKGUARD_PURE_PYTHON is set",
+        }
+
+    def test_low_fd_limit_is_a_warning(self) -> None:
+        import resource
+
+        def low() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+        r = subprocess.run(
+            [sys.executable, "-m", "leakguard", "doctor"], capture_output=True, text=True, timeout=90, preexec_fn=low
+        )
+        assert r.returncode == 0, r.stderr
+        assert "[WARN] RLIMIT_NOFILE = soft 1024" in r.stdout
+        assert "Too many open files" in r.stdout
+
+
+# -- attach --------------------------------------------------------------------------------------------
+
+
+def _need_gdb() -> None:
+    if shutil.which("gdb") is None:
+        pytest.skip("gdb is not installed")
+    if sys.version_info >= (3, 14):
+        pytest.skip("3.14+ attaches through sys.remote_exec")
+
+
+@pytest.fixture(params=["current", "3.10", "3.12", "3.13"])
+def any_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
+    _need_gdb()
+    exe = _interpreter(request.param)
+    if exe is None:
+        pytest.skip(f"no Python {request.param} interpreter under {PYENV}")
+    t = Target(exe, tmp_path)
+    try:
+        yield t
+    finally:
+        t.kill()
+
+
+def attach_json(pid: int, *extra: str) -> dict[str, Any]:
+    r = leakguard_cli("attach", str(pid), "--json", "--timeout", "60", *extra)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+class TestAttach:
+    """``leakguard attach PID`` runs leakguard inside a live process; the process carries on unchanged."""
+
+    def test_snapshot_inside_and_nothing_left(self, any_target: Target) -> None:
+        first = attach_json(any_target.pid)
+        assert first["counts"] == {"LISTEN": 1, "CLOSE_WAIT": 2}
+        assert first["attach"]["already_imported"] is False and first["attach"]["installed"] is False
+        kernel = _kernel_view(any_target.pid)
+        assert {s["fd"]: (s["state"], s["local"], s["remote"]) for s in first["sockets"] if s["type"] == "tcp"} == kernel
+        second = attach_json(any_target.pid)  # twice in a row: the first left no leakguard behind
+        assert second["attach"]["already_imported"] is False
+        assert second["counts"] == first["counts"]
+        any_target.finish()
+
+    def test_text_report(self, target: Target) -> None:
+        _need_gdb()
+        r = leakguard_cli("attach", str(target.pid), "--timeout", "60")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith(f"attached to pid {target.pid} (Python ")
+        assert "nothing left behind" in r.stdout
+        assert "2 leaked" in r.stdout
+        target.finish()
+
+    def test_install_traces_later_sockets(self, any_target: Target) -> None:
+        got = attach_json(any_target.pid, "--install")
+        assert got["attach"]["installed"] is True
+        any_target.send("open", "OPENED")
+        again = attach_json(any_target.pid)
+        assert again["attach"]["already_imported"] is True
+        later = [s for s in again["leaks"] if s["stack"]]
+        assert len(later) == 1, again["leaks"]
+        assert later[0]["site"].endswith(f"target.py:{line_of('# LATER')}"), later[0]["stack"]
+        assert len(again["leaks"]) == 3
+        any_target.finish(later=1)
+
+
+class TestAttachRefusals:
+    """Each refusal is one line and leaves the target untouched."""
+
+    def refused(self, *args: str, **kw: Any) -> str:
+        r = leakguard_cli("attach", *args, **kw)
+        assert r.returncode == 1 and r.stdout == "", (r.stdout, r.stderr)
+        assert r.stderr.startswith("leakguard attach: ") and r.stderr.count("\n") == 1, r.stderr
+        return r.stderr[len("leakguard attach: ") :].strip()
+
+    def test_no_such_process(self) -> None:
+        assert self.refused("999999999") == "no such process: 999999999"
+
+    def test_not_python(self) -> None:
+        proc = subprocess.Popen(["sleep", "60"])
+        try:
+            assert self.refused(str(proc.pid)) == f"process {proc.pid} is not a Python process (sleep)"
+        finally:
+            proc.kill()
+            proc.wait()
+
+    def test_unsupported_version(self, tmp_path: Path) -> None:
+        exe = _interpreter("3.9") or _interpreter("3.8")
+        if exe is None:
+            pytest.skip(f"no Python 3.9 or 3.8 under {PYENV}")
+        proc = subprocess.Popen([exe, "-c", "import sys; print(1, flush=True); sys.stdin.read()"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == "1\n"
+            assert self.refused(str(proc.pid)).startswith("unsupported Python version 3.")
+        finally:
+            proc.kill()
+            proc.communicate(timeout=10)
+
+    def test_gdb_missing(self, target: Target, tmp_path: Path) -> None:
+        if sys.version_info >= (3, 14):
+            pytest.skip("3.14+ needs no gdb")
+        env = {**os.environ, "PATH": str(tmp_path)}
+        assert self.refused(str(target.pid), env=env).startswith("gdb is missing")
+        target.finish()
+
+    def test_another_attach_in_progress(self, target: Target) -> None:
+        from leakguard import attach
+
+        lock = attach._Lock(target.pid)
+        try:
+            assert self.refused(str(target.pid)) == f"another attach to process {target.pid} is in progress"
+        finally:
+            lock.release()
+        target.finish()
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the check as another user")
+    def test_ptrace_not_permitted_for_another_user(self, target: Target) -> None:
+        r = as_nobody("attach", str(target.pid))
+        assert r.returncode == 1
+        assert r.stderr == (
+            f"leakguard attach: permission denied: process {target.pid} runs as uid 0; attach as root or as that user\n"
+        )
+        target.finish()
+
+    def test_report_interval_needs_install(self, target: Target) -> None:
+        assert self.refused(str(target.pid), "--report-interval", "5").startswith("--report-interval needs --install")
+        target.finish()
+
+    def test_bad_report_interval(self, target: Target) -> None:
+        assert self.refused(str(target.pid), "--install", "--report-interval", "soon").startswith("--report-interval: ")
+        target.finish()
+
+
+
+@pytest.mark.skipif(not hasattr(sys, "remote_exec"), reason="sys.remote_exec needs Python 3.14+ (none installed here)")
+def test_attach_through_remote_exec(target: Target) -> None:
+    got = attach_json(target.pid)
+    assert got["attach"]["method"] == "sys.remote_exec"
+    assert got["counts"] == {"LISTEN": 1, "CLOSE_WAIT": 2}
+    target.finish()
