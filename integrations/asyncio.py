@@ -72,6 +72,35 @@ def _create_task(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     return call_then_reset(_scope.reset, token, wrapped, args, kwargs)
 
 
+_MISSING = object()
+
+
+def task_hook(original: Any) -> Any:
+    """``create_task`` as a plain function around *original*: on the path of every task, where a
+    wrapt binding per call would cost more than the rest of the wrapper (its name, doc and
+    ``__wrapped__`` are the original's, so ``inspect.signature`` reads the same)."""
+
+    def create_task(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return _create_task(functools.partial(original, self), self, args, kwargs)
+
+    def fast(self: Any, coro: Any = _MISSING, *args: Any, **kwargs: Any) -> Any:
+        if coro is _MISSING:  # let the original say what is missing
+            return original(self, *args, **kwargs)
+        # the common case without the partial: an application coroutine outside any continuation
+        code = getattr(coro, "cr_code", None)
+        if code is not None and not args and "context" not in kwargs and _scope.get() is None:
+            try:
+                is_app = _is_app_code(code)
+            except Exception:
+                is_app = False
+            if is_app:
+                return original(self, coro, **kwargs)
+        return create_task(self, coro, *args, **kwargs)
+
+    functools.update_wrapper(fast, original)
+    return fast
+
+
 def _driver_codes() -> set[Any]:
     """The event loop's own frames: a task's or callback's frames end below the first of them."""
     import asyncio.base_events
@@ -339,7 +368,11 @@ def instrument() -> None:
     import asyncio.selector_events
     import asyncio.unix_events
 
-    _patches.wrap(asyncio.base_events, "BaseEventLoop.create_task", _create_task)
+    loop_class = asyncio.base_events.BaseEventLoop
+    if not getattr(vars(loop_class)["create_task"], "_leakguard", False):
+        hook = task_hook(vars(loop_class)["create_task"])
+        hook._leakguard = True  # type: ignore[attr-defined]
+        _patches.set(loop_class, "create_task", hook)
     _patches.wrap(asyncio.base_events, "BaseEventLoop.create_server", _create_server)
     if hasattr(asyncio.unix_events, "_UnixSelectorEventLoop"):
         _patches.wrap(asyncio.unix_events, "_UnixSelectorEventLoop.create_unix_server", _create_server)
