@@ -15,6 +15,7 @@ captured once at the library's entry point), or adopt a descriptor created in C
 
 from __future__ import annotations
 
+import _socket
 import contextvars
 import itertools
 import os
@@ -257,11 +258,21 @@ def _holder(fd: int, ref: Any) -> Any:
     if obj is None:
         return None
     try:
-        return obj if obj.fileno() == fd else None
+        return obj if _fileno_of(obj) == fd else None
     except AttributeError:
         return obj  # an owner without fileno(): alive while the owner is
     except Exception:
         return None  # closed sockets and connections raise or return -1
+
+
+_sock_fileno = _socket.socket.fileno
+
+
+def _fileno_of(obj: Any) -> int:
+    """A socket's own descriptor, whatever a subclass's ``fileno()`` does; an owner's ``fileno()``."""
+    if isinstance(obj, _socket.socket):
+        return int(_sock_fileno(obj))
+    return int(obj.fileno())
 
 
 def _alive(fd: int, ref: Any) -> bool:
@@ -276,14 +287,14 @@ def record_socket(sock: Any, inherit: bool = False) -> None:
     holding the same descriptor is carried over so the TLS socket keeps the
     original creation stack.
     """
-    fd = sock.fileno()
+    fd = _fileno_of(sock)
     if fd < 0:
         return
     if inherit:
         old = _records.get(fd)
         if old is not None and old[0] is not None:
             other = old[0]()
-            if other is not None and other is not sock and other.fileno() == fd:
+            if other is not None and other is not sock and _holder(fd, old[0]) is other:
                 _handover(fd, old, sock)
                 return
     sc = _scope.get()
@@ -463,10 +474,22 @@ def _drop(fd: int, entry: Entry) -> None:
         _views.pop(fd, None)
 
 
+def _entries() -> Any:
+    """The table's items, copied in one step.
+
+    ``dict.copy()`` runs no Python code while it copies; ``list(d.items())``
+    allocates a tuple per item, and a garbage collection triggered by one can
+    run a gc callback or finalizer that opens a socket (or, without the GIL,
+    another thread does): "dictionary changed size during iteration" would
+    reach the host.
+    """
+    return _records.copy().items()
+
+
 def live() -> dict[int, Record]:
     """All live records by fd; drops stale ones on the way."""
     out: dict[int, Record] = {}
-    for fd, entry in list(_records.items()):
+    for fd, entry in _entries():
         if _alive(fd, entry[0]):
             out[fd] = _view(fd, entry)
         else:
@@ -485,7 +508,7 @@ def live_sockets(
     known: dict[int, tuple[str | None, str | None, int, int]] = {}
     views = _views.get
     holder = _holder
-    for fd, entry in list(_records.items()):
+    for fd, entry in _entries():
         obj = holder(fd, entry[0])
         if obj is None:
             _drop(fd, entry)
@@ -525,7 +548,7 @@ def live_between(after: int, before: int | None = None, exclude: Any = ()) -> li
     """
     top = before if before is not None else float("inf")
     return [
-        _view(fd, e) for fd, e in list(_records.items()) if after < e[2] < top and e[2] not in exclude and _alive(fd, e[0])
+        _view(fd, e) for fd, e in _entries() if after < e[2] < top and e[2] not in exclude and _alive(fd, e[0])
     ]
 
 
@@ -534,7 +557,7 @@ def all_records(after: int = 0) -> list[Record]:
 
     Older entries cost one comparison each: no view is built for them.
     """
-    return [_view(fd, entry) for fd, entry in list(_records.items()) if entry[2] > after]
+    return [_view(fd, entry) for fd, entry in _entries() if entry[2] > after]
 
 
 def prune() -> int:
