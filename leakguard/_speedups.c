@@ -1047,23 +1047,70 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "leakguard._speedups", NULL, -1, methods};
+/* The module keeps its state in C globals: the hot path reads them with no module-state
+ * lookup.  So it runs in the main interpreter only: a sub-interpreter that imported it
+ * would rebind those globals to its own objects (the main interpreter's records table,
+ * its socket hook's original __init__) and break the main interpreter.  Multi-phase
+ * init runs exec_module at every import, also in legacy sub-interpreters (which
+ * Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED alone does not refuse); there it raises
+ * ImportError, and leakguard in that sub-interpreter takes its pure-Python path
+ * (registry._load_speedups), leaving the main interpreter's state alone. */
+static int
+exec_module(PyObject *mod)
+{
+    if (PyInterpreterState_Get() != PyInterpreterState_Main()) {
+        PyErr_SetString(PyExc_ImportError,
+                        "leakguard._speedups runs in the main interpreter only (its state is process-wide)");
+        return -1;
+    }
+#ifdef Py_GIL_DISABLED
+    /* Its globals and in-place entry rewrites rely on the GIL: on a free-threaded build the
+     * pure-Python path runs instead, and the GIL is never re-enabled on its account. */
+    PyErr_SetString(PyExc_ImportError, "leakguard._speedups is not built for free-threaded Python");
+    return -1;
+#endif
+    if (raw_socket == NULL) {
+        PyObject *sm = PyImport_ImportModule("_socket");
+        if (sm == NULL)
+            return -1;
+        PyObject *cls = PyObject_GetAttrString(sm, "socket");
+        Py_DECREF(sm);
+        if (cls == NULL)
+            return -1;
+        if (!PyType_Check(cls)) {
+            Py_DECREF(cls);
+            PyErr_SetString(PyExc_ImportError, "_socket.socket is not a type");
+            return -1;
+        }
+        fileno_of = PyObject_GetAttrString(cls, "fileno"); /* the method descriptor */
+        if (fileno_of == NULL) {
+            Py_DECREF(cls);
+            return -1;
+        }
+        raw_socket = (PyTypeObject *)cls; /* kept for the process's lifetime */
+    }
+    return 0;
+}
+
+static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, (void *)exec_module},
+#ifdef Py_mod_multiple_interpreters
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+#ifdef Py_mod_gil
+#ifdef Py_GIL_DISABLED
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED}, /* true of what runs: exec_module refuses there */
+#else
+    {Py_mod_gil, Py_MOD_GIL_USED},
+#endif
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "leakguard._speedups", NULL, 0, methods, slots};
 
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    PyObject *mod = PyImport_ImportModule("_socket");
-    if (mod == NULL)
-        return NULL;
-    PyObject *cls = PyObject_GetAttrString(mod, "socket");
-    Py_DECREF(mod);
-    if (cls == NULL)
-        return NULL;
-    fileno_of = PyObject_GetAttrString(cls, "fileno");  /* the method descriptor */
-    if (fileno_of == NULL || !PyType_Check(cls)) {
-        Py_DECREF(cls);
-        return NULL;
-    }
-    raw_socket = (PyTypeObject *)cls;  /* kept for the module's lifetime */
-    return PyModule_Create(&module);
+    return PyModuleDef_Init(&module);
 }
