@@ -12,6 +12,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <frameobject.h>
+#include <structmember.h>
 #include <time.h>
 
 /* CPython 3.11-3.13 keep frames as _PyInterpreterFrame structs and build a frame
@@ -672,27 +673,31 @@ hook_count_error(void)
     return 0;
 }
 
+/* The hook object: a callable that binds like a Python function (Py_TPFLAGS_METHOD_DESCRIPTOR:
+ * slot_tp_init calls it with self first, no bound method made) and carries what introspection
+ * reads of the function it replaces: __name__, __qualname__, __module__, __doc__ and
+ * __wrapped__ go into its __dict__ (_sockets sets them), so inspect.signature() follows
+ * __wrapped__ to the original.  Calls go to the original with their arguments untouched, so
+ * every misuse raises the original's own TypeError. */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *dict;
+} hook_object;
+
 static PyObject *
-hooked_init(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+hook_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
-    Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
-    PyObject *small[8];
-    PyObject **stack = small;
-    if (nargs + nkw + 1 > 8) {
-        stack = PyMem_Malloc(sizeof(PyObject *) * (size_t)(nargs + nkw + 1));
-        if (stack == NULL)
-            return PyErr_NoMemory();
-    }
-    stack[0] = self;
-    for (Py_ssize_t i = 0; i < nargs + nkw; i++)
-        stack[i + 1] = args[i];
-    PyObject *r = PyObject_Vectorcall(hook_orig, stack, (size_t)(nargs + 1), kwnames);
-    if (stack != small)
-        PyMem_Free(stack);
+    PyObject *r = PyObject_Vectorcall(hook_orig, args, nargsf, kwnames);
     if (r == NULL)
         return NULL;
     Py_DECREF(r);
-    PyObject *fileno = nargs >= 4 ? args[3] : NULL;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 1)
+        Py_RETURN_NONE; /* self passed by keyword: nothing is recorded */
+    PyObject *self = args[0];
+    PyObject *fileno = nargs >= 5 ? args[4] : NULL;
+    Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
     for (Py_ssize_t i = 0; i < nkw; i++) {
         if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, i), "fileno") == 0)
             fileno = args[nargs + i];
@@ -718,15 +723,60 @@ hooked_init(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *k
     Py_RETURN_NONE;
 }
 
-static PyMethodDef hooked_init_def = {
-    "__init__",
-    (PyCFunction)(void (*)(void))hooked_init,
-    METH_FASTCALL | METH_KEYWORDS,
-    "__init__($self, /, family=-1, type=-1, proto=-1, fileno=None)\n--\n\n"
-    "socket.socket.__init__, with leakguard recording the new socket.",
+static PyObject *
+hook_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL || obj == Py_None)
+        return Py_NewRef(self);
+    return PyMethod_New(self, obj);
+}
+
+static int
+hook_traverse(PyObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(((hook_object *)self)->dict);
+    return 0;
+}
+
+static int
+hook_clear(PyObject *self)
+{
+    Py_CLEAR(((hook_object *)self)->dict);
+    return 0;
+}
+
+static void
+hook_dealloc(PyObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Py_CLEAR(((hook_object *)self)->dict);
+    PyObject_GC_Del(self);
+}
+
+static PyMemberDef hook_members[] = {
+    {"__vectorcalloffset__", T_PYSSIZET, offsetof(hook_object, vectorcall), READONLY, NULL},
+    {"__dictoffset__", T_PYSSIZET, offsetof(hook_object, dict), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
 };
 
-/* make_init(cls, orig, fast, slow, errors, views=None) -> the method descriptor to set as
+static PyTypeObject hook_type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "leakguard._speedups.hook",
+    .tp_basicsize = sizeof(hook_object),
+    .tp_dealloc = hook_dealloc,
+    .tp_vectorcall_offset = offsetof(hook_object, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_getattro = PyObject_GenericGetAttr,
+    .tp_setattro = PyObject_GenericSetAttr,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_traverse = hook_traverse,
+    .tp_clear = hook_clear,
+    .tp_members = hook_members,
+    .tp_descr_get = hook_get,
+    .tp_dictoffset = offsetof(hook_object, dict),
+};
+
+/* make_init(cls, orig, fast, slow, errors, views=None) -> the hook object to set as
  * cls.__init__; *views* is registry._views (without it, every handover is the Python path's) */
 static PyObject *
 make_init(PyObject *self, PyObject *args)
@@ -744,7 +794,15 @@ make_init(PyObject *self, PyObject *args)
     Py_XSETREF(hook_slow, Py_NewRef(slow));
     Py_XSETREF(hook_errors, Py_NewRef(errors));
     Py_XSETREF(views, Py_XNewRef(v));
-    return PyDescr_NewMethod((PyTypeObject *)cls, &hooked_init_def);
+    if (PyType_Ready(&hook_type) < 0)
+        return NULL;
+    hook_object *h = PyObject_GC_New(hook_object, &hook_type);
+    if (h == NULL)
+        return NULL;
+    h->vectorcall = hook_vectorcall;
+    h->dict = NULL;
+    PyObject_GC_Track((PyObject *)h);
+    return (PyObject *)h;
 }
 
 static PyObject *
