@@ -655,6 +655,7 @@ static PyObject *hook_orig;   /* the original socket.socket.__init__ */
 static PyObject *hook_fast;   /* None: record_impl directly; else a callable standing in for record() */
 static PyObject *hook_slow;   /* _sockets._slow(sock, inherit): registry.record_socket */
 static PyObject *hook_errors; /* registry._errors, a one-item list */
+static PyObject *fileno_str;  /* "fileno", interned */
 
 static int
 hook_count_error(void)
@@ -699,7 +700,9 @@ hook_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
     PyObject *fileno = nargs >= 5 ? args[4] : NULL;
     Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
     for (Py_ssize_t i = 0; i < nkw; i++) {
-        if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, i), "fileno") == 0)
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+        /* Keyword names are mostly the interned string itself: a pointer compare. */
+        if (name == fileno_str || PyUnicode_CompareWithASCIIString(name, "fileno") == 0)
             fileno = args[nargs + i];
     }
     int inherit = fileno != NULL && fileno != Py_None;
@@ -795,6 +798,8 @@ make_init(PyObject *self, PyObject *args)
     Py_XSETREF(hook_errors, Py_NewRef(errors));
     Py_XSETREF(views, Py_XNewRef(v));
     if (PyType_Ready(&hook_type) < 0)
+        return NULL;
+    if (fileno_str == NULL && (fileno_str = PyUnicode_InternFromString("fileno")) == NULL)
         return NULL;
     hook_object *h = PyObject_GC_New(hook_object, &hook_type);
     if (h == NULL)
