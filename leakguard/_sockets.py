@@ -14,6 +14,7 @@ is hooked on ``close()``; see :mod:`leakguard.registry`.
 from __future__ import annotations
 
 import socket
+import sys
 from typing import Any
 
 from ._patch import Patches
@@ -49,7 +50,7 @@ def _looks_like_original(hook: Any) -> Any:
     return hook
 
 
-if hasattr(__init__.__code__, "co_qualname"):  # 3.11+: a misuse's TypeError names the code's qualname
+if sys.version_info >= (3, 11):  # a misuse's TypeError names the code's qualname
     __init__.__code__ = __init__.__code__.replace(co_qualname=_original_init.__code__.co_qualname)
 _hook = _looks_like_original(__init__)
 del __init__
