@@ -524,29 +524,43 @@ lookup(PyObject *key)
     return PyDict_GetItemWithError(records, key);
 }
 
+/* What every record starts with: outside a scope, a socket holding a descriptor gets its
+ * weak reference (*ref*), its descriptor as an int (*key*, both new references) and the
+ * table's entry for it (*old*, borrowed or NULL), looked up after *ref* was made.
+ * 2 to go on; else what the caller returns: 1 nothing to record, 0 scoped (the Python
+ * path), -1 with an exception set. */
+static inline int
+begin(PyObject *sock, long *fd, PyObject **ref, PyObject **key, PyObject **old)
+{
+    int sc = scoped();
+    if (sc != 0)
+        return sc < 0 ? -1 : 0;
+    *fd = new_fd(sock);
+    if (*fd < 0)
+        return *fd == -2 ? -1 : 1; /* no descriptor: nothing to record */
+    *ref = PyWeakref_NewRef(sock, NULL);
+    if (*ref == NULL)
+        return -1;
+    *key = PyLong_FromLong(*fd);
+    *old = *key != NULL ? lookup(*key) : NULL;
+    if (*old == NULL && (*key == NULL || PyErr_Occurred())) {
+        Py_DECREF(*ref);
+        Py_XDECREF(*key);
+        return -1;
+    }
+    return 2;
+}
+
 /* record() for a socket created *skip* Python frames below the current one:
  * 1 recorded (or nothing to record), 0 left to the Python path (an integration scope
  * is active), -1 with an exception set. */
 static int
 record_impl(PyObject *sock, int skip)
 {
-    int sc = scoped();
-    if (sc != 0)
-        return sc < 0 ? -1 : 0; /* an error, or scoped: the Python path */
-    long fd = new_fd(sock);
-    if (fd < 0)
-        return fd == -2 ? -1 : 1; /* no descriptor: nothing to record */
-    PyObject *ref = PyWeakref_NewRef(sock, NULL);
-    if (ref == NULL)
-        return -1;
-    PyObject *key = PyLong_FromLong(fd);
-    PyObject *old = key != NULL ? lookup(key) : NULL;
-    if (old == NULL && (key == NULL || PyErr_Occurred())) {
-        Py_DECREF(ref);
-        Py_XDECREF(key);
-        return -1;
-    }
-    return store(sock, key, ref, old, skip);
+    long fd;
+    PyObject *ref, *key, *old;
+    int r = begin(sock, &fd, &ref, &key, &old);
+    return r != 2 ? r : store(sock, key, ref, old, skip);
 }
 
 /* The object an entry's weak reference points to (a new reference), or NULL (dead, or
@@ -584,22 +598,11 @@ static PyObject *views; /* registry._views (fd -> Record view), or NULL: see inh
 static int
 inherit_impl(PyObject *sock)
 {
-    int sc = scoped();
-    if (sc != 0)
-        return sc < 0 ? -1 : 0;
-    long fd = new_fd(sock);
-    if (fd < 0)
-        return fd == -2 ? -1 : 1;
-    PyObject *ref = PyWeakref_NewRef(sock, NULL);
-    if (ref == NULL)
-        return -1;
-    PyObject *key = PyLong_FromLong(fd);
-    PyObject *old = key != NULL ? lookup(key) : NULL;
-    if (old == NULL && (key == NULL || PyErr_Occurred())) {
-        Py_DECREF(ref);
-        Py_XDECREF(key);
-        return -1;
-    }
+    long fd;
+    PyObject *ref, *key, *old;
+    int r = begin(sock, &fd, &ref, &key, &old);
+    if (r != 2)
+        return r;
     PyObject *other = old != NULL && PyTuple_Check(old) && PyTuple_GET_SIZE(old) >= ENTRY_HEAD ? referent(old) : NULL;
     if (other != NULL && other != sock) {
         int holds = PyObject_TypeCheck(other, raw_socket) ? sock_fd(other) == fd : -1;
