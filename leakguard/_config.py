@@ -11,30 +11,72 @@ from ._value import Value
 __all__ = ["Config", "OPTIONS", "parse"]
 
 
-def _positive_or_none(name: str, value: Any) -> float | None:
+def _show(value: Any) -> str:
+    """*value* for an error message: its repr, shortened; never an exception of its own."""
+    try:
+        text = repr(value)
+    except Exception:  # a repr that raises, or an int too long to print
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _to_float(value: Any) -> float | None:
+    """*value* as a float if it is a number (or a number's text), else None; never raises."""
+    if isinstance(value, bool) or isinstance(value, (bytes, bytearray, complex)):
+        return None
+    try:
+        if isinstance(value, str):
+            return float(value.strip())
+        if isinstance(value, (int, float)) or hasattr(type(value), "__float__"):
+            return float(value)
+    except Exception:  # 10**400 (OverflowError), "soon", an odd __float__
+        return None
+    return None
+
+
+def _to_int(value: Any) -> int | None:
+    """*value* as an int if it is an integer (an integral float, an integer's text), else None; never raises."""
+    if isinstance(value, bool):
+        return None
+    try:
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, float):
+            return int(value) if value.is_integer() else None
+        if isinstance(value, str):
+            return int(value.strip())
+        if hasattr(type(value), "__index__"):
+            import operator
+
+            return operator.index(value)
+    except Exception:  # "deep", a 5,000-digit string, an odd __index__
+        return None
+    return None
+
+
+#: Seconds accepted for report_interval and checkout_threshold: above the upper bound a wait
+#: would overflow (or never end), below the lower one the watcher would do nothing but report.
+MIN_SECONDS = 0.01
+MAX_SECONDS = 365 * 86400
+
+
+def _seconds_or_none(name: str, value: Any) -> float | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "off", "0")):
         return None
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive number of seconds or None, not {value!r}")
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number of seconds or None, not {value!r}") from None
-    if not (out > 0) or out != out or out == float("inf"):
-        raise ValueError(f"{name} must be a positive number of seconds or None, not {value!r}")
+    out = _to_float(value)
+    if out is None or not MIN_SECONDS <= out <= MAX_SECONDS:  # NaN fails both comparisons
+        raise ValueError(
+            f"{name} must be a positive number of seconds from {MIN_SECONDS} to {MAX_SECONDS} (365 days), or None,"
+            f" not {_show(value)}"
+        )
     return out
 
 
 def _int_range(lo: int, hi: int) -> Callable[[str, Any], int]:
     def check(name: str, value: Any) -> int:
-        if isinstance(value, bool):
-            raise ValueError(f"{name} must be an integer from {lo} to {hi}, not {value!r}")
-        try:
-            out = int(value) if not isinstance(value, float) or value.is_integer() else None
-        except (TypeError, ValueError):
-            out = None
+        out = _to_int(value)
         if out is None or not lo <= out <= hi:
-            raise ValueError(f"{name} must be an integer from {lo} to {hi}, not {value!r}")
+            raise ValueError(f"{name} must be an integer from {lo} to {hi}, not {_show(value)}")
         return out
 
     return check
@@ -43,7 +85,7 @@ def _int_range(lo: int, hi: int) -> Callable[[str, Any], int]:
 def _choice(*choices: str) -> Callable[[str, Any], str]:
     def check(name: str, value: Any) -> str:
         if not isinstance(value, str) or value.strip().lower() not in choices:
-            raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, not {_show(value)}")
         return value.strip().lower()
 
     return check
@@ -58,7 +100,7 @@ def _bool(name: str, value: Any) -> bool:
         return False
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
-    raise ValueError(f"{name} must be true or false, not {value!r}")
+    raise ValueError(f"{name} must be true or false, not {_show(value)}")
 
 
 def _integrations(name: str, value: Any) -> tuple[str, ...] | None:
@@ -79,7 +121,7 @@ def _integrations(name: str, value: Any) -> tuple[str, ...] | None:
     else:
         raise ValueError(
             f"{name} must be 'all', 'none' or a list of integration names ({', '.join(sorted(INTEGRATIONS))}), "
-            f"not {value!r}"
+            f"not {_show(value)}"
         )
     unknown = [p for p in items if p not in INTEGRATIONS]
     if unknown:
@@ -89,23 +131,36 @@ def _integrations(name: str, value: Any) -> tuple[str, ...] | None:
     return tuple(dict.fromkeys(items))
 
 
+#: Signals a dump handler may not take: uncatchable ones, and the faults whose Python-level
+#: handler would return to the faulting instruction.
+REFUSED_SIGNALS = ("SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL")
+
+
 def _signal(name: str, value: Any) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "off")):
         return None
     import signal  # its enums cost more to build than the rest of this module: only when a signal is named
 
+    found: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
         try:
-            return int(signal.Signals(value))
+            found = int(signal.Signals(value))
         except ValueError:
             pass
-    if isinstance(value, str):
+    elif isinstance(value, str):
         v = value.strip().upper()
         v = v if v.startswith("SIG") else "SIG" + v
         sig = getattr(signal, v, None)
         if isinstance(sig, signal.Signals):
-            return int(sig)
-    raise ValueError(f"{name} must be a signal name such as SIGUSR1, or None, not {value!r}")
+            found = int(sig)
+    refused = {int(getattr(signal, n)) for n in REFUSED_SIGNALS if hasattr(signal, n)}
+    if found is None or found in refused:
+        raise ValueError(
+            f"{name} must be a signal name such as SIGUSR1, of a signal that can be caught"
+            f" (not {', '.join(REFUSED_SIGNALS)}),"
+            f" or None, not {_show(value)}"
+        )
+    return found
 
 
 def _port_or_none(name: str, value: Any) -> int | None:
@@ -126,9 +181,38 @@ def _int_or_none(lo: int, hi: int) -> Callable[[str, Any], int | None]:
 
 
 def _host(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value.strip()):
-        raise ValueError(f"{name} must be an address to bind such as 127.0.0.1, not {value!r}")
-    return value.strip()
+    """An address the metrics server can bind here: an IP address of this host (v4 or v6) or ``localhost``."""
+    text = value.strip() if isinstance(value, str) else ""
+    ok = text.lower() == "localhost"
+    if text and not ok:
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(text)
+            ok = True
+        except ValueError:
+            pass
+    why = ""
+    if ok:
+        # Bound once now, as the metrics server will (its family rule): an address of another
+        # host is an error here, not a warning when the server starts.  A raw _socket.socket:
+        # the socket hook records nothing of leakguard's own.
+        import _socket
+
+        try:
+            probe = _socket.socket(_socket.AF_INET6 if ":" in text else _socket.AF_INET, _socket.SOCK_STREAM)
+            try:
+                probe.bind((text, 0))
+            finally:
+                probe.close()
+        except OSError as exc:
+            ok, why = False, f" ({exc.strerror or exc})"
+    if not ok:
+        raise ValueError(
+            f"{name} must be an IP address of this host to bind, such as 127.0.0.1, ::1 or 0.0.0.0, or localhost,"
+            f" not {_show(value)}{why}"
+        )
+    return text
 
 
 class Config(Value):
@@ -201,10 +285,10 @@ class Config(Value):
 
 #: option name -> validator(name, value)
 OPTIONS: dict[str, Callable[[str, Any], Any]] = {
-    "report_interval": _positive_or_none,
+    "report_interval": _seconds_or_none,
     "stack_depth": _int_range(1, 1024),
     "integrations": _integrations,
-    "checkout_threshold": _positive_or_none,
+    "checkout_threshold": _seconds_or_none,
     "log_format": _choice("auto", "console", "json"),
     "dump_signal": _signal,
     "top_sites": _int_range(1, 10_000),
@@ -235,5 +319,5 @@ def parse(options: Mapping[str, Any], environ: Mapping[str, str] | None = None) 
             try:
                 values[name] = check(name, environ[env])
             except ValueError as exc:
-                raise ValueError(f"environment variable {env}={environ[env]!r}: {exc}") from None
+                raise ValueError(f"environment variable {env}={_show(environ[env])}: {exc}") from None
     return Config(**values)

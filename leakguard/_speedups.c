@@ -12,6 +12,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <frameobject.h>
+#include <structmember.h>
 #include <time.h>
 
 /* CPython 3.11-3.13 keep frames as _PyInterpreterFrame structs and build a frame
@@ -60,6 +61,10 @@ static struct {
 
 static int app_by_filename(PyObject *code);
 
+/* Bumped whenever a stack walk may have run Python code (is_app_file, a code object
+ * freed from the cache): what the caller looked up before may have changed. */
+static unsigned long ran_python;
+
 /* 1 = application code, 0 = not, -1 = error */
 static inline int
 app(PyObject *code)
@@ -73,7 +78,10 @@ app(PyObject *code)
         PyObject *old = app_cache[h].code;
         app_cache[h].code = Py_NewRef(code);
         app_cache[h].app = r;
-        Py_XDECREF(old);
+        if (old != NULL) {
+            ran_python++;
+            Py_DECREF(old);
+        }
     }
     return r;
 }
@@ -115,6 +123,7 @@ app_by_filename(PyObject *code)
         return r == Py_True;
     if (PyErr_Occurred())
         return -1;
+    ran_python++;
     r = PyObject_CallOneArg(is_app_file, filename);
     if (r == NULL)
         return -1;
@@ -336,6 +345,16 @@ walk_tuple(walk_t *w, Py_ssize_t head)
 
 #define ENTRY_HEAD 5 /* (ref, created, seq, None, None) before the frames: registry.Entry */
 
+/* An entry the compiled hook made: (ref, created, seq, None, None, frames...).  The Python
+ * path's (ref, created, seq, frames, scope) has the same size as a compiled entry without
+ * frames (a socket made with no Python frame); rewriting it in place would keep its
+ * frames and scope for the new socket. */
+static inline int
+compiled_entry(PyObject *entry)
+{
+    return PyTuple_GET_ITEM(entry, 3) == Py_None && PyTuple_GET_ITEM(entry, 4) == Py_None;
+}
+
 /* In-place reuse of an entry's values, for objects only that entry holds (see record_impl).
  * With write=0 each only answers whether *o* can take *v* in place; with write=1 it also
  * writes it.  0 means the caller must make a new object. */
@@ -381,51 +400,53 @@ long_reuse(PyObject *o, unsigned long long v, int write)
 }
 #endif
 
-/* record() for a socket created *skip* Python frames below the current one:
- * 1 recorded (or nothing to record), 0 left to the Python path (an integration scope
- * is active), -1 with an exception set. */
-static int
-record_impl(PyObject *sock, int skip)
+/* 1 if an integration scope is active (the Python path records then), 0 if not, -1 error. */
+static inline int
+scoped(void)
 {
     PyObject *sc = NULL;
     if (PyContextVar_Get(scope_var, Py_None, &sc) < 0)
         return -1;
-    int scoped = sc != Py_None;
+    int r = sc != Py_None;
     Py_DECREF(sc);
-    if (scoped)
-        return 0;
-    long fd;
-    if (PyObject_TypeCheck(sock, raw_socket)) {
-        fd = sock_fd(sock);
-        if (fd == -1 && PyErr_Occurred())
-            return -1;
-    }
-    else {  /* a socket class of another lineage (gevent's): ask it */
-        fd = PyObject_AsFileDescriptor(sock);
-        if (fd < 0)
-            return -1;
-    }
-    if (fd < 0)
-        return 1;  /* no descriptor: nothing to record */
+    return r;
+}
+
+/* The descriptor of a new socket, or -1 (none), or -2 with an exception set. */
+static inline long
+new_fd(PyObject *sock)
+{
+    if (PyObject_TypeCheck(sock, raw_socket))
+        return sock_fd(sock);
+    long fd = PyObject_AsFileDescriptor(sock); /* a socket class of another lineage (gevent's): ask it */
+    return fd < 0 ? -2 : fd;
+}
+
+/* Store a new entry for *sock*, with *ref* its weak reference and *key* its descriptor
+ * as an int (both references this steals), *old* the table's entry for that key
+ * (borrowed, or NULL), looked up after *ref* was made.  1 or -1. */
+static int
+store(PyObject *sock, PyObject *key, PyObject *ref, PyObject *old, int skip)
+{
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     double created = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
     unsigned long long n = (unsigned long long)++seq;
     walk_t w;
-    PyObject *ref = PyWeakref_NewRef(sock, NULL);
-    if (ref == NULL)
-        return -1;
+    unsigned long before = ran_python;
     if (walk(&w, skip, depth) < 0) {
         Py_DECREF(ref);
+        Py_DECREF(key);
         return -1;
     }
-    PyObject *key = PyLong_FromLong(fd);
-    PyObject *old = key != NULL ? PyDict_GetItemWithError(records, key) : NULL; /* borrowed */
-    if (old == NULL && PyErr_Occurred()) {
-        Py_DECREF(ref);
-        Py_XDECREF(key);
-        walk_release(&w, 1);
-        return -1;
+    if (ran_python != before) { /* is_app_file ran: the table may have changed meanwhile */
+        old = PyDict_GetItemWithError(records, key);
+        if (old == NULL && PyErr_Occurred()) {
+            Py_DECREF(ref);
+            Py_DECREF(key);
+            walk_release(&w, 1);
+            return -1;
+        }
     }
     /* The entry (ref, created, seq, None, None, code, offset, code, offset, ...): the
      * frames inline after the five fields (see registry.Entry).
@@ -439,7 +460,7 @@ record_impl(PyObject *sock, int skip)
      * values are released after, when the entry is whole again. */
 #ifndef Py_GIL_DISABLED
     if (old != NULL && Py_REFCNT(old) == 1 && PyTuple_CheckExact(old)
-        && PyTuple_GET_SIZE(old) == ENTRY_HEAD + w.n) {
+        && PyTuple_GET_SIZE(old) == ENTRY_HEAD + w.n && compiled_entry(old)) {
         PyObject **items = ((PyTupleObject *)old)->ob_item;
         /* New objects where the old ones cannot take the values, before anything changes. */
         int c_here = float_reuse(items[1], created, 0), s_here = long_reuse(items[2], n, 0);
@@ -495,6 +516,126 @@ record_impl(PyObject *sock, int skip)
     return rc < 0 ? -1 : 1;
 }
 
+
+/* The table's entry for *key* (borrowed), NULL if none, or NULL with an exception set. */
+static inline PyObject *
+lookup(PyObject *key)
+{
+    return PyDict_GetItemWithError(records, key);
+}
+
+/* What every record starts with: outside a scope, a socket holding a descriptor gets its
+ * weak reference (*ref*), its descriptor as an int (*key*, both new references) and the
+ * table's entry for it (*old*, borrowed or NULL), looked up after *ref* was made.
+ * 2 to go on; else what the caller returns: 1 nothing to record, 0 scoped (the Python
+ * path), -1 with an exception set. */
+static inline int
+begin(PyObject *sock, long *fd, PyObject **ref, PyObject **key, PyObject **old)
+{
+    int sc = scoped();
+    if (sc != 0)
+        return sc < 0 ? -1 : 0;
+    *fd = new_fd(sock);
+    if (*fd < 0)
+        return *fd == -2 ? -1 : 1; /* no descriptor: nothing to record */
+    *ref = PyWeakref_NewRef(sock, NULL);
+    if (*ref == NULL)
+        return -1;
+    *key = PyLong_FromLong(*fd);
+    *old = *key != NULL ? lookup(*key) : NULL;
+    if (*old == NULL && (*key == NULL || PyErr_Occurred())) {
+        Py_DECREF(*ref);
+        Py_XDECREF(*key);
+        return -1;
+    }
+    return 2;
+}
+
+/* record() for a socket created *skip* Python frames below the current one:
+ * 1 recorded (or nothing to record), 0 left to the Python path (an integration scope
+ * is active), -1 with an exception set. */
+static int
+record_impl(PyObject *sock, int skip)
+{
+    long fd;
+    PyObject *ref, *key, *old;
+    int r = begin(sock, &fd, &ref, &key, &old);
+    return r != 2 ? r : store(sock, key, ref, old, skip);
+}
+
+/* The object an entry's weak reference points to (a new reference), or NULL (dead, or
+ * the entry has no weak reference). */
+static inline PyObject *
+referent(PyObject *entry)
+{
+    PyObject *r = PyTuple_GET_ITEM(entry, 0);
+    if (!PyWeakref_CheckRefExact(r))
+        return NULL;
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject *obj = NULL;
+    if (PyWeakref_GetRef(r, &obj) < 0) {
+        PyErr_Clear();
+        return NULL;
+    }
+    return obj;
+#else
+    PyObject *obj = PyWeakref_GET_OBJECT(r);
+    return obj == Py_None ? NULL : Py_NewRef(obj);
+#endif
+}
+
+static PyObject *views; /* registry._views (fd -> Record view), or NULL: see inherit_impl */
+
+/* record_socket(sock, inherit=True) for a socket built on an existing descriptor
+ * (accept(), socket(fileno=...), fromfd(), dup(), ssl's wrap_socket):
+ * when another live socket object still holds the descriptor (the plain socket that
+ * ssl wraps and then detaches), the new one takes over its record, creation stack and
+ * all; otherwise it gets a record of its own, as record_impl gives.  The other socket's
+ * descriptor is read from the object itself, never through its fileno() method: a
+ * subclass's fileno() may raise, and that must not cost the new socket its record.
+ * 1 done, 0 left to the Python path (a scope is active, an owner that is not a socket
+ * holds the record, or a Record view of it exists), -1 with an exception set. */
+static int
+inherit_impl(PyObject *sock)
+{
+    long fd;
+    PyObject *ref, *key, *old;
+    int r = begin(sock, &fd, &ref, &key, &old);
+    if (r != 2)
+        return r;
+    PyObject *other = old != NULL && PyTuple_Check(old) && PyTuple_GET_SIZE(old) >= ENTRY_HEAD ? referent(old) : NULL;
+    if (other != NULL && other != sock) {
+        int holds = PyObject_TypeCheck(other, raw_socket) ? sock_fd(other) == fd : -1;
+        Py_DECREF(other);
+        PyObject *view = holds == 1 && views != NULL ? PyDict_GetItemWithError(views, key) : NULL;
+        if (holds < 0 || view != NULL || PyErr_Occurred()) {
+            Py_DECREF(ref);
+            Py_DECREF(key);
+            return PyErr_Occurred() ? -1 : 0;
+        }
+        if (holds) { /* the handover: the same entry with the new socket's weak reference */
+            Py_ssize_t size = PyTuple_GET_SIZE(old);
+            PyObject *entry = PyTuple_New(size);
+            if (entry == NULL) {
+                Py_DECREF(ref);
+                Py_DECREF(key);
+                return -1;
+            }
+            PyTuple_SET_ITEM(entry, 0, ref);
+            for (Py_ssize_t i = 1; i < size; i++)
+                PyTuple_SET_ITEM(entry, i, Py_NewRef(PyTuple_GET_ITEM(old, i)));
+            int rc = PyDict_SetItem(records, key, entry);
+            Py_DECREF(entry);
+            Py_DECREF(key);
+            return rc < 0 ? -1 : 1;
+        }
+    }
+    else {
+        Py_XDECREF(other);
+    }
+    return store(sock, key, ref, old, 0);
+}
+
 /* next_seq() -> the next sequence number (registry.mark, and records made in Python). */
 static PyObject *
 next_seq(PyObject *self, PyObject *unused)
@@ -517,6 +658,7 @@ static PyObject *hook_orig;   /* the original socket.socket.__init__ */
 static PyObject *hook_fast;   /* None: record_impl directly; else a callable standing in for record() */
 static PyObject *hook_slow;   /* _sockets._slow(sock, inherit): registry.record_socket */
 static PyObject *hook_errors; /* registry._errors, a one-item list */
+static PyObject *fileno_str;  /* "fileno", interned */
 
 static int
 hook_count_error(void)
@@ -535,46 +677,50 @@ hook_count_error(void)
     return 0;
 }
 
+/* The hook object: a callable that binds like a Python function (Py_TPFLAGS_METHOD_DESCRIPTOR:
+ * slot_tp_init calls it with self first, no bound method made) and carries what introspection
+ * reads of the function it replaces: __name__, __qualname__, __module__, __doc__ and
+ * __wrapped__ go into its __dict__ (_sockets sets them), so inspect.signature() follows
+ * __wrapped__ to the original.  Calls go to the original with their arguments untouched, so
+ * every misuse raises the original's own TypeError. */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *dict;
+} hook_object;
+
 static PyObject *
-hooked_init(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+hook_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
-    Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
-    PyObject *small[8];
-    PyObject **stack = small;
-    if (nargs + nkw + 1 > 8) {
-        stack = PyMem_Malloc(sizeof(PyObject *) * (size_t)(nargs + nkw + 1));
-        if (stack == NULL)
-            return PyErr_NoMemory();
-    }
-    stack[0] = self;
-    for (Py_ssize_t i = 0; i < nargs + nkw; i++)
-        stack[i + 1] = args[i];
-    PyObject *r = PyObject_Vectorcall(hook_orig, stack, (size_t)(nargs + 1), kwnames);
-    if (stack != small)
-        PyMem_Free(stack);
+    PyObject *r = PyObject_Vectorcall(hook_orig, args, nargsf, kwnames);
     if (r == NULL)
         return NULL;
     Py_DECREF(r);
-    PyObject *fileno = nargs >= 4 ? args[3] : NULL;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 1)
+        Py_RETURN_NONE; /* self passed by keyword: nothing is recorded */
+    PyObject *self = args[0];
+    PyObject *fileno = nargs >= 5 ? args[4] : NULL;
+    Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
     for (Py_ssize_t i = 0; i < nkw; i++) {
-        if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, i), "fileno") == 0)
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+        /* Keyword names are mostly the interned string itself: a pointer compare. */
+        if (name == fileno_str || PyUnicode_CompareWithASCIIString(name, "fileno") == 0)
             fileno = args[nargs + i];
     }
     int inherit = fileno != NULL && fileno != Py_None;
-    int done = 0; /* recorded by the fast path */
-    if (!inherit) {
-        if (hook_fast == Py_None) {
-            done = record_impl(self, 0);
-        }
-        else {
-            PyObject *d = PyObject_CallOneArg(hook_fast, self);
-            done = d == NULL ? -1 : PyObject_IsTrue(d);
-            Py_XDECREF(d);
-        }
-        if (done < 0)
-            return hook_count_error() < 0 ? NULL : Py_NewRef(Py_None);
+    int done; /* recorded by the fast path */
+    if (hook_fast != Py_None) { /* a stand-in for record() (tests): it covers new sockets only */
+        PyObject *d = inherit ? Py_NewRef(Py_False) : PyObject_CallOneArg(hook_fast, self);
+        done = d == NULL ? -1 : PyObject_IsTrue(d);
+        Py_XDECREF(d);
     }
-    if (!done) { /* built on a descriptor, or inside an integration scope */
+    else {
+        done = inherit ? inherit_impl(self) : record_impl(self, 0);
+    }
+    if (done < 0)
+        return hook_count_error() < 0 ? NULL : Py_NewRef(Py_None);
+    if (!done) { /* inside an integration scope, or an inherited record the Python path handles */
         PyObject *rr = PyObject_CallFunctionObjArgs(hook_slow, self, inherit ? Py_True : Py_False, NULL);
         if (rr == NULL && hook_count_error() < 0)
             return NULL;
@@ -583,20 +729,67 @@ hooked_init(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *k
     Py_RETURN_NONE;
 }
 
-static PyMethodDef hooked_init_def = {
-    "__init__",
-    (PyCFunction)(void (*)(void))hooked_init,
-    METH_FASTCALL | METH_KEYWORDS,
-    "__init__($self, /, family=-1, type=-1, proto=-1, fileno=None)\n--\n\n"
-    "socket.socket.__init__, with leakguard recording the new socket.",
+static PyObject *
+hook_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL || obj == Py_None)
+        return Py_NewRef(self);
+    return PyMethod_New(self, obj);
+}
+
+static int
+hook_traverse(PyObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(((hook_object *)self)->dict);
+    return 0;
+}
+
+static int
+hook_clear(PyObject *self)
+{
+    Py_CLEAR(((hook_object *)self)->dict);
+    return 0;
+}
+
+static void
+hook_dealloc(PyObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Py_CLEAR(((hook_object *)self)->dict);
+    PyObject_GC_Del(self);
+}
+
+static PyMemberDef hook_members[] = {
+    {"__vectorcalloffset__", T_PYSSIZET, offsetof(hook_object, vectorcall), READONLY, NULL},
+    {"__dictoffset__", T_PYSSIZET, offsetof(hook_object, dict), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
 };
 
-/* make_init(cls, orig, fast, slow, errors) -> the method descriptor to set as cls.__init__ */
+static PyTypeObject hook_type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "leakguard._speedups.hook",
+    .tp_basicsize = sizeof(hook_object),
+    .tp_dealloc = hook_dealloc,
+    .tp_vectorcall_offset = offsetof(hook_object, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_getattro = PyObject_GenericGetAttr,
+    .tp_setattro = PyObject_GenericSetAttr,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_traverse = hook_traverse,
+    .tp_clear = hook_clear,
+    .tp_members = hook_members,
+    .tp_descr_get = hook_get,
+    .tp_dictoffset = offsetof(hook_object, dict),
+};
+
+/* make_init(cls, orig, fast, slow, errors, views=None) -> the hook object to set as
+ * cls.__init__; *views* is registry._views (without it, every handover is the Python path's) */
 static PyObject *
 make_init(PyObject *self, PyObject *args)
 {
-    PyObject *cls, *orig, *fast, *slow, *errors;
-    if (!PyArg_ParseTuple(args, "O!OOOO!", &PyType_Type, &cls, &orig, &fast, &slow, &PyList_Type, &errors))
+    PyObject *cls, *orig, *fast, *slow, *errors, *v = NULL;
+    if (!PyArg_ParseTuple(args, "O!OOOO!|O!", &PyType_Type, &cls, &orig, &fast, &slow, &PyList_Type, &errors,
+                          &PyDict_Type, &v))
         return NULL;
     if (records == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "leakguard._speedups is not configured");
@@ -606,7 +799,18 @@ make_init(PyObject *self, PyObject *args)
     Py_XSETREF(hook_fast, Py_NewRef(fast));
     Py_XSETREF(hook_slow, Py_NewRef(slow));
     Py_XSETREF(hook_errors, Py_NewRef(errors));
-    return PyDescr_NewMethod((PyTypeObject *)cls, &hooked_init_def);
+    Py_XSETREF(views, Py_XNewRef(v));
+    if (PyType_Ready(&hook_type) < 0)
+        return NULL;
+    if (fileno_str == NULL && (fileno_str = PyUnicode_InternFromString("fileno")) == NULL)
+        return NULL;
+    hook_object *h = PyObject_GC_New(hook_object, &hook_type);
+    if (h == NULL)
+        return NULL;
+    h->vectorcall = hook_vectorcall;
+    h->dict = NULL;
+    PyObject_GC_Track((PyObject *)h);
+    return (PyObject *)h;
 }
 
 static PyObject *
@@ -897,7 +1101,7 @@ error:
 static PyMethodDef methods[] = {
     {"record", record, METH_O, "Record a new socket outside any scope; False if a scope is active."},
     {"clear_app_cache", clear_app_cache, METH_NOARGS, "Forget the cached application-code answers."},
-    {"make_init", make_init, METH_VARARGS, "make_init(cls, orig, fast, slow, errors): the compiled cls.__init__ hook."},
+    {"make_init", make_init, METH_VARARGS, "make_init(cls, orig, fast, slow, errors, views=None): the compiled cls.__init__ hook."},
     {"capture", capture, METH_VARARGS, "capture(skip=1, depth=32): stacks.capture, compiled."},
     {"configure", configure, METH_VARARGS,
      "configure(records, app_files, is_app_file, last_seq, scope_var, depth, context)"},
@@ -909,23 +1113,70 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "leakguard._speedups", NULL, -1, methods};
+/* The module keeps its state in C globals: the hot path reads them with no module-state
+ * lookup.  So it runs in the main interpreter only: a sub-interpreter that imported it
+ * would rebind those globals to its own objects (the main interpreter's records table,
+ * its socket hook's original __init__) and break the main interpreter.  Multi-phase
+ * init runs exec_module at every import, also in legacy sub-interpreters (which
+ * Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED alone does not refuse); there it raises
+ * ImportError, and leakguard in that sub-interpreter takes its pure-Python path
+ * (registry._load_speedups), leaving the main interpreter's state alone. */
+static int
+exec_module(PyObject *mod)
+{
+    if (PyInterpreterState_Get() != PyInterpreterState_Main()) {
+        PyErr_SetString(PyExc_ImportError,
+                        "leakguard._speedups runs in the main interpreter only (its state is process-wide)");
+        return -1;
+    }
+#ifdef Py_GIL_DISABLED
+    /* Its globals and in-place entry rewrites rely on the GIL: on a free-threaded build the
+     * pure-Python path runs instead, and the GIL is never re-enabled on its account. */
+    PyErr_SetString(PyExc_ImportError, "leakguard._speedups is not built for free-threaded Python");
+    return -1;
+#endif
+    if (raw_socket == NULL) {
+        PyObject *sm = PyImport_ImportModule("_socket");
+        if (sm == NULL)
+            return -1;
+        PyObject *cls = PyObject_GetAttrString(sm, "socket");
+        Py_DECREF(sm);
+        if (cls == NULL)
+            return -1;
+        if (!PyType_Check(cls)) {
+            Py_DECREF(cls);
+            PyErr_SetString(PyExc_ImportError, "_socket.socket is not a type");
+            return -1;
+        }
+        fileno_of = PyObject_GetAttrString(cls, "fileno"); /* the method descriptor */
+        if (fileno_of == NULL) {
+            Py_DECREF(cls);
+            return -1;
+        }
+        raw_socket = (PyTypeObject *)cls; /* kept for the process's lifetime */
+    }
+    return 0;
+}
+
+static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, (void *)exec_module},
+#ifdef Py_mod_multiple_interpreters
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+#ifdef Py_mod_gil
+#ifdef Py_GIL_DISABLED
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED}, /* true of what runs: exec_module refuses there */
+#else
+    {Py_mod_gil, Py_MOD_GIL_USED},
+#endif
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "leakguard._speedups", NULL, 0, methods, slots};
 
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    PyObject *mod = PyImport_ImportModule("_socket");
-    if (mod == NULL)
-        return NULL;
-    PyObject *cls = PyObject_GetAttrString(mod, "socket");
-    Py_DECREF(mod);
-    if (cls == NULL)
-        return NULL;
-    fileno_of = PyObject_GetAttrString(cls, "fileno");  /* the method descriptor */
-    if (fileno_of == NULL || !PyType_Check(cls)) {
-        Py_DECREF(cls);
-        return NULL;
-    }
-    raw_socket = (PyTypeObject *)cls;  /* kept for the module's lifetime */
-    return PyModule_Create(&module);
+    return PyModuleDef_Init(&module);
 }

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -169,18 +169,48 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"leakguard run: {exc}", file=sys.stderr)
         return 2
-    exe = cmd[0]
-    if shutil.which(exe, path=env.get("PATH")) is None:
-        print(f"leakguard run: command not found: {exe}", file=sys.stderr)
-        return 127
     sys.stdout.flush()
     sys.stderr.flush()
-    try:
-        os.execvpe(exe, cmd, env)  # the program replaces us: exit code and signals are its own
-    except OSError as exc:
-        print(f"leakguard run: cannot run {exe}: {exc}", file=sys.stderr)
-        return 126
-    return 0  # pragma: no cover
+    code, message = _exec(cmd, env)  # returns only when the command could not be run
+    print(f"leakguard run: {cmd[0]}: {message}", file=sys.stderr)
+    return code
+
+
+def _exec(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Replace this process with *cmd* as ``sh -c`` would run it; (exit code, message) when it cannot.
+
+    The shell's rules (POSIX, as dash does them): a name with a slash is run as
+    it is, one without is looked up in ``PATH``; not found is 127, found but not
+    runnable (a directory, no execute permission) 126 with the system's reason;
+    a PATH search that finds nothing runnable is 127 with the reason of the
+    first candidate that refused.  A file the kernel cannot execute because it
+    has no ``#!`` line is run by ``/bin/sh``, as a shell and ``execvp`` do.
+    """
+    exe = cmd[0]
+    if not exe:
+        return 127, "not found"
+    if "/" in exe:
+        candidates = [exe]
+    else:
+        candidates = [os.path.join(d or ".", exe) for d in os.get_exec_path(env)]
+    refused: OSError | None = None
+    for path in candidates:
+        try:
+            os.execve(path, cmd, env)  # the program replaces us: exit code and signals are its own
+        except OSError as exc:
+            if exc.errno == errno.ENOEXEC:
+                try:
+                    os.execve("/bin/sh", ["sh", path, *cmd[1:]], env)
+                except OSError as sh_exc:
+                    exc = sh_exc
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                continue
+            if len(candidates) == 1:
+                return 126, exc.strerror or str(exc)
+            refused = refused or exc
+    if refused is not None:
+        return 127, refused.strerror or str(refused)
+    return 127, "not found"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,8 +5,9 @@ descriptor directly: ``getsockopt(TCP_INFO)`` gives the TCP state in its first
 byte, ``getsockname``/``getpeername`` the addresses.  The cost depends on this
 process's sockets alone, never on how many the machine has (``/proc/net/tcp``
 and psutil read every socket of the machine).  Descriptors leakguard never saw
-created are queried through a temporary ``_socket.socket(fileno=fd)`` that is
-always detached, so the host's descriptor is never closed or changed.
+created are queried through a temporary ``_socket.socket`` on the descriptor that
+sets no flag on it and is always detached, so the host's descriptor is never
+closed or changed (see ``_borrow``).
 
 Elsewhere, or when ``/proc`` cannot be read: psutil; when psutil fails too,
 only the socket objects leakguard tracks are asked (a degraded view, never an
@@ -47,6 +48,9 @@ _type_of = _socket.socket.type.__get__
 _STABLE = frozenset(("ESTABLISHED", "CLOSE_WAIT", "LISTEN"))  # addresses no longer change
 _TCP_INFO = getattr(socket, "TCP_INFO", 11)
 _IPPROTO_TCP = socket.IPPROTO_TCP
+_SOL_SOCKET = socket.SOL_SOCKET
+_SO_TYPE = socket.SO_TYPE
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
 _IS_LINUX = sys.platform.startswith("linux")
 
 
@@ -145,17 +149,36 @@ def _read_one(fd: int, obj: Any, known: Known | None = None) -> KernelSocket | N
     if not link.startswith("socket:["):
         return None
     try:
-        raw = _socket.socket(fileno=fd)
-    except OSError:
+        raw = _borrow(fd)
+    except (OSError, ValueError, OverflowError):
         return None
     try:
-        family, kind = _family_of(raw), _type_of(raw)
+        family, kind = _family_of(raw), raw.getsockopt(_SOL_SOCKET, _SO_TYPE)
         state, local, remote = _query(raw, family, kind)
         return KernelSocket(fd, family, kind, state, local, remote, None)
     except OSError:
         return None
     finally:
         raw.detach()  # never close the host's descriptor
+
+
+def _borrow(fd: int) -> Any:
+    """A temporary ``_socket.socket`` on the host's *fd* that changes nothing about it (detach it after use).
+
+    ``_socket.socket(fileno=fd)`` makes the descriptor non-blocking when the host
+    has called ``socket.setdefaulttimeout()`` (CPython applies the default timeout
+    to every new socket object), and ``O_NONBLOCK`` lives on the open file
+    description: the host's blocking socket, and a forked parent's, would then
+    raise ``BlockingIOError``.  A type carrying ``SOCK_NONBLOCK`` tells CPython
+    the descriptor is non-blocking already, so it sets no flag.  The family comes
+    from the kernel (``SO_DOMAIN``: ``getsockname`` needs it for the address
+    size); the type the object reports is the one given, so callers ask
+    ``SO_TYPE``.  Only getsockopt/getsockname/getpeername are called on it,
+    which ignore the timeout.
+    """
+    if not _NONBLOCK:  # no way to make the object without touching the flags: ask nothing
+        raise OSError("SOCK_NONBLOCK unavailable")
+    return _socket.socket(-1, socket.SOCK_STREAM | _NONBLOCK, -1, fd)
 
 
 def _list_fds() -> list[int]:

@@ -15,6 +15,7 @@ captured once at the library's entry point), or adopt a descriptor created in C
 
 from __future__ import annotations
 
+import _socket
 import contextvars
 import itertools
 import os
@@ -119,7 +120,7 @@ class PoolInfo:
 class Scope:
     """What an integration tells the socket hook about sockets opened inside it.
 
-    ``cont`` (a :data:`stacks.Continuation`) is set inside a task, thread or executor job
+    ``cont`` (a :class:`stacks.Continuation`) is set inside a task, thread or executor job
     that library code created: a capture there that holds no application frame goes on
     with the stack that created it.  A scope with ``origin`` None carries only that (or
     only frames): :func:`current_scope` does not show it, and its sockets keep origin
@@ -152,6 +153,7 @@ class Record:
 
     __slots__ = (
         "__weakref__",
+        "_resolved",
         "addrs",
         "created",
         "entry",
@@ -179,13 +181,21 @@ class Record:
         self.pool: PoolInfo | None = None
         #: (local, remote, family, type) once the kernel showed them settled: they never change again
         self.addrs: tuple[str | None, str | None, int, int] | None = None
+        self._resolved: tuple[stacks.Frame, ...] | None = None
 
     def alive(self) -> bool:
         """Is the recorded socket (or owner) still open on the same descriptor?"""
         return _alive(self.fd, self.ref)
 
     def stack(self) -> list[stacks.Frame]:
-        return stacks.frames(self.frames)
+        return list(self.resolved())
+
+    def resolved(self) -> tuple[stacks.Frame, ...]:
+        """The creation stack, outermost first, resolved once per record (equal stacks share one tuple)."""
+        r = self._resolved
+        if r is None:
+            r = self._resolved = stacks.resolve(self.frames)
+        return r
 
     def __repr__(self) -> str:
         site = stacks.format_site(stacks.creation_site(self.stack()))
@@ -257,11 +267,21 @@ def _holder(fd: int, ref: Any) -> Any:
     if obj is None:
         return None
     try:
-        return obj if obj.fileno() == fd else None
+        return obj if _fileno_of(obj) == fd else None
     except AttributeError:
         return obj  # an owner without fileno(): alive while the owner is
     except Exception:
         return None  # closed sockets and connections raise or return -1
+
+
+_sock_fileno = _socket.socket.fileno
+
+
+def _fileno_of(obj: Any) -> int:
+    """A socket's own descriptor, whatever a subclass's ``fileno()`` does; an owner's ``fileno()``."""
+    if isinstance(obj, _socket.socket):
+        return int(_sock_fileno(obj))
+    return int(obj.fileno())
 
 
 def _alive(fd: int, ref: Any) -> bool:
@@ -276,14 +296,14 @@ def record_socket(sock: Any, inherit: bool = False) -> None:
     holding the same descriptor is carried over so the TLS socket keeps the
     original creation stack.
     """
-    fd = sock.fileno()
+    fd = _fileno_of(sock)
     if fd < 0:
         return
     if inherit:
         old = _records.get(fd)
         if old is not None and old[0] is not None:
             other = old[0]()
-            if other is not None and other is not sock and other.fileno() == fd:
+            if other is not None and other is not sock and _holder(fd, old[0]) is other:
                 _handover(fd, old, sock)
                 return
     sc = _scope.get()
@@ -415,8 +435,9 @@ def continuation(skip: int = 1, boundary: Any = None, inherits: bool = True) -> 
     """
     sc = _scope.get()
     if sc is not None and sc.frames is not None:
-        return None if inherits else (boundary, sc.frames)
-    return (boundary, stack_here(skip + 1))
+        return None if inherits else stacks.Continuation(boundary, sc.frames, None)
+    outer = sc.cont if sc is not None else None
+    return stacks.Continuation(boundary, stacks.capture(skip + 1, depth[0]), outer, depth[0])
 
 
 def stack_here(skip: int = 1) -> stacks.Frames:
@@ -462,10 +483,22 @@ def _drop(fd: int, entry: Entry) -> None:
         _views.pop(fd, None)
 
 
+def _entries() -> Any:
+    """The table's items, copied in one step.
+
+    ``dict.copy()`` runs no Python code while it copies; ``list(d.items())``
+    allocates a tuple per item, and a garbage collection triggered by one can
+    run a gc callback or finalizer that opens a socket (or, without the GIL,
+    another thread does): "dictionary changed size during iteration" would
+    reach the host.
+    """
+    return _records.copy().items()
+
+
 def live() -> dict[int, Record]:
     """All live records by fd; drops stale ones on the way."""
     out: dict[int, Record] = {}
-    for fd, entry in list(_records.items()):
+    for fd, entry in _entries():
         if _alive(fd, entry[0]):
             out[fd] = _view(fd, entry)
         else:
@@ -484,7 +517,7 @@ def live_sockets(
     known: dict[int, tuple[str | None, str | None, int, int]] = {}
     views = _views.get
     holder = _holder
-    for fd, entry in list(_records.items()):
+    for fd, entry in _entries():
         obj = holder(fd, entry[0])
         if obj is None:
             _drop(fd, entry)
@@ -524,7 +557,7 @@ def live_between(after: int, before: int | None = None, exclude: Any = ()) -> li
     """
     top = before if before is not None else float("inf")
     return [
-        _view(fd, e) for fd, e in list(_records.items()) if after < e[2] < top and e[2] not in exclude and _alive(fd, e[0])
+        _view(fd, e) for fd, e in _entries() if after < e[2] < top and e[2] not in exclude and _alive(fd, e[0])
     ]
 
 
@@ -533,7 +566,7 @@ def all_records(after: int = 0) -> list[Record]:
 
     Older entries cost one comparison each: no view is built for them.
     """
-    return [_view(fd, entry) for fd, entry in list(_records.items()) if entry[2] > after]
+    return [_view(fd, entry) for fd, entry in _entries() if entry[2] > after]
 
 
 def prune() -> int:

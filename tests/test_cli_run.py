@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -257,11 +258,50 @@ class TestPassThrough:
             [LEAKGUARD, "run", "--", "no-such-command-leakguard"], cwd=tmp_path, env=clean_env(),
             capture_output=True, text=True, timeout=60,
         )
-        assert r.returncode == 127 and "command not found: no-such-command-leakguard" in r.stderr
+        assert r.returncode == 127 and "no-such-command-leakguard: not found" in r.stderr
 
     def test_nothing_to_run(self, tmp_path: Path) -> None:
         r = subprocess.run([LEAKGUARD, "run", "--"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and "usage: leakguard run" in r.stderr
+
+
+def _shell_like(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A directory of commands that cannot run (and one the shell runs as a script), and a PATH with them."""
+    bin_dir = tmp_path / "bin"
+    (bin_dir / "adir").mkdir(parents=True)
+    (bin_dir / "plain").write_text("echo plain\n")  # in PATH, not executable
+    (tmp_path / "noexec").write_text("echo noexec\n")
+    noshebang = tmp_path / "noshebang"
+    noshebang.write_text('echo "no shebang: $0 $1"\n')
+    noshebang.chmod(0o755)
+    badshebang = tmp_path / "badshebang"
+    badshebang.write_text("#!/no/such/interpreter\n")
+    badshebang.chmod(0o755)
+    return tmp_path, clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', os.defpath)}")
+
+
+_SH_PREFIX = re.compile(r"^sh: (?:\d+: )?", re.M)
+
+
+class TestCommandErrorsLikeTheShell:
+    """`leakguard run -- CMD` fails as `sh -c CMD` does: the same exit code (127 not found, 126 cannot
+    execute) and the same reason; a file without #! runs under /bin/sh."""
+
+    @pytest.mark.parametrize(
+        "command",
+        ["/tmp", "./noexec", "./nosuch", "nosuch-leakguard", "./noshebang", "./badshebang", "plain", "adir", "./"],
+    )
+    def test_same_as_sh(self, tmp_path: Path, command: str) -> None:
+        if command in ("plain", "adir") and not os.path.realpath("/bin/sh").endswith("dash"):
+            pytest.skip("a PATH entry that cannot run: dash (and POSIX) say 127, bash 126; leakguard follows dash")
+        cwd, env = _shell_like(tmp_path)
+        sh = subprocess.run(["sh", "-c", f"{command} arg"], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+        run = subprocess.run(
+            [LEAKGUARD, "run", "--", command, "arg"], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert run.returncode == sh.returncode, (run, sh)
+        assert run.stdout == sh.stdout
+        assert run.stderr.replace("leakguard run: ", "", 1) == _SH_PREFIX.sub("", sh.stderr, count=1), (run, sh)
 
 
 class TestBadValues:

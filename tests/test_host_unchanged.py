@@ -1,0 +1,262 @@
+"""leakguard never changes the host: descriptor flags, exceptions, forks, descriptors it does not own.
+
+Each class is one defect a hostile review found (issue 14); each test failed before its fix.
+Programs whose global state matters (``socket.setdefaulttimeout``, fork, gc thresholds) run
+in a fresh interpreter, from a directory that is not the repository root, under ``-W error``.
+"""
+
+from __future__ import annotations
+
+import _socket
+import io
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import leakguard
+from leakguard import registry
+
+from .test_core import hot_path  # noqa: F401  (the fixture: compiled and pure-Python hook)
+
+
+def run_py(tmp_path: Path, code: str, *, python: str = sys.executable, timeout: float = 120) -> str:
+    """Run *code* in a fresh interpreter under ``-W error``; its stdout (it must exit 0).
+
+    Its stderr may hold leakguard's JSON report lines and nothing else.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEAKGUARD_")}
+    proc = subprocess.run(
+        [python, "-W", "error", "-c", textwrap.dedent(code)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    other = [line for line in proc.stderr.splitlines() if not line.startswith('{"')]
+    assert other == [], proc.stderr
+    return proc.stdout
+
+
+# Shared by the flag tests: blocking sockets leakguard never saw created (made before install()),
+# a TCP pair and a UNIX pair, while socket.setdefaulttimeout() is set.
+_BLOCKING_SOCKETS = """
+import fcntl, os, socket, threading, time
+socket.setdefaulttimeout(5.0)
+lst = socket.create_server(("127.0.0.1", 0))
+tcp = socket.create_connection(lst.getsockname())
+tcp_peer, _ = lst.accept()
+unix, unix_peer = socket.socketpair()
+HOST = [tcp, unix]
+PEERS = {tcp: tcp_peer, unix: unix_peer}
+for s in HOST:
+    s.settimeout(None)  # blocking: O_NONBLOCK cleared
+FLAGS = {s.fileno(): fcntl.fcntl(s.fileno(), fcntl.F_GETFL) for s in HOST}
+
+def check_blocking(where):
+    for s in HOST:
+        now = fcntl.fcntl(s.fileno(), fcntl.F_GETFL)
+        assert now == FLAGS[s.fileno()], (where, s, oct(FLAGS[s.fileno()]), oct(now))
+        # A blocking recv() waits for the peer's data instead of raising BlockingIOError.
+        t = threading.Timer(0.2, PEERS[s].sendall, (b"x",))
+        t.start()
+        assert s.recv(1) == b"x", where
+        t.join()
+
+def close_all():
+    for s in [lst, *HOST, *PEERS.values()]:
+        s.close()
+"""
+
+
+class TestDescriptorFlags:
+    """snapshot() and the watcher never change a descriptor's flags, even under socket.setdefaulttimeout()."""
+
+    def test_snapshot_keeps_blocking_sockets_blocking(self, tmp_path: Path) -> None:
+        code = _BLOCKING_SOCKETS + textwrap.dedent(
+            """
+            import leakguard
+            leakguard.install(integrations="none")
+            snap = leakguard.snapshot()
+            assert {s.fileno() for s in HOST} <= {i.fd for i in snap.sockets}, snap.sockets
+            assert all(i.origin == "unknown" for i in snap.sockets if i.fd in FLAGS)
+            check_blocking("snapshot")
+            leakguard.snapshot()  # not installed: the same
+            leakguard.uninstall()
+            leakguard.snapshot()
+            check_blocking("snapshot without install")
+            close_all()
+            print("ok")
+            """
+        )
+        assert run_py(tmp_path, code).split() == ["ok"]
+
+    def test_watcher_keeps_blocking_sockets_blocking(self, tmp_path: Path) -> None:
+        code = _BLOCKING_SOCKETS + textwrap.dedent(
+            """
+            import leakguard
+            from leakguard import watcher
+            leakguard.install(integrations="none", report_interval=0.01, log_format="json")
+            w = watcher.current()
+            while w.ticks < 3:
+                time.sleep(0.01)
+            leakguard.uninstall()
+            check_blocking("watcher")
+            close_all()
+            print("ok")
+            """
+        )
+        assert run_py(tmp_path, code).split() == ["ok"]
+
+    def test_forked_child_keeps_parents_sockets_blocking(self, tmp_path: Path) -> None:
+        """The flag lives on the open file description: a child's snapshot would change the parent's socket."""
+        code = _BLOCKING_SOCKETS + textwrap.dedent(
+            """
+            import leakguard
+            leakguard.install(integrations="none")
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    leakguard.snapshot()
+                    leakguard.install(integrations="none", report_interval=0.01, log_format="json")
+                    from leakguard import watcher
+                    w = watcher.current()
+                    while w.ticks < 3:
+                        time.sleep(0.01)
+                finally:
+                    os._exit(0)
+            assert os.waitpid(pid, 0)[1] == 0
+            check_blocking("after the child's snapshot and watcher")
+            close_all()
+            print("ok")
+            """
+        )
+        assert run_py(tmp_path, code).split() == ["ok"]
+
+
+_OPENING_DURING_SNAPSHOT = """
+import gc, socket, threading
+import leakguard
+leakguard.install(integrations="none")
+base = [socket.socket() for _ in range(100)]  # a table big enough to be copied for a while
+OPENED = []
+
+def open_one():
+    if len(OPENED) < 2000:
+        OPENED.append(socket.socket())
+
+def snapshots(n):
+    for _ in range(n):
+        leakguard.snapshot()
+        leakguard.snapshot().to_dict()
+"""
+
+
+class TestSnapshotWhileSocketsOpen:
+    """snapshot() never raises when a gc callback or another thread opens sockets meanwhile.
+
+    The table is copied in one step that runs no Python code: copying it item by
+    item allocated a tuple per item, and a collection triggered by one ran a gc
+    callback (or a finalizer) that opened a socket, changing the table's size.
+    """
+
+    def test_gc_callback_opens_sockets(self, tmp_path: Path) -> None:
+        code = _OPENING_DURING_SNAPSHOT + textwrap.dedent(
+            """
+            gc.callbacks.append(lambda phase, info: open_one() if phase == "start" else None)
+            gc.set_threshold(1)  # a collection at nearly every allocation: inside snapshot's loops too
+            snapshots(3)
+            gc.set_threshold(700)
+            gc.callbacks.clear()
+            assert OPENED
+            for s in base + OPENED:
+                s.close()
+            leakguard.uninstall()
+            print("ok")
+            """
+        )
+        assert run_py(tmp_path, code).split() == ["ok"]
+
+    def test_threads_open_and_close_sockets(self, tmp_path: Path) -> None:
+        code = _OPENING_DURING_SNAPSHOT + textwrap.dedent(
+            """
+            import sys
+            sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+            stop = threading.Event()
+            def churn():
+                while not stop.is_set():
+                    socket.socket().close()
+            threads = [threading.Thread(target=churn) for _ in range(3)]
+            for t in threads:
+                t.start()
+            try:
+                snapshots(100)
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join()
+            for s in base:
+                s.close()
+            leakguard.uninstall()
+            print("ok")
+            """
+        )
+        assert run_py(tmp_path, code).split() == ["ok"]
+
+
+class _Guarded(socket.socket):
+    """A socket subclass whose fileno() refuses once it is closed (as some wrappers do)."""
+
+    def fileno(self) -> int:
+        if self._closed:  # type: ignore[attr-defined]
+            raise OSError("closed")
+        return super().fileno()
+
+
+class _NoFileno(socket.socket):
+    """A socket subclass that hides its descriptor altogether."""
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("fileno")
+
+
+@pytest.mark.usefixtures("installed_quiet", "hot_path")
+class TestSubclassFileno:
+    """A subclass's fileno() never costs a record: leakguard reads the descriptor of the C socket itself."""
+
+    def test_stale_subclass_object_on_the_descriptor(self) -> None:
+        old = _Guarded()
+        fd = old.fileno()
+        assert registry.get(fd) is not None
+        old.close()  # the object stays referenced; its record is stale, and its fileno() raises
+        raw = _socket.socket()  # the lowest free number: the one old had
+        assert raw.fileno() == fd
+        new = socket.socket(fileno=raw.detach())  # the inherit path (as ssl's wrap_socket)
+        try:
+            rec = registry.get(fd)
+            assert rec is not None and rec.ref is not None and rec.ref() is new
+            assert [s.origin for s in leakguard.snapshot().sockets if s.fd == fd] == ["socket"]
+        finally:
+            new.close()
+        del old
+
+    def test_subclass_without_fileno(self) -> None:
+        s = _NoFileno()
+        try:
+            fd = _socket.socket.fileno(s)
+            rec = registry.get(fd)
+            assert rec is not None and rec.ref is not None and rec.ref() is s
+            twin = _NoFileno(fileno=os.dup(fd))  # the inherit path too
+            try:
+                twin_rec = registry.get(_socket.socket.fileno(twin))
+                assert twin_rec is not None and twin_rec.ref is not None and twin_rec.ref() is twin
+            finally:
+                twin.close()
+        finally:
+            s.close()

@@ -1,0 +1,163 @@
+"""Option validation, property-based: any value is either accepted and works, or a ValueError naming the option.
+
+For every option, as an ``install()`` argument and as its ``LEAKGUARD_*`` variable.
+The values the hostile review found (``report_interval=1e10`` killing the watcher,
+``10**400`` raising OverflowError, ``5e-324`` flooding stderr, ``dump_signal='SIGKILL'``,
+``metrics_addr='nan'``) are always among the examples.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import socket
+import threading
+from decimal import Decimal
+from fractions import Fraction
+from typing import Any
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import leakguard
+from leakguard import _config, watcher
+from leakguard.integrations import INTEGRATIONS
+
+NAMES = sorted(_config.OPTIONS)
+
+#: What the review tried, and their neighbours at each limit.
+EDGES: list[Any] = [
+    1e10, 10**400, -(10**400), 5e-324, "5e-324", "1e10", "SIGKILL", "SIGSTOP", "kill", 9, 19, 11, "SIGSEGV",
+    "nan", "NaN", math.nan, math.inf, -math.inf, "inf", 0, 0.0, -0.0, "0", 1, "1", 0.01, 0.009, 365 * 86400,
+    365 * 86400 + 1, 1024, 1025, 65535, 65536, 10_000_000, 10_000_001, "1" * 5000, "  7  ", "١٢", "1_0",
+    "SIGUSR1", "usr2", "sigterm", 10, "localhost", "::1", "0.0.0.0", "127.0.0.1", "::", "fe80::1%lo",
+    "256.0.0.1", "nan.example", "", " ", None, True, False, "true", "off", "all", "none", "requests,redis",
+    ["requests"], ("redis", "httpx"), [], b"1", bytearray(b"2"), 1 + 0j, Decimal("2.5"), Decimal("nan"),
+    Fraction(1, 3), Fraction(4, 1), object(), "json", "JSON", "console", "xml",
+]
+
+values = st.one_of(
+    st.sampled_from(EDGES),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(10**500), max_value=10**500),
+    st.floats(),
+    st.floats(min_value=1e-9, max_value=1e9),
+    st.floats().map(repr),
+    st.integers().map(str),
+    st.text(max_size=30),
+    st.binary(max_size=8),
+    st.decimals(),
+    st.fractions(),
+    st.complex_numbers(),
+    st.lists(st.sampled_from([*INTEGRATIONS, "nosuchlib", "", " "]), max_size=3),
+    st.sampled_from([s.name for s in signal.Signals]),
+    st.sampled_from([int(s) for s in signal.Signals]),
+)
+
+
+def _checked(name: str, value: Any) -> Any:
+    """Parse *value*: the accepted value, or None after checking the ValueError names the option."""
+    try:
+        cfg = _config.parse({name: value}, environ={})
+    except ValueError as exc:
+        assert name in str(exc), exc
+        return _REJECTED
+    return getattr(cfg, name)
+
+
+_REJECTED = object()
+
+
+def _assert_sane(name: str, got: Any) -> None:
+    """An accepted value is of the option's type and within its documented range."""
+    if name in ("report_interval", "checkout_threshold"):
+        assert got is None or (type(got) is float and _config.MIN_SECONDS <= got <= _config.MAX_SECONDS), got
+    elif name == "integrations":
+        assert got is None or (type(got) is tuple and set(got) <= set(INTEGRATIONS)), got
+    elif name == "dump_signal":
+        assert got is None or (type(got) is int and got in {int(s) for s in signal.valid_signals()}), got
+        assert got not in {int(getattr(signal, n)) for n in _config.REFUSED_SIGNALS}, got
+    elif name == "log_format":
+        assert got in ("auto", "console", "json"), got
+    elif name == "churn_warning":
+        assert type(got) is bool, got
+    elif name == "metrics_addr":
+        assert type(got) is str and got, got
+        family = socket.AF_INET6 if ":" in got else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:  # it can be bound here: the server will bind it
+            s.bind((got, 0))
+    else:
+        assert got is None or type(got) is int, got
+        if got is not None:
+            assert got >= 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+class TestEveryValue:
+    """Any value is either accepted (of the right type, in range, and working) or a ValueError naming the option."""
+
+    @settings(max_examples=80, deadline=None)
+    @given(value=values)
+    @example(value=1e10)
+    @example(value=10**400)
+    @example(value=5e-324)
+    @example(value="SIGKILL")
+    @example(value="nan")
+    def test_argument(self, name: str, value: Any) -> None:
+        got = _checked(name, value)
+        if got is not _REJECTED:
+            _assert_sane(name, got)
+
+    @settings(max_examples=80, deadline=None)
+    @given(text=st.one_of(st.sampled_from([str(v) for v in EDGES]), st.text(max_size=30)))
+    def test_environment(self, name: str, text: str) -> None:
+        if "\x00" in text:
+            return  # no environment variable can hold NUL
+        var = f"LEAKGUARD_{name.upper()}"
+        try:
+            cfg = _config.parse({}, {var: text})
+        except ValueError as exc:
+            assert var in str(exc) and name in str(exc), exc
+        else:
+            _assert_sane(name, getattr(cfg, name))
+
+
+class TestAcceptedValuesWork:
+    """What is accepted works: the watcher runs with any accepted interval, a dump signal gets its handler."""
+
+    @settings(max_examples=40, deadline=None)
+    @given(value=st.one_of(st.sampled_from(EDGES), st.floats(), st.integers(), st.text(max_size=12)))
+    @example(value=1e10)
+    @example(value=365 * 86400)
+    @example(value=0.01)
+    def test_report_interval(self, value: Any) -> None:
+        got = _checked("report_interval", value)
+        if got is _REJECTED or got is None:
+            return
+        leakguard.install(integrations="none", report_interval=value, log_format="json")
+        try:
+            w = watcher.current()
+            assert w is not None and w.alive
+        finally:
+            leakguard.uninstall()
+        assert not w.alive
+
+    @settings(max_examples=40, deadline=None)
+    @given(value=st.one_of(st.sampled_from(EDGES), st.sampled_from([s.name for s in signal.Signals])))
+    @example(value="SIGKILL")
+    def test_dump_signal(self, value: Any) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            pytest.skip("signal handlers need the main thread")
+        sig = _checked("dump_signal", value)
+        if sig is _REJECTED or sig is None:
+            return
+        before = signal.getsignal(sig)
+        leakguard.install(integrations="none", dump_signal=value, log_format="json")
+        try:
+            assert signal.getsignal(sig) is watcher._on_signal
+        finally:
+            leakguard.uninstall()
+        assert signal.getsignal(sig) is before
