@@ -696,7 +696,7 @@ def _run(
 
     namer = _Namer()
     # 2. In use: a few steps from a live frame's local (modules and their globals not crossed).
-    uses: dict[int, tuple[_Root, str, int]] = {}
+    uses: dict[int, tuple[_Root, str, float]] = {}
     frame_roots = roots[:n_frames]
     if frame_roots:
         walk = _Walk([o for _, o in frame_roots], own | module_objs, budget)
@@ -704,8 +704,10 @@ def _run(
         for tid, chain in _all_chains(walk):
             ri, path = chain
             text, steps = namer.render(frame_roots[ri][0], path, target_objs[tid])
-            if steps <= IN_USE_STEPS and (tid not in uses or steps < uses[tid][2]):
-                uses[tid] = (frame_roots[ri][0], text, steps)
+            root = frame_roots[ri][0]
+            rank = steps - 0.5 * (root.task is not None)  # a task says more than the thread running its loop
+            if steps <= IN_USE_STEPS and (tid not in uses or rank < uses[tid][2]):
+                uses[tid] = (root, text, rank)
         del walk
 
     # 3. Held by: the shortest paths from every root.
@@ -770,7 +772,7 @@ def _all_chains(walk: _Walk) -> Iterator[tuple[int, tuple[int, list[tuple[Any, i
             yield tid, chain
 
 
-def _paths(objs: list[Any], uses: dict[int, tuple[_Root, str, int]], held: dict[int, list[str]]) -> list[str]:
+def _paths(objs: list[Any], uses: dict[int, tuple[_Root, str, float]], held: dict[int, list[str]]) -> list[str]:
     paths: list[str] = []
     for o in objs:
         if id(o) in uses:

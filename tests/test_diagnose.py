@@ -123,6 +123,7 @@ class TestVerdicts:
         async def handler() -> None:
             reader, writer = await asyncio.open_connection(*server.address)
             fds.append(writer.get_extra_info("socket").fileno())
+            await reader.read()  # b"": the peer hung up (the loop thread is done with the transport)
             try:
                 line.append(this_line() + 1)
                 await forever.wait()
@@ -138,7 +139,7 @@ class TestVerdicts:
             leak = leak_of(fds[0])
             assert leak.verdict == "in_use", leak.verdict_reason
             assert leak.in_use is not None
-            assert (leak.in_use["thread"], leak.in_use["task"]) == ("loop-thread", "session-7")
+            assert (leak.in_use["thread"], leak.in_use["task"]) == ("loop-thread", "session-7"), leak.held_by
             assert (leak.in_use["function"], leak.in_use["line"]) == ("handler", line[0])
             assert "Event" in leak.in_use["waits_on"]
             assert any(p.startswith("task 'session-7' in handler() local writer") for p in leak.held_by), leak.held_by
