@@ -260,3 +260,82 @@ class TestSubclassFileno:
                 twin.close()
         finally:
             s.close()
+
+
+_RESOURCE_WARNING_SUITE = '''
+import gc, re, socket, sys, warnings
+
+def drop():
+    s = socket.socket()
+    del s  # DROP
+
+def drop_cycle():
+    box = [socket.socket()]
+    box.append(box)  # freed only by the collector
+    del box
+    gc.collect()  # COLLECT
+
+def seen(record):
+    return [
+        (w.category.__name__, re.sub(r"fd=\\d+", "fd=N", str(w.message)), w.filename, w.lineno, w.source is not None)
+        for w in record
+    ]
+
+def test_recorded():
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        drop()
+        drop_cycle()
+    print("\\nRECORDED", seen(record))
+    assert [w.filename for w in record] == [__file__, __file__]
+
+def test_filter_by_module():
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=ResourceWarning, module=__name__)
+        drop()
+    print("\\nBY MODULE", seen(record))
+    assert record == []
+
+def test_once_per_location():
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            drop()
+    print("\\nONCE", seen(record))
+    assert len(record) == 1
+
+def test_as_error():
+    hooked = []
+    old, sys.unraisablehook = sys.unraisablehook, hooked.append
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ResourceWarning)
+            drop()
+    finally:
+        sys.unraisablehook = old
+    print("\\nUNRAISABLE", [(type(h.exc_value).__name__, re.sub(r"fd=\\d+", "fd=N", repr(h.object)), h.err_msg,
+                         h.exc_traceback.tb_frame.f_code.co_name if h.exc_traceback else None) for h in hooked])
+    assert len(hooked) == 1 and isinstance(hooked[0].object, socket.socket)
+'''
+
+
+class TestResourceWarningUnchanged:
+    """With the plugin on, a socket's ResourceWarning keeps its category, message, file, line and module:
+    filters by module, once-per-location and -W error::ResourceWarning behave as without it."""
+
+    def _run(self, pytester: pytest.Pytester, *args: str) -> list[str]:
+        pytester.makepyfile(test_rw=_RESOURCE_WARNING_SUITE)
+        result = pytester.runpytest_subprocess(
+            "-p", "no:hypothesispytest", "-p", "no:cacheprovider", "-s", "-q", "-W", "error::ResourceWarning", *args,
+            timeout=120,
+        )
+        result.assert_outcomes(passed=4)
+        keys = ("RECORDED", "BY MODULE", "ONCE", "UNRAISABLE")
+        return [line for line in result.outlines if line.startswith(keys)]
+
+    def test_same_warnings_with_and_without_the_plugin(self, pytester: pytest.Pytester) -> None:
+        plain = self._run(pytester)
+        assert len(plain) == 4 and "test_rw.py" in plain[0]
+        with_plugin = self._run(pytester, "--leakguard", "--leakguard-gc=warn")
+        assert with_plugin == plain
