@@ -339,3 +339,84 @@ class TestResourceWarningUnchanged:
         assert len(plain) == 4 and "test_rw.py" in plain[0]
         with_plugin = self._run(pytester, "--leakguard", "--leakguard-gc=warn")
         assert with_plugin == plain
+
+
+_EPOLL_REUSED = """
+import os, select, time
+import leakguard
+from leakguard import kernel, watcher
+if kernel._scan is None:
+    print("skip: no compiled scan, no epoll set")
+    raise SystemExit(0)
+leakguard.install(integrations="none", report_interval=0.2, log_format="json")
+w = watcher.current()
+AFTER_INSTALL()
+while w._cache.ep is None or w.ticks < 2:
+    time.sleep(0.01)
+ours = w._cache.ep
+ours = ours if isinstance(ours, int) else ours.fileno()
+t0 = w.ticks
+while w.ticks == t0:  # right after a tick: the next is 0.2 s away (else it may take the number again)
+    time.sleep(0.001)
+os.closerange(3, 4096)  # daemon style: the host closes every descriptor it did not open on purpose
+held = []
+while ours not in [fd for f in held for fd in (f if isinstance(f, tuple) else (f.fileno(),))]:
+    held.append(REOPEN())  # until the host's new file gets the number leakguard's epoll set had
+    assert len(held) < 100, held
+start = w.ticks
+while w.ticks < start + 3:  # the watcher keeps scanning meanwhile
+    time.sleep(0.01)
+CHECK_DURING()
+leakguard.uninstall()
+os.fstat(ours)  # still open: leakguard closed nothing of the host's
+CHECK_AFTER()
+print("ok")
+"""
+
+
+class TestDescriptorsLeakguardDoesNotOwn:
+    """After the host's os.closerange() reuses the number of leakguard's epoll descriptor, leakguard
+    neither closes nor uses the host's file there (a pipe, or the host's own epoll set)."""
+
+    def test_host_pipe_on_the_number(self, tmp_path: Path) -> None:
+        code = _EPOLL_REUSED.replace("REOPEN()", "os.pipe()").replace("AFTER_INSTALL()", "pass")
+        code = code.replace("CHECK_DURING()", "pass").replace(
+            "CHECK_AFTER()",
+            "pair = next(f for f in held if ours in f)\n"
+            "os.write(pair[1], b'x'); assert os.read(pair[0], 1) == b'x'",
+        )
+        out = run_py(tmp_path, code)
+        if out.startswith("skip:"):
+            pytest.skip(out)
+        assert out.split() == ["ok"]
+
+    def test_host_epoll_on_the_number(self, tmp_path: Path) -> None:
+        code = (
+            _EPOLL_REUSED.replace("REOPEN()", "select.epoll()")
+            .replace(
+                "AFTER_INSTALL()",  # settled TCP sockets leakguard tracks: the scan registers those in its set
+                "import socket\n"
+                "lst = socket.create_server(('127.0.0.1', 0))\n"
+                "TRACKED = [(socket.create_connection(lst.getsockname()), lst.accept()[0]) for _ in range(3)]",
+            )
+            .replace(
+                "os.closerange(3, 4096)",
+                "keep = {s.fileno() for p in TRACKED for s in p} | {lst.fileno()}\n"
+                "for fd in range(3, 4096):\n"
+                "    if fd not in keep:\n"
+                "        try:\n"
+                "            os.close(fd)\n"
+                "        except OSError:\n"
+                "            pass",
+            )
+            .replace(
+                "CHECK_DURING()",
+                "import pathlib\ninfo = pathlib.Path(f'/proc/self/fdinfo/{ours}').read_text()\n"
+                "assert 'tfd:' not in info, info  # nothing of leakguard's registered in the host's epoll set",
+            )
+            .replace("CHECK_AFTER()", "next(f for f in held if f.fileno() == ours).poll(0)\n[s.close() for p in TRACKED for s in p]\nlst.close()")
+        )
+        out = run_py(tmp_path, code)
+        if out.startswith("skip:"):
+            pytest.skip(out)
+        assert out.split() == ["ok"]
