@@ -25,7 +25,7 @@ from typing import Any
 if __package__ in (None, ""):  # python benchmarks/run.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-MODULES = ["bench_core", "bench_requests", "bench_db", "bench_watcher", "bench_pytest"]
+MODULES = ["bench_core", "bench_render", "bench_requests", "bench_db", "bench_watcher", "bench_pytest"]
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -113,6 +113,7 @@ def floors(rows: list[dict[str, Any]]) -> list[str]:
         if ctl is not None:
             detail += f"; plain vs plain: {ctl['pair_ratio']:.3f}× paired, {ctl['ratio']:.3f}× best of rounds"
         check("loopback connect+close ≤ 3 % added", ok, detail)
+    _path_floors(rows, check)
     r = next((x for x in rows if x.get("sockets") == 1000 and "foreign" not in x["name"] and "ratio" in x), None)
     check("snapshot() with 1,000 own sockets ≤ 0.2× psutil", None if r is None else r["ratio"] <= 0.2,
           "" if r is None else f"{r['ratio']:.3f}×")  # fmt: skip
@@ -142,7 +143,51 @@ def floors(rows: list[dict[str, Any]]) -> list[str]:
     r = _find(rows, "watcher CPU share")
     check("watcher ≤ 1 % of a core at report_interval=1", None if r is None else r["value"] <= 1,
           "" if r is None else f"{r['value']} %")  # fmt: skip
+    for render, label in (("to_dict", "snapshot().to_dict()"), ("str", "str(snapshot())")):
+        # A time floor (psutil's cost is mostly the kernel writing /proc/net/tcp, which no
+        # instruction count of the process sees): judged on the timed ratio, the count beside it.
+        r = _rendered(rows, render, "baseline_us")
+        ins = _rendered(rows, render, "baseline_instructions")
+        detail = "" if r is None else (
+            f"{r['ratio']:.3f}× ({r['leakguard_us'] / 1000:.2f} ms vs {r['baseline_us'] / 1000:.1f} ms)"
+        )  # fmt: skip
+        if ins is not None:
+            detail += f"; {ins['leakguard_instructions']:,} instructions vs psutil's {ins['baseline_instructions']:,}"
+        check(f"{label} of 1,000 sockets (500 CLOSE_WAIT, one site) ≤ 0.1× psutil net_connections('tcp')",
+              None if r is None else r["ratio"] <= 0.1, detail)  # fmt: skip
     return out
+
+
+def _rendered(rows: list[dict[str, Any]], render: str, has: str) -> dict[str, Any] | None:
+    """bench_render's row for *render* at 1,000 own sockets from one site."""
+    return next(
+        (r for r in rows if r.get("render") == render and r.get("own_sockets") == 1000 and r.get("sites") == 1
+         and has in r and "error" not in r),
+        None,
+    )  # fmt: skip
+
+
+def _path_floors(rows: list[dict[str, Any]], check: Any) -> None:
+    """The creation paths' floors (bench_core's per-path instruction rows): each path adds at
+    most 1,000 instructions per socket it creates, create+close at most 800, and the
+    in-process connect + accept + close cycle at most 3 %."""
+    paths = [r for r in rows if "added_per_socket" in r and r.get("path") != "connect-remote" and "error" not in r]
+    if not paths:
+        check("every creation path ≤ +1,000 instructions per socket", None, "")
+    else:
+        worst = max(r["added_per_socket"] for r in paths)
+        check("every creation path ≤ +1,000 instructions per socket", worst <= 1000,
+              ", ".join(f"{r['path']} {r['added_per_socket']:+,}" for r in paths))  # fmt: skip
+    r = next((x for x in paths if x.get("path") == "create"), None)
+    check("socket create+close ≤ +800 instructions", None if r is None else r["added_per_socket"] <= 800,
+          "" if r is None else f"{r['added_per_socket']:+,} on {r['baseline_instructions']:,}")  # fmt: skip
+    r = next((x for x in paths if x.get("path") == "cycle"), None)
+    timed = next((x for x in rows if x.get("path") == "cycle" and "pair_ratio" in x), None)
+    detail = "" if r is None else f"{r['ratio']:.3f}× instructions ({r['added_instructions']:+,} on {r['baseline_instructions']:,})"
+    if timed is not None:
+        detail += f"; timed {timed['pair_ratio']:.3f}× (paired)"
+    check("in-process connect + accept + close cycle ≤ 1.03× instructions", None if r is None else r["ratio"] <= 1.03,
+          detail)  # fmt: skip
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> bool:
@@ -154,12 +199,16 @@ def plot(rows: list[dict[str, Any]], path: str) -> bool:
     except ImportError:
         return False
     snap = [r for r in rows if r.get("sockets") and "foreign" not in r["name"] and "ratio" in r]
+    rendered = {
+        k: [r for r in rows if r.get("render") == k and r.get("sites") == 1 and "baseline_us" in r]
+        for k in ("to_dict", "str")
+    }
     # Per-operation rows only: not the noise control, the other tools (tens of times slower:
     # they would squeeze every leakguard bar to nothing) or the idle-process CPU row.
     ops = [
         r
         for r in rows
-        if "ratio" in r and "baseline_us" in r and not r.get("sockets")
+        if "ratio" in r and "baseline_us" in r and not r.get("sockets") and not r.get("render")
         and not any(k in r["name"] for k in ("plain vs plain", "for comparison", "while idle"))
     ]  # fmt: skip
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
@@ -169,6 +218,10 @@ def plot(rows: list[dict[str, Any]], path: str) -> bool:
         a.loglog(xs, [r["baseline_us"] / 1000 for r in snap], "s-", label="psutil net_connections('tcp')")
         if all("proc_net_tcp_us" in r for r in snap):
             a.loglog(xs, [r["proc_net_tcp_us"] / 1000 for r in snap], "^-", label="/proc/net/tcp join")
+        for k, label in (("to_dict", "snapshot().to_dict()"), ("str", "str(snapshot())")):
+            if rendered[k]:
+                a.loglog([r["own_sockets"] for r in rendered[k]], [r["leakguard_us"] / 1000 for r in rendered[k]],
+                         "x--", label=label)  # fmt: skip
         a.set_xlabel("own sockets")
         a.set_ylabel("ms per snapshot")
         a.set_title("Reading the process's sockets")
