@@ -5,14 +5,16 @@
 ``socket.socket`` (or subclass), so one hook records them all.  It is not a
 wrapt proxy because it runs for every socket: a wrapt bound wrapper alone costs
 about the whole budget (see MEASURED.md).  With the compiled extension built,
-the hook is a C method descriptor (``_speedups.make_init``): no Python frame of
-its own per socket; otherwise the plain function below does the same.  Nothing
+the hook is a compiled callable that binds like a function (``_speedups.make_init``):
+no Python frame of its own per socket; otherwise the plain function below does the
+same.  Either shows introspection the original's name, module, doc and signature.  Nothing
 is hooked on ``close()``; see :mod:`leakguard.registry`.
 """
 
 from __future__ import annotations
 
 import socket
+import sys
 from typing import Any
 
 from ._patch import Patches
@@ -39,9 +41,18 @@ def __init__(self: Any, family: Any = -1, type: Any = -1, proto: Any = -1, filen
         _errors[0] += 1
 
 
-__init__.__qualname__ = "socket.__init__"
-__init__.__doc__ = _original_init.__doc__
-_hook = __init__
+def _looks_like_original(hook: Any) -> Any:
+    """What introspection reads of the original ``__init__``, on *hook*: name, qualname,
+    module, doc, and ``__wrapped__`` (``inspect.signature`` follows it to the original's)."""
+    for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+        setattr(hook, attr, getattr(_original_init, attr, None))
+    hook.__wrapped__ = _original_init
+    return hook
+
+
+if sys.version_info >= (3, 11):  # a misuse's TypeError names the code's qualname
+    __init__.__code__ = __init__.__code__.replace(co_qualname=_original_init.__code__.co_qualname)
+_hook = _looks_like_original(__init__)
 del __init__
 
 
@@ -51,14 +62,15 @@ def _slow(sock: Any, inherit: bool) -> None:
 
 
 def _compiled_hook() -> Any:
-    """The same hook as a C method descriptor (no Python frame per socket), or None in pure Python."""
+    """The same hook compiled (no Python frame per socket), or None in pure Python."""
     sp = registry._speedups
     if _fast is None or sp is None or not hasattr(sp, "make_init"):
         return None
     try:
-        return sp.make_init(
+        hook = sp.make_init(
             _socket_class, _original_init, None if _fast is registry.fast_record else _fast, _slow, _errors, registry._views
         )
+        return _looks_like_original(hook)
     except Exception:  # a stale build: the Python hook does the same
         return None
 

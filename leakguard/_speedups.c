@@ -12,6 +12,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <frameobject.h>
+#include <structmember.h>
 #include <time.h>
 
 /* CPython 3.11-3.13 keep frames as _PyInterpreterFrame structs and build a frame
@@ -523,29 +524,43 @@ lookup(PyObject *key)
     return PyDict_GetItemWithError(records, key);
 }
 
+/* What every record starts with: outside a scope, a socket holding a descriptor gets its
+ * weak reference (*ref*), its descriptor as an int (*key*, both new references) and the
+ * table's entry for it (*old*, borrowed or NULL), looked up after *ref* was made.
+ * 2 to go on; else what the caller returns: 1 nothing to record, 0 scoped (the Python
+ * path), -1 with an exception set. */
+static inline int
+begin(PyObject *sock, long *fd, PyObject **ref, PyObject **key, PyObject **old)
+{
+    int sc = scoped();
+    if (sc != 0)
+        return sc < 0 ? -1 : 0;
+    *fd = new_fd(sock);
+    if (*fd < 0)
+        return *fd == -2 ? -1 : 1; /* no descriptor: nothing to record */
+    *ref = PyWeakref_NewRef(sock, NULL);
+    if (*ref == NULL)
+        return -1;
+    *key = PyLong_FromLong(*fd);
+    *old = *key != NULL ? lookup(*key) : NULL;
+    if (*old == NULL && (*key == NULL || PyErr_Occurred())) {
+        Py_DECREF(*ref);
+        Py_XDECREF(*key);
+        return -1;
+    }
+    return 2;
+}
+
 /* record() for a socket created *skip* Python frames below the current one:
  * 1 recorded (or nothing to record), 0 left to the Python path (an integration scope
  * is active), -1 with an exception set. */
 static int
 record_impl(PyObject *sock, int skip)
 {
-    int sc = scoped();
-    if (sc != 0)
-        return sc < 0 ? -1 : 0; /* an error, or scoped: the Python path */
-    long fd = new_fd(sock);
-    if (fd < 0)
-        return fd == -2 ? -1 : 1; /* no descriptor: nothing to record */
-    PyObject *ref = PyWeakref_NewRef(sock, NULL);
-    if (ref == NULL)
-        return -1;
-    PyObject *key = PyLong_FromLong(fd);
-    PyObject *old = key != NULL ? lookup(key) : NULL;
-    if (old == NULL && (key == NULL || PyErr_Occurred())) {
-        Py_DECREF(ref);
-        Py_XDECREF(key);
-        return -1;
-    }
-    return store(sock, key, ref, old, skip);
+    long fd;
+    PyObject *ref, *key, *old;
+    int r = begin(sock, &fd, &ref, &key, &old);
+    return r != 2 ? r : store(sock, key, ref, old, skip);
 }
 
 /* The object an entry's weak reference points to (a new reference), or NULL (dead, or
@@ -583,22 +598,11 @@ static PyObject *views; /* registry._views (fd -> Record view), or NULL: see inh
 static int
 inherit_impl(PyObject *sock)
 {
-    int sc = scoped();
-    if (sc != 0)
-        return sc < 0 ? -1 : 0;
-    long fd = new_fd(sock);
-    if (fd < 0)
-        return fd == -2 ? -1 : 1;
-    PyObject *ref = PyWeakref_NewRef(sock, NULL);
-    if (ref == NULL)
-        return -1;
-    PyObject *key = PyLong_FromLong(fd);
-    PyObject *old = key != NULL ? lookup(key) : NULL;
-    if (old == NULL && (key == NULL || PyErr_Occurred())) {
-        Py_DECREF(ref);
-        Py_XDECREF(key);
-        return -1;
-    }
+    long fd;
+    PyObject *ref, *key, *old;
+    int r = begin(sock, &fd, &ref, &key, &old);
+    if (r != 2)
+        return r;
     PyObject *other = old != NULL && PyTuple_Check(old) && PyTuple_GET_SIZE(old) >= ENTRY_HEAD ? referent(old) : NULL;
     if (other != NULL && other != sock) {
         int holds = PyObject_TypeCheck(other, raw_socket) ? sock_fd(other) == fd : -1;
@@ -654,6 +658,7 @@ static PyObject *hook_orig;   /* the original socket.socket.__init__ */
 static PyObject *hook_fast;   /* None: record_impl directly; else a callable standing in for record() */
 static PyObject *hook_slow;   /* _sockets._slow(sock, inherit): registry.record_socket */
 static PyObject *hook_errors; /* registry._errors, a one-item list */
+static PyObject *fileno_str;  /* "fileno", interned */
 
 static int
 hook_count_error(void)
@@ -672,29 +677,35 @@ hook_count_error(void)
     return 0;
 }
 
+/* The hook object: a callable that binds like a Python function (Py_TPFLAGS_METHOD_DESCRIPTOR:
+ * slot_tp_init calls it with self first, no bound method made) and carries what introspection
+ * reads of the function it replaces: __name__, __qualname__, __module__, __doc__ and
+ * __wrapped__ go into its __dict__ (_sockets sets them), so inspect.signature() follows
+ * __wrapped__ to the original.  Calls go to the original with their arguments untouched, so
+ * every misuse raises the original's own TypeError. */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *dict;
+} hook_object;
+
 static PyObject *
-hooked_init(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+hook_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
-    Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
-    PyObject *small[8];
-    PyObject **stack = small;
-    if (nargs + nkw + 1 > 8) {
-        stack = PyMem_Malloc(sizeof(PyObject *) * (size_t)(nargs + nkw + 1));
-        if (stack == NULL)
-            return PyErr_NoMemory();
-    }
-    stack[0] = self;
-    for (Py_ssize_t i = 0; i < nargs + nkw; i++)
-        stack[i + 1] = args[i];
-    PyObject *r = PyObject_Vectorcall(hook_orig, stack, (size_t)(nargs + 1), kwnames);
-    if (stack != small)
-        PyMem_Free(stack);
+    PyObject *r = PyObject_Vectorcall(hook_orig, args, nargsf, kwnames);
     if (r == NULL)
         return NULL;
     Py_DECREF(r);
-    PyObject *fileno = nargs >= 4 ? args[3] : NULL;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 1)
+        Py_RETURN_NONE; /* self passed by keyword: nothing is recorded */
+    PyObject *self = args[0];
+    PyObject *fileno = nargs >= 5 ? args[4] : NULL;
+    Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
     for (Py_ssize_t i = 0; i < nkw; i++) {
-        if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, i), "fileno") == 0)
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+        /* Keyword names are mostly the interned string itself: a pointer compare. */
+        if (name == fileno_str || PyUnicode_CompareWithASCIIString(name, "fileno") == 0)
             fileno = args[nargs + i];
     }
     int inherit = fileno != NULL && fileno != Py_None;
@@ -718,15 +729,60 @@ hooked_init(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *k
     Py_RETURN_NONE;
 }
 
-static PyMethodDef hooked_init_def = {
-    "__init__",
-    (PyCFunction)(void (*)(void))hooked_init,
-    METH_FASTCALL | METH_KEYWORDS,
-    "__init__($self, /, family=-1, type=-1, proto=-1, fileno=None)\n--\n\n"
-    "socket.socket.__init__, with leakguard recording the new socket.",
+static PyObject *
+hook_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL || obj == Py_None)
+        return Py_NewRef(self);
+    return PyMethod_New(self, obj);
+}
+
+static int
+hook_traverse(PyObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(((hook_object *)self)->dict);
+    return 0;
+}
+
+static int
+hook_clear(PyObject *self)
+{
+    Py_CLEAR(((hook_object *)self)->dict);
+    return 0;
+}
+
+static void
+hook_dealloc(PyObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Py_CLEAR(((hook_object *)self)->dict);
+    PyObject_GC_Del(self);
+}
+
+static PyMemberDef hook_members[] = {
+    {"__vectorcalloffset__", T_PYSSIZET, offsetof(hook_object, vectorcall), READONLY, NULL},
+    {"__dictoffset__", T_PYSSIZET, offsetof(hook_object, dict), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
 };
 
-/* make_init(cls, orig, fast, slow, errors, views=None) -> the method descriptor to set as
+static PyTypeObject hook_type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "leakguard._speedups.hook",
+    .tp_basicsize = sizeof(hook_object),
+    .tp_dealloc = hook_dealloc,
+    .tp_vectorcall_offset = offsetof(hook_object, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_getattro = PyObject_GenericGetAttr,
+    .tp_setattro = PyObject_GenericSetAttr,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_traverse = hook_traverse,
+    .tp_clear = hook_clear,
+    .tp_members = hook_members,
+    .tp_descr_get = hook_get,
+    .tp_dictoffset = offsetof(hook_object, dict),
+};
+
+/* make_init(cls, orig, fast, slow, errors, views=None) -> the hook object to set as
  * cls.__init__; *views* is registry._views (without it, every handover is the Python path's) */
 static PyObject *
 make_init(PyObject *self, PyObject *args)
@@ -744,7 +800,17 @@ make_init(PyObject *self, PyObject *args)
     Py_XSETREF(hook_slow, Py_NewRef(slow));
     Py_XSETREF(hook_errors, Py_NewRef(errors));
     Py_XSETREF(views, Py_XNewRef(v));
-    return PyDescr_NewMethod((PyTypeObject *)cls, &hooked_init_def);
+    if (PyType_Ready(&hook_type) < 0)
+        return NULL;
+    if (fileno_str == NULL && (fileno_str = PyUnicode_InternFromString("fileno")) == NULL)
+        return NULL;
+    hook_object *h = PyObject_GC_New(hook_object, &hook_type);
+    if (h == NULL)
+        return NULL;
+    h->vectorcall = hook_vectorcall;
+    h->dict = NULL;
+    PyObject_GC_Track((PyObject *)h);
+    return (PyObject *)h;
 }
 
 static PyObject *
@@ -1047,23 +1113,70 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "leakguard._speedups", NULL, -1, methods};
+/* The module keeps its state in C globals: the hot path reads them with no module-state
+ * lookup.  So it runs in the main interpreter only: a sub-interpreter that imported it
+ * would rebind those globals to its own objects (the main interpreter's records table,
+ * its socket hook's original __init__) and break the main interpreter.  Multi-phase
+ * init runs exec_module at every import, also in legacy sub-interpreters (which
+ * Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED alone does not refuse); there it raises
+ * ImportError, and leakguard in that sub-interpreter takes its pure-Python path
+ * (registry._load_speedups), leaving the main interpreter's state alone. */
+static int
+exec_module(PyObject *mod)
+{
+    if (PyInterpreterState_Get() != PyInterpreterState_Main()) {
+        PyErr_SetString(PyExc_ImportError,
+                        "leakguard._speedups runs in the main interpreter only (its state is process-wide)");
+        return -1;
+    }
+#ifdef Py_GIL_DISABLED
+    /* Its globals and in-place entry rewrites rely on the GIL: on a free-threaded build the
+     * pure-Python path runs instead, and the GIL is never re-enabled on its account. */
+    PyErr_SetString(PyExc_ImportError, "leakguard._speedups is not built for free-threaded Python");
+    return -1;
+#endif
+    if (raw_socket == NULL) {
+        PyObject *sm = PyImport_ImportModule("_socket");
+        if (sm == NULL)
+            return -1;
+        PyObject *cls = PyObject_GetAttrString(sm, "socket");
+        Py_DECREF(sm);
+        if (cls == NULL)
+            return -1;
+        if (!PyType_Check(cls)) {
+            Py_DECREF(cls);
+            PyErr_SetString(PyExc_ImportError, "_socket.socket is not a type");
+            return -1;
+        }
+        fileno_of = PyObject_GetAttrString(cls, "fileno"); /* the method descriptor */
+        if (fileno_of == NULL) {
+            Py_DECREF(cls);
+            return -1;
+        }
+        raw_socket = (PyTypeObject *)cls; /* kept for the process's lifetime */
+    }
+    return 0;
+}
+
+static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, (void *)exec_module},
+#ifdef Py_mod_multiple_interpreters
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+#ifdef Py_mod_gil
+#ifdef Py_GIL_DISABLED
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED}, /* true of what runs: exec_module refuses there */
+#else
+    {Py_mod_gil, Py_MOD_GIL_USED},
+#endif
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "leakguard._speedups", NULL, 0, methods, slots};
 
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    PyObject *mod = PyImport_ImportModule("_socket");
-    if (mod == NULL)
-        return NULL;
-    PyObject *cls = PyObject_GetAttrString(mod, "socket");
-    Py_DECREF(mod);
-    if (cls == NULL)
-        return NULL;
-    fileno_of = PyObject_GetAttrString(cls, "fileno");  /* the method descriptor */
-    if (fileno_of == NULL || !PyType_Check(cls)) {
-        Py_DECREF(cls);
-        return NULL;
-    }
-    raw_socket = (PyTypeObject *)cls;  /* kept for the module's lifetime */
-    return PyModule_Create(&module);
+    return PyModuleDef_Init(&module);
 }

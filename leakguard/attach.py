@@ -328,6 +328,14 @@ def safe(thread):
 
 
 try:
+    # Only the interpreter's own symbols are needed: loading every library's would keep the process
+    # stopped longer (auto-solib-add is off on the command line).
+    # libc for unwinding out of a system call (to see a thread waiting for the GIL in take_gil).
+    for lib in ("libpython", "libc[.-]", "libpthread"):
+        try:
+            gdb.execute("sharedlibrary " + lib, to_string=True)
+        except gdb.error:
+            pass  # a static interpreter: its symbols are in the executable
     gdb.execute("set pagination off")
     gdb.execute("set confirm off")
     gdb.execute("set unwindonsignal on")
@@ -390,6 +398,7 @@ def _gdb_once(pid: int, tmp: str, code: str, timeout: float) -> dict[str, Any]:
         "-iex", "set auto-load off",
         "-iex", "set debuginfod enabled off",
         "-iex", "set startup-with-shell off",
+        "-iex", "set auto-solib-add off",
         "-p", str(pid),
         "-x", script,
     ]  # fmt: skip
@@ -421,12 +430,13 @@ def _run_gdb(pid: int, tmp: str, code: str, timeout: float) -> dict[str, Any]:
     tries = 0
     while True:
         tries += 1
-        left = deadline - time.monotonic()
-        res = _gdb_once(pid, tmp, code, max(1.0, left))
+        began = time.monotonic()
+        res = _gdb_once(pid, tmp, code, max(1.0, deadline - began))
         if res.get("ok") or res.get("reason") != "no thread at a safe point":
             res["tries"] = tries
             return res
-        if time.monotonic() + 0.2 >= deadline:
+        took = time.monotonic() - began
+        if time.monotonic() + 0.2 + 2 * took >= deadline:  # another try would not finish in time
             checked = ", ".join(f"{tid}: {why}" for tid, why in res.get("checked", []))
             raise AttachError(
                 f"no thread of process {pid} was at a safe point in {tries} tries (every thread was running "
@@ -518,6 +528,7 @@ def attach(pid: int, install: bool = False, report_interval: str | None = None, 
             info["run_s"] = round(how.get("run_s", 0.0), 3)
             info["thread"] = how.get("tid")
             info["tries"] = how.get("tries")
+            info["threads_checked"] = how.get("checked")  # [tid, why not safe | "safe"] in the order tried
         data.pop("ok", None)
         return data
     except ProcessError as exc:

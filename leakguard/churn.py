@@ -3,30 +3,37 @@
 The side that closes a TCP connection first keeps it in TIME_WAIT for 60 s on
 Linux, holding the (local address, local port, peer address, peer port) tuple.
 A client that opens a fresh connection per request to one peer can therefore
-make at most ``ip_local_port_range`` connections to that peer per minute; near
-that rate ``connect()`` starts failing with ``EADDRNOTAVAIL``.  The kernel
-cannot say which code does it (TIME_WAIT sockets have no owner); the records can.
+hold at most ``ip_local_port_range`` ports to that peer per minute; near that
+rate ``connect()`` starts failing with ``EADDRNOTAVAIL``.
 
-Nothing is added to the socket hot path.  At each watcher tick
+What is counted is what the kernel shows: a connection this process closed
+first is a TIME_WAIT entry in the network namespace's table
+(``/proc/self/net/tcp{,6}``).  Sockets that never connected (UDP, unconnected
+TCP) and connections the peer closed first leave none, so they are never
+counted.  Nothing is added to the socket hot path.  At each watcher tick
 :meth:`ChurnTracker.observe` compares what it sees with the previous tick:
 
-* a record that was live at the previous tick in ``ESTABLISHED`` and is gone now
-  was closed by this process first (exact: site, peer and state are known);
-* a record created since the previous tick and already closed (its object gone
-  or its ``fileno()`` changed, but its fd not yet reused) is a *sample* of a
-  short-lived connection: its creation site is known, its peer is the last peer
-  seen live for that site;
-* the registry's sequence counter says how many records were created since the
-  previous tick; those never seen at all (closed and their fd reused before the
-  tick) are attributed to sites in proportion to the samples above.
+* a record that was live in ``ESTABLISHED`` at the previous tick and is gone
+  now, with a TIME_WAIT entry for its exact addresses: closed first by this
+  process (exact: site, peer and state are known);
+* the TIME_WAIT entries new since the previous tick that match none of those
+  are connections opened and closed between two ticks (never seen live); their
+  peers are exact, their number is capped by the sockets this process created
+  since the previous tick, and they are attributed to the creation sites of the
+  records created since then and already closed, in proportion to how many each
+  site has (a site's last peer seen live goes first).  Entries whose local port
+  is a listening port (a server's side) or outside the ephemeral range are
+  ignored.
 
-Approximations (documented, accepted): short-lived connections are assumed to be
-closed by this process first (true for most clients, not for HTTP/1.0 servers
-that hang up); sockets created by ``accept()``/``socketpair()``/``fromfd()``/
-``dup()`` are never counted (a server's accepted sockets use no local ephemeral
-port); a site whose only sockets are short-lived UDP sockets is counted as if
-TCP; the peer of a site never seen live is unknown; rates are extrapolated to
-60 s from the window observed so far (at least 1 s).
+The table is read only at ticks that saw a client connection closed (a
+short-lived one made since the previous tick, or one ESTABLISHED then): a
+steady process, or a server accepting connections, never reads it.  Exact when this process is alone in
+its network namespace (a container); with other processes in it, their
+short-lived connections to the same peers can be counted too, at most as many
+as this process created sockets meanwhile.  Rates: ``closes_per_60s`` is what
+the last 60 s actually closed (ports now held in TIME_WAIT), ``rate_per_s`` the
+rate over the last few seconds, from which the exhaustion of the port range to
+the peer is projected.
 """
 
 from __future__ import annotations
@@ -44,15 +51,22 @@ from ._value import Value
 if TYPE_CHECKING:
     from .snapshot import Snapshot
 
-__all__ = ["ChurnTracker", "ChurnWarning", "local_port_range"]
+__all__ = ["ChurnTracker", "ChurnWarning", "local_port_range", "time_wait"]
 
-#: TIME_WAIT duration on Linux (TCP_TIMEWAIT_LEN), the window rates are measured over.
+#: TIME_WAIT duration on Linux (TCP_TIMEWAIT_LEN), the window closes are counted over.
 WINDOW_S = 60.0
+#: The recent rate (for the projection) is measured over at least this many seconds of ticks.
+RECENT_S = 1.0
 _DEFAULT_RANGE = (32768, 60999)
+_ORPHAN_STATES = frozenset(("04", "05", "0B"))  # FIN_WAIT1, FIN_WAIT2, CLOSING
 _SOCKET_FILE = socket.__file__
 _NOT_CLIENT = frozenset({"accept", "socketpair", "fromfd", "dup"})
+#: A rate measured on fewer closes is noise (a shared namespace's stray entries): no projection from it.
+_MIN_PROJECTED = 20
+_BOUND = 4096  # most sites remembered (peers, origins); code objects of recompiled sites must not pile up
 
 SiteKey = tuple[Any, int]  # (code, lasti) of the creation site, or ("<unknown>", 0)
+Pair = tuple[SiteKey, "str | None"]
 
 
 def local_port_range() -> tuple[int, int]:
@@ -67,6 +81,80 @@ def local_port_range() -> tuple[int, int]:
     return _DEFAULT_RANGE
 
 
+def time_wait(ports: tuple[int, int] | None = None) -> dict[tuple[str, str], tuple[str, int]] | None:
+    """Client connections this network namespace closed first; None without /proc.
+
+    Keys are the kernel's hex (local, remote), values (state, timer): the timer
+    is the time left to the entry, which jumps up when a new connection reused
+    the port of one in TIME_WAIT (``tcp_tw_reuse``) and then closed in turn.
+    Closed first: TIME_WAIT, or still waiting for the peer's FIN (FIN_WAIT1,
+    FIN_WAIT2, CLOSING) with no descriptor left (inode 0): either way the local
+    port stays taken.  Client side: the local port is in *ports* (the ephemeral
+    range) and is no listening port of the namespace (a server's own side of a
+    connection it closed first holds no ephemeral port).  Decode with :func:`decode`.
+    """
+    lo, hi = ports or local_port_range()
+    found: list[tuple[str, str, str, str]] = []
+    listening: set[str] = set()
+    ok = False
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/self/net/{name}") as f:
+                f.readline()
+                for line in f:
+                    parts = line.split(None, 10)
+                    if len(parts) < 10:
+                        continue
+                    st = parts[3]
+                    if st == "06" or (st in _ORPHAN_STATES and parts[9] == "0"):
+                        found.append((parts[1], parts[2], st, parts[5]))
+                    elif st == "0A":
+                        listening.add(parts[1].rpartition(":")[2])
+            ok = True
+        except OSError:
+            continue
+    if not ok:
+        return None
+    out = {}
+    for local, remote, st, timer in found:
+        port_hex = local.rpartition(":")[2]
+        if port_hex not in listening and lo <= int(port_hex, 16) <= hi:
+            try:
+                left = int(timer.partition(":")[2], 16)
+            except ValueError:
+                left = 0
+            out[(local, remote)] = (st, left)
+    return out
+
+
+def _new_entries(
+    now: dict[tuple[str, str], tuple[str, int]], prev: dict[tuple[str, str], tuple[str, int]]
+) -> list[tuple[str, str]]:
+    """Entries of *now* that were not there at *prev*, or are a later connection on the same ports."""
+    out = []
+    for key, (st, left) in now.items():
+        was = prev.get(key)
+        if was is None or (st == "06" and was[0] == "06" and left > was[1]):
+            out.append(key)
+    return out
+
+
+_decoded: dict[str, str] = {}
+
+
+def decode(hexaddr: str) -> str:
+    """``0100007F:1538`` -> ``127.0.0.1:5432`` (IPv6 as ``[::1]:5432``), as ss prints them."""
+    text = _decoded.get(hexaddr)
+    if text is None:
+        from .procview import _hex_addr4, _hex_addr6
+
+        text = _hex_addr4(hexaddr) if len(hexaddr) <= 13 else _hex_addr6(hexaddr)
+        if len(_decoded) > 65536:
+            _decoded.clear()
+        _decoded[hexaddr] = text
+    return text
+
+
 class ChurnWarning(Value):
     """One site closing connections to one peer fast enough to run out of local ports."""
 
@@ -76,23 +164,41 @@ class ChurnWarning(Value):
     limit: int
     ports: int
     origin: str
+    rate_per_s: float
+    exhausted_in_s: float | None
 
-    def __init__(self, site: str, peer: str | None, closes_per_60s: int, limit: int, ports: int, origin: str) -> None:
+    def __init__(
+        self,
+        site: str,
+        peer: str | None,
+        closes_per_60s: int,
+        limit: int,
+        ports: int,
+        origin: str,
+        rate_per_s: float = 0.0,
+        exhausted_in_s: float | None = None,
+    ) -> None:
         self.site = site
         self.peer = peer
         self.closes_per_60s = closes_per_60s
         self.limit = limit
         self.ports = ports
         self.origin = origin
+        self.rate_per_s = rate_per_s
+        self.exhausted_in_s = exhausted_in_s
 
     @property
     def message(self) -> str:
-        to = f"to {self.peer}" if self.peer else "to one peer"
+        to = self.peer or "one peer"
+        if self.exhausted_in_s is not None:
+            outlook = f"exhausted in ~{self.exhausted_in_s:,.0f} s at {self.rate_per_s:,.0f}/s"
+        else:
+            outlook = f"at {self.rate_per_s:,.0f}/s about {self.rate_per_s * WINDOW_S:,.0f} of them stay in TIME_WAIT"
         return (
-            f"{self.site} opens and closes about {self.closes_per_60s} connections per 60 s {to}; "
-            f"each waits 60 s in TIME_WAIT and only {self.ports} local ports exist per peer "
-            f"(net.ipv4.ip_local_port_range): reuse connections with a pool or keep-alive (e.g. one "
-            f"requests.Session / httpx.Client) instead of a new connection per call"
+            f"{self.site} opened and closed {self.closes_per_60s:,} connections to {to} in the last 60 s "
+            f"(this process closed first: each waits 60 s in TIME_WAIT); {self.ports:,} ports to {to}; {outlook}. "
+            "Reuse connections (a pool or keep-alive: one requests.Session / httpx.Client, a DB pool), "
+            "set net.ipv4.tcp_tw_reuse=1 for outbound connections, or spread them over more source addresses"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,10 +206,12 @@ class ChurnWarning(Value):
             "site": self.site,
             "peer": self.peer,
             "closes_per_60s": self.closes_per_60s,
+            "rate_per_s": round(self.rate_per_s, 1),
+            "exhausted_in_s": round(self.exhausted_in_s, 1) if self.exhausted_in_s is not None else None,
             "limit": self.limit,
             "local_ports": self.ports,
             "origin": self.origin,
-            "suggestion": "use a connection pool or keep-alive",
+            "suggestion": "use a connection pool or keep-alive; tcp_tw_reuse=1 for outbound; more source addresses",
         }
 
 
@@ -125,29 +233,33 @@ def _site_key(frames: stacks.Frames) -> tuple[SiteKey, bool]:
 
 
 class ChurnTracker:
-    """Counts connections each creation site closes first, per peer, over the last 60 s.
+    """Counts connections each creation site closed first, per peer, over the last 60 s.
 
     Call :meth:`before` right before taking the snapshot and :meth:`observe` with
     the snapshot; both run on the watcher thread only.
     """
 
     def __init__(self, limit: int | None = None) -> None:
-        lo, hi = local_port_range()
+        self.range = local_port_range()
+        lo, hi = self.range
         self.ports = hi - lo + 1
-        #: closes per 60 s per (site, peer) that trigger a warning: half the ports by default
+        #: closes per 60 s per (site, peer), counted or projected from the current rate, that trigger a
+        #: warning: half the ports by default (a projected exhaustion of the range warns too)
         self.limit = limit if limit is not None else max(1, self.ports // 2)
         self._last_seq: int | None = None
         self._keys: dict[int, tuple[SiteKey, bool]] = {}  # seq -> (site key, client?) of live records
         # seq -> (site, peer, record) of client connections ESTABLISHED at the last tick
         self._prev: dict[int, tuple[SiteKey, str | None, registry.Record]] = {}
         self._peers: collections.OrderedDict[SiteKey, str] = collections.OrderedDict()  # site -> last peer
-        self._origins: dict[SiteKey, str] = {}
-        self._window: collections.deque[tuple[float, dict[tuple[SiteKey, str | None], float]]] = (
-            collections.deque()
-        )
+        self._origins: collections.OrderedDict[SiteKey, str] = collections.OrderedDict()
+        self._window: collections.deque[tuple[float, dict[Pair, float]]] = collections.deque()
         self._window_start: float | None = None
-        self._warned: dict[tuple[SiteKey, str | None], float] = {}
+        self._warned: dict[Pair, float] = {}
         self._names: dict[SiteKey, str] = {}
+        # closed-first entries at the last tick that read them
+        self._tw: dict[tuple[str, str], tuple[str, int]] | None = None
+        self._made: collections.deque[tuple[float, int]] = collections.deque()  # (tick, sockets created)
+        self._share: dict[SiteKey, float] = {}  # client sites' shares of the last ticks that made any
 
     # -- tick ---------------------------------------------------------------
 
@@ -161,7 +273,7 @@ class ChurnTracker:
         now = time.monotonic() if now is None else now
         seq_now, records = pre
         # Live client connections in ESTABLISHED: the ones whose disappearance by the
-        # next tick means this process closed them first.
+        # next tick may mean this process closed them first.
         current: dict[int, tuple[SiteKey, str | None, registry.Record]] = {}
         known, keys = self._keys, {}
         peers = self._peers
@@ -180,68 +292,169 @@ class ChurnTracker:
                 if remote and peers.get(kc[0]) != remote:
                     self._learn(kc[0], remote, rec.origin)
         self._keys = keys
-        closes: dict[tuple[SiteKey, str | None], float] = {}
+        closes: dict[Pair, float] = {}
         if self._last_seq is not None:
             last = self._last_seq
-            for seq, (key, peer, rec) in self._prev.items():
-                # gone from ESTABLISHED: closed by us first, unless still open (the peer closed: CLOSE_WAIT)
-                if seq not in current and not rec.alive():
-                    k = (key, peer)
-                    closes[k] = closes.get(k, 0.0) + 1
+            gone = [v for seq, v in self._prev.items() if seq not in current and not v[2].alive()]
             created = seq_now - last - 1  # minus the number before() consumed itself
+            made = self._made
+            made.append((now, created))
+            while made and made[0][0] < now - WINDOW_S:
+                made.popleft()
             present = 0
             samples: dict[SiteKey, int] = {}
+            closed = False
             for rec in records:
                 if not last < rec.seq < seq_now:
                     continue
                 present += 1
-                if rec.alive():
-                    continue
-                key, client = _site_key(rec.frames)
-                if client:
+                kc = keys.get(rec.seq)
+                key, client = kc if kc is not None else _site_key(rec.frames)
+                if client:  # the sites that made client sockets since the last tick, open or closed
                     samples[key] = samples.get(key, 0) + 1
-                    self._origins.setdefault(key, rec.origin)
-            unseen = max(0, created - present)
-            total = sum(samples.values())
-            for key, n in samples.items():
-                share = n + (unseen * n / total if total else 0.0)
-                k = (key, self._peers.get(key))
-                closes[k] = closes.get(k, 0.0) + share
+                    self._remember_origin(key, rec.origin)
+                    if kc is None and not closed and not rec.alive():
+                        closed = True
+            # The table is read only when a client socket was seen closed: a short-lived one made since
+            # the last tick, or one ESTABLISHED then (what the reads in between missed, this one finds).
+            if gone or closed:
+                self._count(closes, gone, samples, created, max(0, created - present), now)
             self._window.append((now, closes))
         else:
             self._window_start = now
+            self._tw = time_wait(self.range)  # the baseline: entries older than leakguard are not its closes
         self._last_seq = seq_now
         self._prev = current
         return self._judge(now)
 
+    def _count(
+        self,
+        closes: dict[Pair, float],
+        gone: list[tuple[SiteKey, str | None, registry.Record]],
+        samples: dict[SiteKey, int],
+        created: int,
+        unseen: int,
+        now: float,
+    ) -> None:
+        """Closes since the last tick from the kernel's new closed-first entries (see the module doc)."""
+        tw = time_wait(self.range)
+        if tw is None:  # no /proc: the records alone (every gone or short-lived client counts)
+            for key, peer, _rec in gone:
+                closes[(key, peer)] = closes.get((key, peer), 0.0) + 1
+            total = sum(samples.values())
+            for key, n in samples.items():
+                k = (key, self._peers.get(key))
+                closes[k] = closes.get(k, 0.0) + n + (unseen * n / total if total else 0.0)
+            return
+        prev = self._tw if self._tw is not None else {}
+        self._tw = tw
+        new = {(decode(local), decode(remote)): (local, remote) for local, remote in _new_entries(tw, prev)}
+        for key, peer, rec in gone:
+            addrs = rec.addrs
+            if addrs is not None and addrs[0] and addrs[1] and new.pop((addrs[0], addrs[1]), None) is not None:
+                closes[(key, peer)] = closes.get((key, peer), 0.0) + 1
+        # At most as many as this process created sockets in the last 60 s, minus those counted already.
+        made = self._made
+        if not new:
+            return
+        total = sum(samples.values())
+        if total:
+            self._share = {key: n / total for key, n in samples.items()}
+        share = self._share
+        if not share:  # no client site known yet: these entries count at the next tick that knows one
+            for raw in new.values():
+                del tw[raw]
+            return
+        by_peer: dict[str, int] = {}
+        for _local, remote in new:
+            by_peer[remote] = by_peer.get(remote, 0) + 1
+        # The busiest peers first: in a namespace shared with other processes, their closes are spread
+        # thin over many peers.
+        counted = sum(n for _t, c in self._window for n in c.values()) + sum(closes.values())
+        cap = sum(n for _t, n in made) - counted
+        taken: dict[str, float] = {}
+        for p in sorted(by_peer, key=lambda p: -by_peer[p]):
+            if cap <= 0:
+                break
+            got = min(float(by_peer[p]), cap)
+            taken[p] = got
+            cap -= got
+        attributed = sum(taken.values())
+        budget = {key: f * attributed for key, f in share.items()}
+        for key in share:  # a site's last peer seen live first
+            last_peer = self._peers.get(key)
+            if last_peer is not None and taken.get(last_peer):
+                part = min(budget[key], taken[last_peer])
+                closes[(key, last_peer)] = closes.get((key, last_peer), 0.0) + part
+                taken[last_peer] -= part
+                budget[key] -= part
+        left = sum(taken.values())
+        if left <= 0:
+            return
+        for key, b in budget.items():
+            if b <= 0:
+                continue
+            for p, t in taken.items():
+                if t > 0:
+                    closes[(key, p)] = closes.get((key, p), 0.0) + b * t / left
+
     def _learn(self, key: SiteKey, peer: str, origin: str) -> None:
         self._peers[key] = peer
         self._peers.move_to_end(key)
-        self._origins[key] = origin
-        if len(self._peers) > 4096:
+        self._remember_origin(key, origin)
+        if len(self._peers) > _BOUND:
             old, _ = self._peers.popitem(last=False)
-            self._origins.pop(old, None)
+            self._names.pop(old, None)
+
+    def _remember_origin(self, key: SiteKey, origin: str) -> None:
+        origins = self._origins
+        if key in origins:
+            origins.move_to_end(key)
+            return
+        origins[key] = origin
+        if len(origins) > _BOUND:  # the oldest site's code object goes (issue 14, item 8)
+            old, _ = origins.popitem(last=False)
             self._names.pop(old, None)
 
     # -- rates --------------------------------------------------------------
 
-    def rates(self, now: float | None = None) -> dict[tuple[SiteKey, str | None], int]:
-        """Closes per 60 s per (site, peer), extrapolated from the window seen so far."""
-        now = time.monotonic() if now is None else now
+    def _expire(self, now: float) -> None:
         while self._window and self._window[0][0] < now - WINDOW_S:
             t, _ = self._window.popleft()
             self._window_start = t
-        if self._window_start is None or not self._window:
-            return {}
-        span = max(1.0, min(WINDOW_S, now - self._window_start))
-        totals: dict[tuple[SiteKey, str | None], float] = {}
+
+    def rates(self, now: float | None = None) -> dict[Pair, int]:
+        """Closes in the last 60 s per (site, peer): the ports they hold in TIME_WAIT now."""
+        now = time.monotonic() if now is None else now
+        self._expire(now)
+        totals: dict[Pair, float] = {}
         for _, closes in self._window:
             for k, n in closes.items():
                 totals[k] = totals.get(k, 0.0) + n
-        return {k: round(n * WINDOW_S / span) for k, n in totals.items() if n > 0}
+        return {k: round(n) for k, n in totals.items() if round(n) > 0}
+
+    def recent_rates(self, now: float | None = None) -> dict[Pair, float]:
+        """Closes per second per (site, peer) over the last ticks spanning at least :data:`RECENT_S`."""
+        now = time.monotonic() if now is None else now
+        self._expire(now)
+        if not self._window:
+            return {}
+        totals: dict[Pair, float] = {}
+        start = now
+        for t, closes in reversed(self._window):
+            for k, n in closes.items():
+                totals[k] = totals.get(k, 0.0) + n
+            start = t
+            if now - t >= RECENT_S:
+                break
+        # the first tick of the span counted closes since the tick before it
+        i = next((j for j, (t, _) in enumerate(self._window) if t == start), 0)
+        origin = self._window[i - 1][0] if i > 0 else (self._window_start or start)
+        span = max(1e-3, now - origin)
+        return {k: n / span for k, n in totals.items() if n > 0}
 
     def site_rates(self, now: float | None = None) -> list[tuple[str, int]]:
-        """(site ``file.py:LINE``, closes per 60 s) summed over peers, highest first."""
+        """(site ``file.py:LINE``, closes in the last 60 s) summed over peers, highest first."""
         by_site: dict[str, int] = {}
         for (key, _peer), n in self.rates(now).items():
             name = self.name(key)
@@ -256,23 +469,51 @@ class ChurnTracker:
                 name = stacks.format_site(stacks.frames((code, lasti))[0])
             else:
                 name = str(code)
-            if len(self._names) > 8192:
+            if len(self._names) > 2 * _BOUND:
                 self._names.clear()
             self._names[key] = name
         return name
 
+    def held(self, peer: str | None) -> int:
+        """Client TIME_WAIT entries to *peer* at the last read of the table (ports it holds)."""
+        if peer is None or not self._tw:
+            return 0
+        return sum(1 for _local, remote in self._tw if decode(remote) == peer)
+
+    def exhausted_in(self, peer: str | None, rate_per_s: float, held: int | None = None) -> float | None:
+        """Seconds until the ports to *peer* run out at *rate_per_s*; None when TIME_WAIT expiry keeps up."""
+        if rate_per_s <= 0 or rate_per_s * WINDOW_S < self.ports:
+            return None
+        used = held if held is not None else self.held(peer)
+        return max(0.0, (self.ports - used) / rate_per_s)
+
     def _judge(self, now: float) -> list[ChurnWarning]:
         out = []
-        for k, rate in self.rates(now).items():
-            if rate < self.limit:
+        recent = self.recent_rates(now)
+        per_peer: dict[str | None, float] = {}
+        for (_key, peer), r in recent.items():
+            per_peer[peer] = per_peer.get(peer, 0.0) + r
+        for k, count in self.rates(now).items():
+            key, peer = k
+            rate = recent.get(k, 0.0)
+            # the ports to a peer run out for all its sites together
+            peer_rate = per_peer.get(peer, 0.0)
+            exhausted = self.exhausted_in(peer, peer_rate)
+            # the closes of the last 60 s, or the current rate kept up for 60 s, reach the limit
+            projected = count >= _MIN_PROJECTED and (rate * WINDOW_S >= self.limit or exhausted is not None)
+            if count < self.limit and not projected:
                 continue
             last = self._warned.get(k)
             if last is not None and now - last < WINDOW_S:
                 continue  # one warning per site and peer per minute
             self._warned[k] = now
-            key, peer = k
-            out.append(ChurnWarning(self.name(key), peer, rate, self.limit, self.ports, self._origins.get(key, "socket")))
-        if len(self._warned) > 4096:
+            out.append(
+                ChurnWarning(
+                    self.name(key), peer, count, self.limit, self.ports, self._origins.get(key, "socket"),
+                    rate, exhausted,
+                )  # fmt: skip
+            )
+        if len(self._warned) > _BOUND:
             self._warned = {k: t for k, t in self._warned.items() if now - t < WINDOW_S}
         out.sort(key=lambda w: -w.closes_per_60s)
         return out

@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from .kernel import TCP_STATES
+from .snapshot import _family_name, _type_name
 
 __all__ = ["ProcessError", "format_view", "fd_limit", "read_process"]
 
@@ -62,14 +63,18 @@ _TABLES = (
 Entry = tuple[int, int, str | None, str | None, str | None]
 
 
+def _table(pid: int, name: str) -> list[str]:
+    """The rows of ``/proc/PID/net/NAME`` without its header; [] when absent."""
+    try:
+        with open(f"{_PROC}/{pid}/net/{name}") as f:
+            return f.read().splitlines()[1:]
+    except OSError:
+        return []
+
+
 def _read_inet(pid: int, inodes: set[int], out: dict[int, Entry]) -> None:
     for name, family, kind, parse in _TABLES:
-        try:
-            with open(f"{_PROC}/{pid}/net/{name}") as f:
-                lines = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
+        for line in _table(pid, name):
             cols = line.split()
             if len(cols) < 10:
                 continue
@@ -94,12 +99,7 @@ _UNIX_TYPES = {1: socket.SOCK_STREAM, 2: socket.SOCK_DGRAM, 5: socket.SOCK_SEQPA
 
 
 def _read_unix(pid: int, inodes: set[int], out: dict[int, Entry]) -> None:
-    try:
-        with open(f"{_PROC}/{pid}/net/unix") as f:
-            lines = f.read().splitlines()[1:]
-    except OSError:
-        return
-    for line in lines:
+    for line in _table(pid, "unix"):
         cols = line.split(None, 7)
         if len(cols) < 7:
             continue
@@ -115,12 +115,7 @@ def _read_unix(pid: int, inodes: set[int], out: dict[int, Entry]) -> None:
 
 def _read_netlink(pid: int, inodes: set[int], out: dict[int, Entry]) -> None:
     family = getattr(socket, "AF_NETLINK", 16)
-    try:
-        with open(f"{_PROC}/{pid}/net/netlink") as f:
-            lines = f.read().splitlines()[1:]
-    except OSError:
-        return
-    for line in lines:
+    for line in _table(pid, "netlink"):
         cols = line.split()
         try:
             ino = int(cols[-1])
@@ -183,25 +178,8 @@ def _owner(pid: int) -> int | None:
         return None
 
 
-def _family_name(family: int) -> str:
-    try:
-        return socket.AddressFamily(family).name
-    except ValueError:
-        return str(family)
-
-
-def _type_name(family: int, kind: int) -> str:
-    if family in (socket.AF_INET, socket.AF_INET6):
-        return "tcp" if kind == socket.SOCK_STREAM else "udp" if kind == socket.SOCK_DGRAM else "raw"
-    if family == socket.AF_UNIX:
-        return "unix"
-    if family == getattr(socket, "AF_NETLINK", -1):
-        return "netlink"
-    return "unknown"
-
-
 def _socket_dict(fd: int | None, family: int, kind: int, state: str | None, local: str | None, remote: str | None) -> dict[str, Any]:
-    tname = _type_name(family, kind)
+    tname = _type_name(family, kind) if family >= 0 else "unknown"
     leaked = state == "CLOSE_WAIT" and tname == "tcp"
     return {
         "fd": fd,

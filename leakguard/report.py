@@ -704,11 +704,14 @@ class Reporter:
         inherited: set[int] | frozenset[int] = frozenset(),
         churn: list[Any] | None = None,
         dump: bool = False,
+        routine: bool = False,
     ) -> int:
         """Emit the events for *snap*; returns how many events were emitted (summary included).
 
         With *dump* (on-demand, e.g. a signal) the rate limit does not apply and the
-        state between periodic reports is left untouched.
+        state between periodic reports is left untouched.  With *routine* (the
+        watcher saw nothing change, see ``watcher.Watcher.routine``) the summary
+        is left out unless another event goes out with it.
         """
         now = time.monotonic()
         cfg = self.config
@@ -813,7 +816,8 @@ class Reporter:
         if dump:
             summary["trigger"] = "dump"
         log = self.logger
-        log.info("leakguard.summary", **summary)
+        if not (routine and not kept):
+            log.info("leakguard.summary", **summary)
         emitted_leaks = set()
         for level, event, fields in kept:
             getattr(log, level)(event, pid=snap.pid, **fields)
@@ -833,7 +837,7 @@ class Reporter:
             for key in [k for k in self._groups if k not in groups]:
                 del self._groups[key]
             self.reports += 1
-        return 1 + len(kept)
+        return (0 if routine and not kept else 1) + len(kept)
 
     def emit(self, snap: Snapshot) -> None:
         """Periodic report of *snap* (no fork or churn information)."""

@@ -168,8 +168,19 @@ class _Wake:
 _TIMEOUT_MAX = min(_thread.TIMEOUT_MAX, 365 * 86400.0)
 
 
+#: Quiet by default: with nothing changed, a routine summary at most this often (seconds).
+SUMMARY_EVERY_S = 300.0
+
+
 class Watcher:
-    """Ticks every *interval* seconds (None: only on demand); never raises into the host."""
+    """Ticks every *interval* seconds (None: only on demand); never raises into the host.
+
+    Emit policy: a tick reports its ``leakguard.summary`` only when something a
+    person acts on changed since the last summary (leaks, CLOSE_WAIT sockets,
+    inherited leaks, descriptors by tenths of the limit) or :data:`SUMMARY_EVERY_S`
+    passed, or when another event (leak, churn, fd limit) goes out with it:
+    a steady production process logs one line every few minutes, not one per tick.
+    """
 
     def __init__(self, interval: float | None, reporter: report.Reporter, churn: _churn.ChurnTracker | None) -> None:
         self.interval = interval
@@ -193,6 +204,8 @@ class Watcher:
         self._thread: _OSThread | None = None
         self._due: float | None = None  # time.monotonic() of the next tick
         _instances.add(self)
+        self._summary_key: tuple[int, ...] | None = None
+        self._summary_at = 0.0
 
     def start(self) -> None:
         if self.interval is not None:
@@ -270,10 +283,25 @@ class Watcher:
         snap = take_snapshot(self._cache)
         inherited = inherited_fds(snap)
         warnings = churn.observe(snap, pre) if churn is not None and pre is not None else []
-        self.reporter.report(snap, inherited, warnings)
+        self.reporter.report(snap, inherited, warnings, routine=self.routine(snap, inherited))
         metrics = sys.modules.get("leakguard.metrics")
         if metrics is not None:
             metrics.update(snap, inherited, churn)
+
+    def routine(self, snap: Snapshot, inherited: frozenset[int], now: float | None = None) -> bool:
+        """Nothing worth a summary changed since the last one, and it is recent (see the class doc)."""
+        now = time.monotonic() if now is None else now
+        limit = snap.fds_limit
+        key = (
+            len(snap.leaks),
+            snap.counts.get("CLOSE_WAIT", 0),
+            sum(1 for s in snap.leaks if s.fd in inherited) if inherited else 0,
+            snap.fds_open * 10 // limit if limit > 0 else 0,
+        )
+        if key == self._summary_key and now - self._summary_at < SUMMARY_EVERY_S:
+            return True
+        self._summary_key, self._summary_at = key, now
+        return False
 
     def dump(self) -> None:
         try:

@@ -157,8 +157,11 @@ _PROCESS_SERVER = """
 import socket, sys
 listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
 print(listener.getsockname()[1], flush=True)
+wait = len(sys.argv) > 1
 while True:
     conn, _ = listener.accept()
+    if wait:  # until the client closes first
+        conn.recv(1)
     conn.close()
 """
 
@@ -166,11 +169,12 @@ while True:
 class ProcessHangUpServer:
     """Like :class:`HangUpServer`, in another process: its accepted sockets are not this process's."""
 
-    def __init__(self) -> None:
+    def __init__(self, wait_for_eof: bool = False) -> None:
         import subprocess
         import sys
 
-        self.proc = subprocess.Popen([sys.executable, "-c", _PROCESS_SERVER], stdout=subprocess.PIPE, text=True)
+        args = [sys.executable, "-c", _PROCESS_SERVER] + (["wait"] if wait_for_eof else [])
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         self.port = int(self.proc.stdout.readline())
         self.host = "127.0.0.1"

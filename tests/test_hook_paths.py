@@ -180,3 +180,43 @@ class TestNoPythonFrame:
             assert [f for f in rec.stack() if os.path.abspath(f.file) == HERE] == []
             info = [x for x in leakguard.snapshot().sockets if x.fd == fd][0]
             assert info.site is None or os.path.abspath(info.site.file) != HERE
+
+
+def _introspect() -> dict[str, object]:
+    """What introspecting code sees of socket.socket.__init__."""
+    import inspect
+
+    f = socket.socket.__init__
+    out: dict[str, object] = {a: getattr(f, a, "<missing>") for a in ("__name__", "__qualname__", "__module__", "__doc__")}
+    out["signature"] = str(inspect.signature(f))
+    out["isroutine"] = inspect.isroutine(f)
+    errors: list[object] = []
+    with socket.socket() as s:
+        misuse: list[tuple[tuple[object, ...], dict[str, object]]] = [
+            ((), {}), ((1,), {}), ((s, "x"), {}), ((s,), {"bogus": 1}), ((s, 1, 2, 3, 4, 5), {}), ((), {"family": 2}),
+        ]  # fmt: skip
+        for args, kwargs in misuse:
+            try:
+                f(*args, **kwargs)  # type: ignore[misc]
+            except Exception as exc:
+                errors.append((type(exc).__name__, str(exc)))
+            else:
+                errors.append("no error")
+    out["errors"] = errors
+    with socket.socket() as s:
+        out["bound"] = repr(s.__init__).split(" of ")[0]
+        out["bound_func_name"] = s.__init__.__func__.__qualname__  # type: ignore[attr-defined]
+    return out
+
+
+@pytest.mark.usefixtures("installed_quiet")
+def test_init_introspection_unchanged(hot_path: str) -> None:  # noqa: F811
+    """#14.10: name, qualname, module, doc, signature and every misuse's TypeError as plain."""
+    installed = _introspect()
+    assert vars(socket.socket)["__init__"].__wrapped__ is _sockets._original_init
+    leakguard.uninstall()
+    try:
+        plain = _introspect()
+    finally:
+        leakguard.install(integrations="none")
+    assert installed == plain

@@ -21,6 +21,8 @@ from typing import Any
 import psutil
 import pytest
 
+from .helpers import wait_for
+
 TARGET = """\
 import os, socket, sys, threading
 
@@ -322,6 +324,105 @@ class TestAttach:
         any_target.finish(later=1)
 
 
+ASYNCIO_SERVER = """\
+import asyncio, os, socket, sys
+
+HELD = []
+
+
+async def handle(reader, writer):
+    HELD.append(writer)  # kept: once the client hangs up, this end sits in CLOSE_WAIT
+
+
+async def main():
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    socket.create_connection(("127.0.0.1", port)).close()
+    while not HELD:
+        await asyncio.sleep(0.01)
+    done = asyncio.Event()
+    asyncio.get_running_loop().add_reader(sys.stdin, done.set)
+    print("READY", os.getpid(), flush=True)
+    await done.wait()  # the main thread idles in epoll_wait, no timer pending
+    for w in HELD:
+        w.close()
+    srv.close()
+    await srv.wait_closed()
+    print("DONE 1 0", flush=True)
+    sys.exit(3)
+
+
+asyncio.run(main())
+"""
+
+GUNICORN_APP = """\
+import socket
+
+HELD = []
+peer = socket.create_server(("127.0.0.1", 0))
+
+
+def app(environ, start_response):
+    c = socket.create_connection(peer.getsockname())  # LEAK
+    a, _ = peer.accept()
+    a.close()
+    HELD.append(c)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+"""
+
+
+class TestAttachServers:
+    """An idle asyncio server and a gunicorn worker are attached to (twice) and carry on."""
+
+    def test_asyncio_server(self, tmp_path: Path) -> None:
+        _need_gdb()
+        t = Target(sys.executable, tmp_path, ASYNCIO_SERVER)
+        try:
+            for _ in range(2):
+                got = attach_json(t.pid)
+                assert got["counts"].get("CLOSE_WAIT") == 1 and got["counts"].get("LISTEN") == 1
+                assert got["attach"]["already_imported"] is False
+            t.finish()
+        finally:
+            t.kill()
+
+    def test_gunicorn_worker(self, tmp_path: Path) -> None:
+        import urllib.request
+
+        _need_gdb()
+        gunicorn = shutil.which("gunicorn", path=os.path.dirname(sys.executable))
+        if gunicorn is None:
+            pytest.skip("gunicorn is not installed")
+        (tmp_path / "leakyapp.py").write_text(GUNICORN_APP)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        proc = subprocess.Popen(
+            [gunicorn, "-w", "1", "-b", f"127.0.0.1:{port}", "leakyapp:app"], cwd=tmp_path,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            def served() -> bool:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                        return r.read() == b"ok"
+                except OSError:
+                    return False
+
+            assert wait_for(served, timeout=30)
+            workers = psutil.Process(proc.pid).children()
+            assert len(workers) == 1
+            for _ in range(2):
+                got = attach_json(workers[0].pid)
+                assert got["counts"].get("CLOSE_WAIT") == 1, got["counts"]
+            assert served()  # the worker still serves
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+
+
 class TestAttachRefusals:
     """Each refusal is one line and leaves the target untouched."""
 
@@ -380,6 +481,32 @@ class TestAttachRefusals:
             f"leakguard attach: permission denied: process {target.pid} runs as uid 0; attach as root or as that user\n"
         )
         target.finish()
+
+    def test_no_safe_point_in_a_busy_process(self, tmp_path: Path) -> None:
+        """Every thread runs Python code or waits for the GIL: nothing is called in, the process goes on."""
+        _need_gdb()
+        stop = tmp_path / "stop"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import os, threading\n"
+             "def spin():\n    while True: pass\n"
+             "threading.Thread(target=spin, daemon=True).start()\n"
+             "print('x', flush=True)\n"
+             f"while not os.path.exists({str(stop)!r}): sum(range(100))\n"
+             "print('done', flush=True)\n"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == "x\n"
+            why = self.refused(str(proc.pid), "--timeout", "5")
+            assert why.startswith(f"no thread of process {proc.pid} was at a safe point"), why
+            assert why.endswith("nothing was run")
+            stop.touch()
+            out, _ = proc.communicate(timeout=20)
+            assert (proc.returncode, out) == (0, "done\n")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=10)
 
     def test_report_interval_needs_install(self, target: Target) -> None:
         assert self.refused(str(target.pid), "--report-interval", "5").startswith("--report-interval needs --install")

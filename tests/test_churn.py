@@ -1,0 +1,135 @@
+"""TIME_WAIT churn: exactly the connected TCP connections this process closed first, per site and peer.
+
+The counting programs run in a private network namespace (``unshare -n``):
+the kernel's table then holds this process's connections only, which is what
+makes the counts exact (in a namespace shared with other processes their
+short-lived connections can be counted too; see leakguard/churn.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from leakguard.churn import ChurnTracker, ChurnWarning
+
+PROGRAM = """\
+import json, socket, sys, threading, time
+import leakguard
+from leakguard import watcher
+from structlog.testing import capture_logs
+
+mode, limit = sys.argv[1], sys.argv[2]
+srv = socket.create_server(("127.0.0.1", 0), backlog=4096)
+addr = srv.getsockname()
+
+
+def serve():
+    while True:
+        try:
+            c, _ = srv.accept()
+        except OSError:
+            return
+        c.recv(1)  # the client closes first: TIME_WAIT is on its side
+        c.close()
+
+
+threading.Thread(target=serve, daemon=True).start()
+options = {} if limit == "default" else {"churn_limit": int(limit)}
+with capture_logs() as logs:
+    leakguard.install(report_interval=0.2, integrations="none", **options)
+    w = watcher.current()
+    start = w.ticks
+    while w.ticks < start + 1:
+        time.sleep(0.01)
+    if mode == "tcp":
+        for _ in range(600):
+            socket.create_connection(addr).close()  # CHURN
+    else:
+        for _ in range(300):
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # UDP
+            u.sendto(b"x", addr)
+            u.close()
+            socket.socket().close()  # NEVER
+    t = w.ticks
+    while w.ticks < t + 3:
+        time.sleep(0.01)
+    rates = {f"{w.churn.name(k)} {p}": n for (k, p), n in w.churn.rates().items()}
+    leakguard.uninstall()
+srv.close()
+print(json.dumps({"rates": rates, "port": addr[1], "churn": [e for e in logs if e["event"] == "leakguard.churn"]}))
+"""
+
+
+def line_of(marker: str) -> int:
+    return next(i for i, ln in enumerate(PROGRAM.splitlines(), 1) if marker in ln)
+
+
+def run_isolated(tmp_path: Path, mode: str, limit: str) -> dict[str, Any]:
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
+        pytest.skip("exact counts need a private network namespace (root, unshare and ip)")
+    prog = tmp_path / "prog.py"
+    prog.write_text(PROGRAM)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEAKGUARD_")}
+    r = subprocess.run(
+        ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" -W error prog.py "$1" "$2"', sys.executable,
+         mode, limit],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    if r.returncode != 0 and "unshare failed" in r.stderr:
+        pytest.skip(f"cannot make a network namespace here: {r.stderr.strip()}")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.splitlines()[-1])  # type: ignore[no-any-return]
+
+
+class TestCounting:
+    """What the kernel shows closed first by this process is counted, with its peer; nothing else is."""
+
+    def test_burst_to_one_peer_is_counted_exactly_with_its_peer(self, tmp_path: Path) -> None:
+        got = run_isolated(tmp_path, "tcp", "default")
+        assert got["rates"] == {f"prog.py:{line_of('# CHURN')} 127.0.0.1:{got['port']}": 600}
+
+    def test_warning_names_site_peer_ports_and_remedies(self, tmp_path: Path) -> None:
+        got = run_isolated(tmp_path, "tcp", "100")
+        assert got["churn"], got
+        e = got["churn"][0]
+        peer = f"127.0.0.1:{got['port']}"
+        assert (e["site"], e["peer"], e["limit"]) == (f"prog.py:{line_of('# CHURN')}", peer, 100)
+        assert 100 <= e["closes_per_60s"] <= 600 and e["rate_per_s"] > 0
+        assert f"28,232 ports to {peer}" in e["message"]  # a new namespace has the default port range
+        for remedy in ("pool or keep-alive", "tcp_tw_reuse=1 for outbound", "more source addresses"):
+            assert remedy in e["message"]
+
+    def test_udp_and_never_connected_sockets_are_not_churn(self, tmp_path: Path) -> None:
+        got = run_isolated(tmp_path, "udp", "100")
+        assert got["rates"] == {} and got["churn"] == []
+
+
+class TestProjection:
+    """The ports to a peer run out at ports / rate when TIME_WAIT expiry cannot keep up."""
+
+    def test_exhaustion(self) -> None:
+        t = ChurnTracker()
+        t.ports = 28232
+        assert round(t.exhausted_in("127.0.0.1:5432", 600.0, held=0) or 0) == 47
+        assert t.exhausted_in("127.0.0.1:5432", 400.0, held=0) is None  # 400/s x 60 s < 28,232: expiry keeps up
+        w = ChurnWarning("shop.py:66", "127.0.0.1:5432", 600, 14116, 28232, "socket", 600.0, 47.05)
+        assert "28,232 ports to 127.0.0.1:5432; exhausted in ~47 s at 600/s" in w.message
+        assert w.to_dict()["exhausted_in_s"] == 47.0
+
+    def test_origins_are_bounded(self) -> None:
+        """Sites of recompiled code must not keep their code objects forever (issue 14, item 8)."""
+        t = ChurnTracker()
+        for i in range(5000):
+            code = compile("x", f"site{i}.py", "eval")
+            assert isinstance(code, types.CodeType)
+            t._remember_origin((code, 0), "socket")
+        assert len(t._origins) <= 4096
