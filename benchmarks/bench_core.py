@@ -34,7 +34,7 @@ def _best(fn: Callable[[], float], rounds: int) -> float:
 
 
 def _interleaved(
-    op: Callable[[int], None], n: int, rounds: int, control: bool = False
+    op: Callable[[int], None], n: int, rounds: int, control: bool = False, integrations: Any = "none"
 ) -> tuple[float, float, float]:
     """(plain, installed) seconds per operation, best of *rounds*, and the median ratio of paired rounds.
 
@@ -43,7 +43,7 @@ def _interleaved(
     median of each pair's ratio (a plain and an installed round run back to back) cancels the
     machine's drift over the run, which the two bests do not.  With *control*, leakguard is
     never installed: both sides are plain, and how far their figures differ is the noise of
-    the method on this machine.
+    the method on this machine.  *integrations* is what ``install()`` is given.
     """
     plain = installed = float("inf")
     ratios: list[float] = []
@@ -51,7 +51,7 @@ def _interleaved(
         got: dict[str, float] = {}
         for mode in ("plain", "installed") if r % 2 == 0 else ("installed", "plain"):
             if mode == "installed" and not control:
-                leakguard.install(integrations="none")
+                leakguard.install(integrations=integrations)
             gc.collect()
             t = time.perf_counter()
             op(n)
@@ -168,19 +168,21 @@ def bench_instructions(quick: bool) -> list[Row]:
     rows: list[Row] = []
     for (kind, name, per), a, b in zip(plan, plain_counts, installed_counts):
         plain, inst = a / n, b / n
-        rows.append(
-            {
-                "name": f"{name} (instructions)",
-                "baseline_instructions": round(plain),
-                "leakguard_instructions": round(inst),
-                "added_instructions": round(inst - plain),
-                "added_per_socket": round((inst - plain) / per),
-                "ratio": round(inst / plain, 4),
-                "path": kind,
-                "sockets_per_op": per,
-            }
-        )
+        row = instruction_row(name, plain, inst)
+        row.update(added_per_socket=round((inst - plain) / per), path=kind, sockets_per_op=per)
+        rows.append(row)
     return rows
+
+
+def instruction_row(name: str, plain: float, installed: float) -> Row:
+    """A row of instructions per operation, plain and installed (see _callgrind)."""
+    return {
+        "name": f"{name} (instructions)",
+        "baseline_instructions": round(plain),
+        "leakguard_instructions": round(installed),
+        "added_instructions": round(installed - plain),
+        "ratio": round(installed / plain, 4),
+    }
 
 
 _TLS_SERVER = textwrap.dedent(

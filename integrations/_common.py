@@ -20,7 +20,7 @@ import functools
 import os
 import re
 from collections.abc import Mapping
-from types import CodeType, ModuleType
+from types import BuiltinFunctionType, CodeType, FunctionType, MethodType, ModuleType
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_PORTS",
     "Entered",
     "callable_code",
+    "call_then_reset",
     "enter",
     "http_target",
     "leave",
@@ -388,11 +389,16 @@ def call_in_scope(
     except Exception:
         registry.count_error()
         return wrapped(*args, **kwargs)
+    return call_then_reset(registry.pop_scope, token, wrapped, args, kwargs)
+
+
+def call_then_reset(reset: Any, token: Any, wrapped: Any, args: Any, kwargs: Any) -> Any:
+    """``wrapped(*args, **kwargs)``, then ``reset(token)`` (contained: never raises, never hides the call's exception)."""
     try:
         return wrapped(*args, **kwargs)
     finally:
         try:
-            registry.pop_scope(token)
+            reset(token)
         except Exception:  # a token from another context: nothing of the host's to disturb
             registry.count_error()
 
@@ -412,15 +418,28 @@ def leave(entered: Entered | None) -> None:
 
 
 def callable_code(f: Any) -> CodeType | None:
-    """The code object a callable runs (through partials, bound methods, callable objects), or None."""
-    for _ in range(8):  # bounded: partials of partials
+    """The code object a callable runs (through partials, bound methods, callable objects), or None
+    (a builtin, a class, anything else without Python code)."""
+    kind = type(f)
+    if kind is FunctionType:  # the common cases first, without a failed attribute lookup
+        return f.__code__  # type: ignore[no-any-return]
+    if kind is BuiltinFunctionType or kind is MethodType and type(f.__func__) is BuiltinFunctionType:
+        return None
+    for _ in range(4):  # bounded: partials of partials
+        code = getattr(f, "__code__", None)
+        if isinstance(code, CodeType):
+            return code
         if isinstance(f, functools.partial):
             f = f.func
-        elif hasattr(f, "__func__"):
-            f = f.__func__
-        elif not hasattr(f, "__code__") and callable(f) and not isinstance(f, type):
-            f = getattr(type(f), "__call__", None)
-        else:
-            break
-    code = getattr(f, "__code__", None)
-    return code if isinstance(code, CodeType) else None
+            continue
+        func = getattr(f, "__func__", None)
+        if func is not None:  # a bound method
+            f = func
+            continue
+        if isinstance(f, type):
+            return None
+        call = getattr(type(f), "__call__", None)
+        if not isinstance(call, FunctionType):  # builtins, method wrappers: no Python code
+            return None
+        f = call
+    return None

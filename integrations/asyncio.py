@@ -12,7 +12,7 @@ no application frame goes on with it.  A task running an application coroutine
 costs one cache lookup: its own frames already name the application.
 
 Accepted connections name the handler that got them (innermost) and the stack
-that made the listening socket (the ``start_server`` / ``create_server`` line).
+of the ``create_server`` call (the ``start_server`` line; else the listening socket's record).
 ``sock_accept`` names its caller even when the accept completes in a loop callback.
 
 uvloop (and any loop wrapped through :func:`wrap_loop_class`) connects and
@@ -35,7 +35,7 @@ from typing import Any
 from leakguard import registry, stacks
 from leakguard._patch import Patches
 
-from ._common import callable_code
+from ._common import call_then_reset, callable_code
 
 __all__ = ["REQUIRES", "instrument", "uninstrument", "wrap_loop_class"]
 
@@ -69,13 +69,36 @@ def _create_task(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     except Exception:
         registry.count_error()
         return wrapped(*args, **kwargs)
-    try:
-        return wrapped(*args, **kwargs)
-    finally:
-        try:
-            _scope.reset(token)
-        except Exception:
-            registry.count_error()
+    return call_then_reset(_scope.reset, token, wrapped, args, kwargs)
+
+
+_MISSING = object()
+
+
+def task_hook(original: Any) -> Any:
+    """``create_task`` as a plain function around *original*: on the path of every task, where a
+    wrapt binding per call would cost more than the rest of the wrapper (its name, doc and
+    ``__wrapped__`` are the original's, so ``inspect.signature`` reads the same)."""
+
+    def create_task(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return _create_task(functools.partial(original, self), self, args, kwargs)
+
+    def fast(self: Any, coro: Any = _MISSING, *args: Any, **kwargs: Any) -> Any:
+        if coro is _MISSING:  # let the original say what is missing
+            return original(self, *args, **kwargs)
+        # the common case without the partial: an application coroutine outside any continuation
+        code = getattr(coro, "cr_code", None)
+        if code is not None and not args and "context" not in kwargs and _scope.get() is None:
+            try:
+                is_app = _is_app_code(code)
+            except Exception:
+                is_app = False
+            if is_app:
+                return original(self, coro, **kwargs)
+        return create_task(self, coro, *args, **kwargs)
+
+    functools.update_wrapper(fast, original)
+    return fast
 
 
 def _driver_codes() -> set[Any]:
@@ -129,7 +152,27 @@ def accept_frames(protocol_factory: Any, server_frames: stacks.Frames) -> stacks
     return frames[: 2 * registry.depth[0]]
 
 
-def _listening_frames(server: Any) -> stacks.Frames:
+# protocol factory -> the stack of the create_server call that was given it
+_server_frames: weakref.WeakKeyDictionary[Any, stacks.Frames] = weakref.WeakKeyDictionary()
+
+
+def _create_server(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    """``create_server`` / ``create_unix_server`` of asyncio's own loops: remember where it was called."""
+    try:
+        factory = args[0] if args else kwargs.get("protocol_factory")
+        _server_frames[factory] = registry.stack_here(1)
+    except Exception:  # a factory that takes no weak reference: the listening socket's record names it
+        pass
+    return wrapped(*args, **kwargs)
+
+
+def _listening_frames(factory: Any, server: Any) -> stacks.Frames:
+    try:
+        frames = _server_frames.get(factory)
+    except TypeError:
+        frames = None
+    if frames is not None:
+        return frames
     for sock in getattr(server, "_sockets", None) or ():
         try:
             rec = registry.get(sock.fileno())
@@ -149,7 +192,7 @@ def _accept_connection2(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> 
         server = args[4] if len(args) > 4 else kwargs.get("server")
         fd = conn.fileno()
         rec = registry.get(fd)
-        server_frames = _listening_frames(server)
+        server_frames = _listening_frames(factory, server)
         if rec is not None and server_frames:
             registry.adopt(fd, rec.origin, target=rec.target, frames=accept_frames(factory, server_frames), owner=conn)
     except Exception:
@@ -323,8 +366,16 @@ def wrap_loop_class(patches: Patches, module: Any, name: str) -> None:
 def instrument() -> None:
     import asyncio.base_events
     import asyncio.selector_events
+    import asyncio.unix_events
 
-    _patches.wrap(asyncio.base_events, "BaseEventLoop.create_task", _create_task)
+    loop_class = asyncio.base_events.BaseEventLoop
+    if not getattr(vars(loop_class)["create_task"], "_leakguard", False):
+        hook = task_hook(vars(loop_class)["create_task"])
+        hook._leakguard = True  # type: ignore[attr-defined]
+        _patches.set(loop_class, "create_task", hook)
+    _patches.wrap(asyncio.base_events, "BaseEventLoop.create_server", _create_server)
+    if hasattr(asyncio.unix_events, "_UnixSelectorEventLoop"):
+        _patches.wrap(asyncio.unix_events, "_UnixSelectorEventLoop.create_unix_server", _create_server)
     _patches.wrap(asyncio.selector_events, "BaseSelectorEventLoop._accept_connection2", _accept_connection2)
     _patches.wrap(asyncio.selector_events, "BaseSelectorEventLoop.sock_accept", _sock_accept)
     codes = _driver_codes() - stacks.DRIVERS

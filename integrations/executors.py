@@ -18,14 +18,15 @@ from typing import Any
 from leakguard import registry, stacks
 from leakguard._patch import Patches
 
-from ._common import callable_code
+from ._common import call_then_reset, callable_code
 
 __all__ = ["REQUIRES", "instrument", "uninstrument"]
 
 REQUIRES = None  # standard library
 
 _patches = Patches()
-_ATTR = "_leakguard_cont"
+_ATTR = "_leakguard_scope"
+_scope = registry._scope
 
 
 def _job_context(fn: Any) -> contextvars.Context | None:
@@ -38,50 +39,60 @@ def _job_context(fn: Any) -> contextvars.Context | None:
     return None
 
 
-def _work_init(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    wrapped(*args, **kwargs)
+def _note_job(item: Any) -> None:
+    """In the submitting thread: the scope the job will run in, when its function is not application code."""
     try:
-        fn = instance.fn
+        fn = item.fn
         ctx = _job_context(fn)
         code = callable_code(fn.args[0] if ctx is not None and fn.args else fn)
         if code is None or not stacks._is_app_code(code):
-            cont = registry.continuation(1, None, inherits=False)
-            if cont is not None:
-                setattr(instance, _ATTR, cont)
+            cont = registry.continuation(2, None, inherits=False)
+            if cont is not None:  # made here: run() only sets it
+                setattr(item, _ATTR, registry.Scope(None, None, None, cont))
     except Exception:
         registry.count_error()
 
 
-def _run(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    try:
-        cont = vars(instance).pop(_ATTR, None)
-        if cont is None:
-            return wrapped(*args, **kwargs)
-        ctx = _job_context(instance.fn)
-        if ctx is not None:
-            token = ctx.run(registry.enter_continuation, cont)
-        else:
-            token = registry.enter_continuation(cont)
-    except Exception:
-        registry.count_error()
-        return wrapped(*args, **kwargs)
-    try:
-        return wrapped(*args, **kwargs)
-    finally:
+def _init_hook(original: Any) -> Any:
+    # Plain functions, not wrapt: a wrapt binding per call costs more than the job's own bookkeeping.
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        _note_job(self)
+
+    return functools.update_wrapper(__init__, original)
+
+
+def _run_hook(original: Any) -> Any:
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        sc = vars(self).pop(_ATTR, None)
+        if sc is None:
+            return original(self, *args, **kwargs)
         try:
-            if ctx is not None:
-                ctx.run(registry.pop_scope, token)
+            ctx = _job_context(self.fn)
+            if ctx is not None:  # to_thread: the continuation goes into its private copy of the context
+                token = ctx.run(_scope.set, sc)
+                reset: Any = functools.partial(ctx.run, _scope.reset)
             else:
-                registry.pop_scope(token)
+                token, reset = _scope.set(sc), _scope.reset
         except Exception:
             registry.count_error()
+            return original(self, *args, **kwargs)
+        return call_then_reset(reset, token, functools.partial(original, self), args, kwargs)
+
+    return functools.update_wrapper(run, original)
 
 
 def instrument() -> None:
     import concurrent.futures.thread as thread
 
-    _patches.wrap(thread, "_WorkItem.__init__", _work_init)
-    _patches.wrap(thread, "_WorkItem.run", _run)
+    item = thread._WorkItem
+    if "fn" not in item.__init__.__code__.co_varnames:  # 3.14 reshaped the work item
+        return
+    for name, make in (("__init__", _init_hook), ("run", _run_hook)):
+        if not getattr(vars(item)[name], "_leakguard", False):
+            hook = make(vars(item)[name])
+            hook._leakguard = True
+            _patches.set(item, name, hook)
 
 
 def uninstrument() -> None:

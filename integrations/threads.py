@@ -59,6 +59,8 @@ def _bootstrap_inner(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any
 def instrument() -> None:
     import threading
 
+    if not hasattr(threading.Thread, "_bootstrap_inner"):
+        return
     _patches.wrap(threading, "Thread.start", _start)
     _patches.wrap(threading, "Thread._bootstrap_inner", _bootstrap_inner)
 

@@ -120,7 +120,7 @@ class PoolInfo:
 class Scope:
     """What an integration tells the socket hook about sockets opened inside it.
 
-    ``cont`` (a :data:`stacks.Continuation`) is set inside a task, thread or executor job
+    ``cont`` (a :class:`stacks.Continuation`) is set inside a task, thread or executor job
     that library code created: a capture there that holds no application frame goes on
     with the stack that created it.  A scope with ``origin`` None carries only that (or
     only frames): :func:`current_scope` does not show it, and its sockets keep origin
@@ -435,8 +435,9 @@ def continuation(skip: int = 1, boundary: Any = None, inherits: bool = True) -> 
     """
     sc = _scope.get()
     if sc is not None and sc.frames is not None:
-        return None if inherits else (boundary, sc.frames)
-    return (boundary, stack_here(skip + 1))
+        return None if inherits else stacks.Continuation(boundary, sc.frames, None)
+    outer = sc.cont if sc is not None else None
+    return stacks.Continuation(boundary, stacks.capture(skip + 1, depth[0]), outer, depth[0])
 
 
 def stack_here(skip: int = 1) -> stacks.Frames:

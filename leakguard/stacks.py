@@ -201,9 +201,32 @@ capture = capture_py
 #: callback's own frames end below the first of them.  Filled by the asyncio integration.
 DRIVERS: set[Any] = set()
 
-#: ``(boundary, parent)``: where a task's or thread's own frames end (the code of the task's
-#: coroutine, or None) and the stack captured where it was created (see :func:`continued`).
-Continuation = tuple[Any, Frames]
+class Continuation:
+    """Where a task's or thread's own frames end, and the stack that created it (see :func:`continued`).
+
+    ``boundary`` is the code of the task's coroutine (None for a thread or job); ``frames``
+    the capture at creation, itself continued with ``outer`` (the creator's own
+    continuation) only when first needed: creating a task costs one capture, and a task
+    whose sockets never ask pays nothing more.  Resolving drops ``outer``, so a library
+    that keeps respawning its own task keeps no chain of them alive.
+    """
+
+    __slots__ = ("boundary", "frames", "outer")
+
+    def __init__(self, boundary: Any, frames: Frames, outer: Continuation | None, depth: int = 64) -> None:
+        if outer is not None and outer.outer is not None:
+            outer.stack(depth)  # at most one unresolved link behind any continuation
+        self.boundary = boundary
+        self.frames: Frames = frames
+        self.outer: Continuation | None = outer
+
+    def stack(self, depth: int = 64) -> Frames:
+        """The creating stack, continued across the creator's own boundary (computed once)."""
+        outer = self.outer
+        if outer is not None:
+            self.frames = continued(self.frames, outer, depth)
+            self.outer = None
+        return self.frames
 
 
 def continued(frames: Frames, cont: Continuation, depth: int) -> Frames:
@@ -215,7 +238,7 @@ def continued(frames: Frames, cont: Continuation, depth: int) -> Frames:
     *frames* are returned unchanged; otherwise the own frames followed by the parent's
     stack, at most *depth* frames in all.  Applying it twice gives the same result.
     """
-    boundary, parent = cont
+    boundary = cont.boundary
     end = len(frames)
     drivers = DRIVERS
     for i in range(0, end, 2):
@@ -229,6 +252,7 @@ def continued(frames: Frames, cont: Continuation, depth: int) -> Frames:
     for i in range(0, end, 2):
         if _is_app_code(frames[i]):
             return frames
+    parent = cont.stack(depth)
     room = 2 * depth - end
     return frames[:end] + (parent if len(parent) <= room else parent[: max(room, 0)])
 

@@ -104,6 +104,20 @@ async def main():
     keep("nested", s)
     keep("app_task", await asyncio.create_task(app_coroutine()))
 
+    # sock_accept completing in a loop callback (the client connects only once it waits)
+    lsock = socket.create_server(("127.0.0.1", 0))
+    lsock.setblocking(False)
+
+    async def connect_later():
+        await asyncio.sleep(0.05)
+        socket.create_connection(lsock.getsockname()).close()
+
+    later = asyncio.ensure_future(connect_later())
+    conn, _ = await loop.sock_accept(lsock)  # @case:sock_accept
+    await later
+    keep("sock_accept", conn)
+    lsock.close()
+
     # the server side: the client hangs up, the handler never closes its writer
     got = asyncio.Queue()
 

@@ -9,10 +9,14 @@ must observe the same behaviour (results, exceptions, context variables).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +32,27 @@ except ImportError:  # pragma: no cover - uvloop is in the test extra
     HAVE_UVLOOP = False
 
 
-def run_script(tmp_path: Path, *args: str) -> dict[str, Any]:
+def run_script(tmp_path: Path, *args: str, pure: bool = False) -> dict[str, Any]:
     script = tmp_path / "boundaries.py"
     if not script.exists():
         shutil.copy(SCRIPT, script)
+    env = {**os.environ, "LEAKGUARD_PURE_PYTHON": "1" if pure else "0"}
     proc = subprocess.run(
-        [sys.executable, "-W", "error", str(script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=120
-    )
+        [sys.executable, "-W", "error", str(script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env=env,
+    )  # fmt: skip
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     return json.loads(proc.stdout)  # type: ignore[no-any-return]
 
 
-CASES = [("asyncio", "after")]
+CASES = [("asyncio", "after", False), ("asyncio", "after", True)]  # compiled hook, then pure Python
 if HAVE_UVLOOP:
-    CASES += [("uvloop", "before"), ("uvloop", "after")]
+    CASES += [("uvloop", "before", False), ("uvloop", "after", False)]
 
 
-@pytest.mark.parametrize("loop,order", CASES)
-def test_every_boundary_names_the_application_line(tmp_path: Path, loop: str, order: str) -> None:
-    out = run_script(tmp_path, loop, order, "1")
+@pytest.mark.parametrize("loop,order,pure", CASES)
+def test_every_boundary_names_the_application_line(tmp_path: Path, loop: str, order: str, pure: bool) -> None:
+    out = run_script(tmp_path, loop, order, "1", pure=pure)
     plain = run_script(tmp_path, loop, order, "0")
     assert out["observed"] == plain["observed"] and out["observed"]["loop"] == loop
     lines, cases = out["lines"], out["cases"]
@@ -75,6 +81,7 @@ import asyncio.base_events, asyncio.selector_events, concurrent.futures.thread, 
 def state():
     return [
         vars(asyncio.base_events.BaseEventLoop)["create_task"],
+        vars(asyncio.base_events.BaseEventLoop)["create_server"],
         vars(asyncio.selector_events.BaseSelectorEventLoop)["_accept_connection2"],
         vars(asyncio.selector_events.BaseSelectorEventLoop)["sock_accept"],
         vars(concurrent.futures.thread._WorkItem)["__init__"],
@@ -114,3 +121,158 @@ def test_uninstall_restores_every_original(tmp_path: Path, order: str) -> None:
         ["create_task", "create_connection", "create_unix_connection", "connect_accepted_socket",
          "create_server", "create_unix_server", "sock_accept"]
     )
+
+
+_UVICORN_APP = r"""
+import asyncio, json, os, socket, sys
+if sys.argv[1] == "before":
+    import uvloop
+import leakguard
+leakguard.install()
+import uvicorn
+if sys.argv[2] == "uvloop":
+    import uvloop
+
+LINES = {}
+with open(__file__) as source:
+    for number, text in enumerate(source.read().splitlines(), 1):
+        if "# @" + "case:" in text:
+            LINES[text.rsplit("# @" + "case:", 1)[1].strip()] = number
+never = None
+
+
+async def app(scope, receive, send):
+    global never
+    if scope["path"] == "/hang":
+        never = never or asyncio.Event()
+        await never.wait()
+        return
+    out = {"lines": LINES, "loop": type(asyncio.get_running_loop()).__module__, "sockets": [
+        {"fd": s.fd, "state": s.state, "local": s.local, "remote": s.remote, "origin": s.origin,
+         "site": s.site.line if s.site and s.site.file == __file__ else s.site_str,
+         "stack": [f.line for f in s.stack if f.file == __file__]}
+        for s in leakguard.snapshot().sockets]}
+    body = json.dumps(out).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+sock = socket.create_server(("127.0.0.1", 0))
+print(sock.getsockname()[1], flush=True)
+config = uvicorn.Config(app, loop=sys.argv[2], lifespan="off", log_level="error", http="h11")
+uvicorn.Server(config).run(sockets=[sock])  # @case:start
+"""
+
+UVICORN_CASES = [("asyncio", "after")] + ([("uvloop", "before"), ("uvloop", "after")] if HAVE_UVLOOP else [])
+
+
+def _http(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(request)
+        data = b""
+        while chunk := c.recv(65536):
+            data += chunk
+    return data
+
+
+@pytest.mark.parametrize("loop,order", UVICORN_CASES)
+def test_uvicorn_server_side_leak_names_the_server_start(tmp_path: Path, loop: str, order: str) -> None:
+    """A real uvicorn server (uvloop: accepts in C): a client hangs up while the app holds the
+    request, and the server side's CLOSE_WAIT record names the line that started the server."""
+    pytest.importorskip("uvicorn")
+    app = tmp_path / "server_app.py"
+    app.write_text(_UVICORN_APP)
+    server = subprocess.Popen(
+        [sys.executable, "-W", "error", str(app), order, loop],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        # A body larger than uvicorn's flow-control limit: it stops reading, so it never sees the FIN.
+        client.sendall(b"POST /hang HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 100_000)
+        peer = "127.0.0.1:%d" % client.getsockname()[1]
+        client.close()
+        deadline = time.monotonic() + 10
+        while True:
+            out = json.loads(_http(port, b"GET /snapshot HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").split(b"\r\n\r\n", 1)[1])
+            mine = [s for s in out["sockets"] if s["remote"] == peer]
+            if (mine and mine[0]["state"] == "CLOSE_WAIT") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        server.kill()  # uvicorn's graceful shutdown would wait for the held request
+        server.wait(30)
+        stderr = server.stderr.read() if server.stderr else ""
+        for f in (server.stdout, server.stderr):
+            if f:
+                f.close()
+    assert stderr == ""
+    assert out["loop"].startswith(loop)
+    assert len(mine) == 1 and mine[0]["state"] == "CLOSE_WAIT", out["sockets"]
+    assert mine[0]["site"] == out["lines"]["start"] and mine[0]["origin"] == "socket", mine
+
+
+# --------------------------------------------------------------------------- the continuation itself
+
+
+def test_continued_cuts_at_the_boundary_and_is_idempotent() -> None:
+    from leakguard import stacks
+
+    def app() -> Any:
+        return stacks.capture(0, 48)
+
+    app_frames = app()  # innermost: this test's app() frame
+    lib = asyncio.sleep.__code__  # library code objects
+    boundary = asyncio.gather.__code__
+    parent = app_frames
+    # library frames up to the boundary, then an application frame below it (the loop's caller)
+    child = (lib, 0, boundary, 2, app_frames[0], 4)
+    cont = stacks.Continuation(boundary, parent, None)
+    once = stacks.continued(child, cont, 48)
+    assert once == (lib, 0, boundary, 2) + parent
+    assert stacks.continued(once, cont, 48) == once
+    # own frames with an application frame: unchanged
+    mine = (app_frames[0], 0, boundary, 2)
+    assert stacks.continued(mine, cont, 48) is mine
+    # bounded by depth
+    assert len(stacks.continued(child, stacks.Continuation(boundary, parent * 40, None), 10)) == 20
+    # a chain of creators is resolved lazily, and never more than one link is kept
+    first = stacks.Continuation(None, (lib, 0), None)
+    second = stacks.Continuation(None, (lib, 2), first)
+    third = stacks.Continuation(None, (lib, 4), second)
+    assert second.outer is None and third.outer is second
+    assert third.stack() == (lib, 4, lib, 2, lib, 0) and third.outer is None
+
+
+def test_failures_inside_the_wrappers_are_contained(tmp_path: Path) -> None:
+    """continuation() broken: tasks, jobs and threads run exactly as without leakguard; errors are counted."""
+    code = r"""
+import asyncio, threading, json
+from concurrent.futures import ThreadPoolExecutor
+import leakguard
+from leakguard import registry
+leakguard.install()
+def broken(*a, **k):
+    raise RuntimeError("leakguard bug")
+registry.continuation = broken
+before = registry.stats()["hook_errors"]
+async def main():
+    a = await asyncio.wait_for(asyncio.sleep(0, result=1), 5)
+    b = await asyncio.gather(asyncio.sleep(0, result=2))
+    c = await asyncio.to_thread(abs, -3)
+    return [a, b, c]
+out = asyncio.run(main())
+with ThreadPoolExecutor(1) as pool:
+    out.append(pool.submit(abs, -4).result())
+box = []
+t = threading.Thread(target=box.append, args=(5,))
+t.start(); t.join()
+out.append(box)
+print(json.dumps({"out": out, "errors": registry.stats()["hook_errors"] - before}))
+"""
+    proc = subprocess.run([sys.executable, "-W", "error", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["out"] == [1, [2], 3, 4, [5]] and got["errors"] >= 4

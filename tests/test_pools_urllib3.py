@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +27,9 @@ from leakguard import registry
 from leakguard.integrations import _pools
 
 from .helpers import this_line, wait_for
-from .test_integrations_http import Server
+from .test_integrations_http import Server, cert, server, tls_server  # noqa: F401  (fixtures)
 
 HERE = os.path.abspath(__file__)
-
-
-@pytest.fixture
-def server() -> Iterator[Server]:
-    """Hangs up right after each (keep-alive) response."""
-    srv = Server(hang_up_at_once=True)
-    try:
-        yield srv
-    finally:
-        srv.close()
 
 
 def dead(srv: Server) -> leakguard.SocketInfo:
@@ -134,6 +123,17 @@ class TestPoolState:
                 keep.close()
             assert pool.num_connections == 0
 
+    def test_https_pool_keeps_the_link_through_the_tls_wrap(self, tls_server: Server, cert: tuple[str, str]) -> None:
+        with requests.Session() as session:
+            assert session.get(tls_server.url(credentials=False), verify=cert[0]).ok
+            line = this_line() - 1
+            tls_server.hang_up_now()
+            leak = dead(tls_server)
+            assert site_line(leak) == line and leak.target == f"https://127.0.0.1:{tls_server.port}"
+            assert leak.pool is not None and leak.pool["checked_out"] is False
+            assert leak.pool["name"] == f"urllib3 HTTPSConnectionPool(https://127.0.0.1:{tls_server.port}, maxsize=10)"
+            assert leak.pool["owner"] is not None and leak.pool["owner"].startswith("requests.Session")
+
     def test_clean_use_reports_nothing(self) -> None:
         srv = Server(keep_alive=True)
         try:
@@ -148,16 +148,21 @@ class TestPoolState:
         finally:
             srv.close()
 
-    def test_bookkeeping_failure_is_contained(self, server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_bookkeeping_failure_is_contained(self, monkeypatch: pytest.MonkeyPatch) -> None:
         def broken(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("leakguard bug (injected)")
 
         monkeypatch.setattr(_pools, "_link", broken)
         before = registry.stats()["hook_errors"]
-        with requests.Session() as s:
-            assert s.get(server.url(credentials=False)).text.startswith("hello")
-            resp = s.get(server.url(credentials=False), stream=True)
-            resp.close()
+        srv = Server(keep_alive=True)  # no hang-up: the second request reuses the connection
+        try:
+            with requests.Session() as s:
+                assert s.get(srv.url(credentials=False)).text.startswith("hello")
+                resp = s.get(srv.url(credentials=False), stream=True)
+                assert resp.raw.read() == b"hello from the loopback server\n"
+                resp.close()
+        finally:
+            srv.close()
         assert registry.stats()["hook_errors"] > before
 
 
@@ -167,13 +172,14 @@ class TestProcessWide:
     def test_default_pool_and_module_globals(self, server: Server, tmp_path: Path) -> None:
         leakguard.install()
         try:
-            urllib3.request("GET", server.url(credentials=False))
-            leak = dead(server)
-            assert leak.record is not None and leak.record.pool is not None
-            assert _pools.process_wide(leak.record.pool) == "urllib3._DEFAULT_POOL"
+            if hasattr(urllib3, "_DEFAULT_POOL"):  # urllib3 2.x: urllib3.request() uses urllib3._DEFAULT_POOL
+                urllib3.request("GET", server.url(credentials=False))
+                leak = dead(server)
+                assert leak.record is not None and leak.record.pool is not None
+                assert _pools.process_wide(leak.record.pool) == "urllib3._DEFAULT_POOL"
             with requests.Session() as s:
                 s.get(server.url("/s", credentials=False))
-                (info,) = [x for x in wait_for(server.client_leaks) if x.record is not leak.record]
+                (info,) = wait_for(lambda: [x for x in server.client_leaks() if x.pool and x.pool["owner"]])
                 assert info.record is not None and info.record.pool is not None
                 assert _pools.process_wide(info.record.pool) is None  # a local Session
                 holder = type(sys)("pools_test_holder")
