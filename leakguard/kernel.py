@@ -51,6 +51,8 @@ _IPPROTO_TCP = socket.IPPROTO_TCP
 _SOL_SOCKET = socket.SOL_SOCKET
 _SO_TYPE = socket.SO_TYPE
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+#: The F_SETSIG mark of leakguard's own epoll description (any valid signal number would do).
+_EPOLL_MARK = 45
 _IS_LINUX = sys.platform.startswith("linux")
 
 
@@ -187,6 +189,20 @@ def _list_fds() -> list[int]:
     return [int(n) for n in os.listdir("/proc/self/fd")]
 
 
+_fcntl_module: list[Any] = []
+
+
+def _fcntl() -> Any:
+    """The fcntl module (None where there is none); imported on first use, not at ``import leakguard``."""
+    if not _fcntl_module:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no epoll either
+            fcntl = None  # type: ignore[assignment]
+        _fcntl_module.append(fcntl)
+    return _fcntl_module[0]
+
+
 class StateCache:
     """What one scan leaves for the next, so that a steady process costs the watcher little.
 
@@ -215,32 +231,81 @@ class StateCache:
 
     FULL_EVERY = 10
 
-    __slots__ = ("ep", "memo", "n_other", "others", "scans")
+    __slots__ = ("ep", "ep_id", "memo", "n_other", "others", "scans")
 
     def __init__(self) -> None:
-        self.ep: Any = None  # select.epoll, opened on first use (close() closes it)
+        self.ep: int | None = None  # our epoll descriptor, opened on first use (close() closes it)
+        self.ep_id: tuple[int, int] = (0, 0)  # its (st_dev, st_ino) when opened
         self.memo: dict[int, Any] = {}
         self.others: dict[int, int] | None = None  # untracked socket fd -> inode, from the last full listing
         self.n_other = -1  # open descriptors other than tracked socket objects, at the last full listing
         self.scans = 0  # scans without a listing since the last full one
+        _fcntl()  # imported now, in the installing thread: nothing is imported on the watcher's path
 
     def epoll_fd(self) -> int:
-        """The epoll descriptor of the registrations, -1 if none can be had."""
-        if self.ep is None:
-            try:
-                import select
+        """The epoll descriptor of the registrations, -1 if none can be had.
 
-                self.ep = select.epoll()  # close-on-exec
-            except (ImportError, AttributeError, OSError):
-                return -1
-        return int(self.ep.fileno())
+        Checked to be still ours first: a host that closed it (``os.closerange()``,
+        daemon style) may have the number for one of its own files now, an epoll
+        set among them, and the scan must not register sockets in the host's set.
+        """
+        fd = self.ep
+        if fd is not None:
+            if self._ours(fd):
+                return fd
+            self.ep, self.memo = None, {}  # the number is not ours any more: never touched again
+        try:
+            import select
+
+            ep = select.epoll()  # close-on-exec
+        except (ImportError, AttributeError, OSError):
+            return -1
+        try:
+            # A bare descriptor of our own: a select.epoll object would close its number when
+            # freed, whoever holds that number by then.  os.dup() is close-on-exec too.
+            fd = os.dup(ep.fileno())
+        except OSError:
+            return -1
+        finally:
+            ep.close()
+        try:
+            fcntl = _fcntl()
+            # A mark on the open file description, seen by F_GETSIG: it changes nothing for an
+            # epoll set (which has no O_ASYNC), and tells ours from any other anon inode.
+            fcntl.fcntl(fd, fcntl.F_SETSIG, _EPOLL_MARK)
+            st = os.fstat(fd)
+        except (AttributeError, OSError):  # no fcntl or F_SETSIG: no mark to tell ours by, so no epoll
+            os.close(fd)
+            return -1
+        self.ep, self.ep_id = fd, (st.st_dev, st.st_ino)
+        return fd
+
+    def _ours(self, fd: int) -> bool:
+        """Is *fd* still the epoll description this cache opened?"""
+        try:
+            fcntl = _fcntl()
+            if fcntl.fcntl(fd, fcntl.F_GETSIG) != _EPOLL_MARK:
+                return False
+            st = os.fstat(fd)
+        except (AttributeError, OSError):
+            return False
+        return (st.st_dev, st.st_ino) == self.ep_id
 
     def close(self) -> None:
-        """Close the epoll descriptor (the registrations go with it)."""
-        ep, self.ep = self.ep, None
+        """Close the epoll descriptor (the registrations go with it), if it is still ours."""
+        fd, self.ep = self.ep, None
         self.memo = {}
-        if ep is not None:
-            ep.close()
+        if fd is None or not self._ours(fd):
+            return  # the host closed it already; the number may be one of its own files now
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[eventpoll]":
+                return
+        except OSError:
+            pass  # no /proc: the mark and the inode decided
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
     def light(self, objects: dict[int, Any]) -> tuple[list[int], int] | None:
         """(descriptors to ask, open descriptors) when a full listing can be skipped, else None."""

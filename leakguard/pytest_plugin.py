@@ -274,10 +274,15 @@ _gc_events: list[_GcEvent] = []
 _orig_socket_del: Any = getattr(_socket.socket, "__del__")  # the C finalizer (warns, closes)
 
 
-def _socket_del(self: Any) -> None:
-    # Only sockets freed while still open reach the inside of this if: close()
-    # and detach() leave fd -1.  Then the C finalizer runs as always (it emits
-    # ResourceWarning and closes the descriptor).
+def _socket_del_get(self: Any) -> Any:
+    # The finalizer of a socket freed while still open (close() and detach()
+    # leave fd -1) is looked up here; the lookup records it and returns the C
+    # finalizer bound to the socket, which CPython then calls.  Not a Python
+    # __del__ calling the C one: that frame would be the one the finalizer's
+    # ResourceWarning is attributed to (leakguard/pytest_plugin.py instead of
+    # the code that dropped the socket), which changes what filters by module
+    # or location, once-per-location and a suite checking the warning's file
+    # see.  This frame has returned before the finalizer warns.
     try:
         fd = _socket.socket.fileno(self)
         if fd >= 0:
@@ -293,10 +298,27 @@ def _socket_del(self: Any) -> None:
                     _gc_events.append(_GcEvent(fd, entry, kind, peer, time.monotonic()))
     except Exception:  # contained: freeing the socket must go on exactly as without us
         pass
-    _orig_socket_del(self)
+    return _orig_socket_del.__get__(self, type(self))
 
 
-_socket_del.__qualname__ = "socket.__del__"
+#: ``socket.socket.__del__`` while watching: a property, so that only the lookup is Python code.
+_socket_del = property(_socket_del_get, doc="the finalizer of socket objects (leakguard records GC-freed sockets)")
+
+
+def _take_gc_events() -> list[_GcEvent]:
+    """The events recorded so far (taken off the list) whose socket is really gone.
+
+    Reading ``sock.__del__`` by hand runs the lookup too; such a socket is still
+    alive and is not reported (its real finalization records it again).
+    """
+    taken = _gc_events[:]
+    del _gc_events[: len(taken)]
+    out = []
+    for ev in taken:
+        ref = ev.entry[0]
+        if ref is None or ref() is None:
+            out.append(ev)
+    return out
 
 
 _watchers = [0]  # sessions watching (an in-process pytester run nests one in another)
@@ -945,8 +967,7 @@ class _Checker:
     def _judge_gc(self, verdict: _Verdict, skip: str | None, pending: list[_Fixture]) -> None:
         if not _gc_events:
             return
-        events = _gc_events[:]
-        del _gc_events[: len(events)]
+        events = _take_gc_events()
         finished = {r.seq: fx for fx in pending for r in fx.owned}
         mine: list[_GcEvent] = []
         others: list[_GcEvent] = []
@@ -1020,9 +1041,8 @@ class _Checker:
             recs = _settle([r for r in fx.owned if r.alive()], self.settings.grace, self.quiet)
             if recs:
                 self.session_notes.append(_leak_text(f"leakguard: {fx.label()}, set up for {fx.where}, left", _infos(recs)))
-        if _gc_events:
-            events = _gc_events[:]
-            _gc_events.clear()
+        events = _take_gc_events() if _gc_events else []
+        if events:
             self.session_notes.append(_gc_text(events, "opened during the session"))
         return result
 

@@ -595,18 +595,42 @@ def _preload() -> None:
 
 
 class _StderrLogger:
-    """Writes to whatever ``sys.stderr`` is at the moment (pytest swaps it)."""
+    """Writes to whatever ``sys.stderr`` is at the moment (pytest swaps it).
+
+    The process's own stderr is written with ``os.write`` on its descriptor, not
+    through the stream's buffer: a write blocked on a full pipe then holds no
+    lock of the host's, so a process forked meanwhile (the fork does not wait
+    for the watcher) finds ``sys.stderr`` usable rather than locked forever.
+    """
 
     def msg(self, message: str) -> None:
         import sys
 
+        stream = sys.stderr
+        text = message + "\n"
         try:
-            sys.stderr.write(message + "\n")
-            sys.stderr.flush()
-        except (OSError, ValueError, AttributeError, RuntimeError):
+            if stream is not None and stream is sys.__stderr__ and _write_fd(stream, text):
+                return
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError, AttributeError, RuntimeError, UnicodeError):
             pass
 
     log = debug = info = warning = warn = error = critical = exception = fatal = failure = err = msg
+
+
+def _write_fd(stream: Any, text: str) -> bool:
+    """*text* written to *stream*'s descriptor, encoded as the stream would; False if it has none."""
+    import os
+
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError, AttributeError):
+        return False
+    data = memoryview(text.encode(stream.encoding or "utf-8", stream.errors or "backslashreplace"))
+    while data:
+        data = data[os.write(fd, data) :]
+    return True
 
 
 class _Seen:

@@ -10,6 +10,16 @@ Lifecycle (driven by :mod:`leakguard._state`):
 * :func:`stop` (``uninstall()``) and interpreter exit (``threading``'s
   pre-shutdown hook, before non-daemon threads are joined) stop it promptly: it
   waits on an event, so stopping interrupts the wait, never a report half-written.
+* A fork never waits for it: before ``os.fork()`` an idle thread (nearly
+  always: it waits for its next tick) ends and is joined, so a single-threaded
+  host forks single-threaded (no "multi-threaded" DeprecationWarning on 3.12+,
+  no lock of ours held in the child); it starts again on the same schedule in
+  the parent.  A thread in the middle of a report is left alone, whatever its
+  output is blocked on.  The thread is the interpreter's own (``_thread``), not
+  a ``threading.Thread``: ``threading.enumerate()``, ``active_count()`` and
+  gevent's monkey-patching (which would make a new ``threading.Thread`` a
+  greenlet, and makes the end of an old one raise ``KeyError`` in
+  ``threading._delete``) see the host as without leakguard.
 * :func:`after_fork` runs in a forked child (gunicorn/uwsgi prefork,
   multiprocessing): the parent's thread does not exist there, so the child
   starts its own with its own reporter state; the registry was cleared, so the
@@ -29,10 +39,12 @@ and the next one runs as usual.
 
 from __future__ import annotations
 
+import _thread
 import os
 import sys
 import threading
 import time
+import weakref
 from typing import Any
 
 from . import churn as _churn
@@ -47,11 +59,113 @@ _inherited: dict[int, int] = {}  # fd -> socket inode, for sockets this process 
 _signum: int | None = None  # the dump signal our handler is installed for
 _previous: Any = None  # the handler we replaced (restored by stop())
 _exit_hooked = [False]
-# Held while the watcher reports; fork() waits for it (see _before_fork): a fork in the
-# middle of a report would leave the child with the stderr buffer's lock (or a
-# half-imported module) held by a thread that does not exist there.
-_tick_lock = threading.Lock()
-_fork_held = [False]
+_parked_by: dict[int, Watcher] = {}  # forking thread -> the watcher its fork parked
+
+
+def _thread_api() -> tuple[Any, Any, Any, Any]:
+    """(start_joinable_thread or None, start_new_thread, allocate_lock, get_ident): the interpreter's own.
+
+    gevent's ``monkey.patch_all()`` (always after install() under ``leakguard
+    run``) replaces ``_thread``'s functions with greenlet-based ones: a watcher
+    started with those, or with locks made by them, would be a greenlet that runs
+    only when the host yields to gevent's hub.  Looked up at each start, so a
+    patch made before install() or between two forks is seen.
+    """
+    joinable = getattr(_thread, "start_joinable_thread", None)  # 3.13+: joined with pthread_join
+    api = [joinable, _thread.start_new_thread, _thread.allocate_lock, _thread.get_ident]
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None:
+        names = ("start_joinable_thread", "start_new_thread", "allocate_lock", "get_ident")
+        for i, name in enumerate(names):
+            if api[i] is None:
+                continue
+            try:
+                api[i] = monkey.get_original("_thread", name)
+            except Exception:  # an older gevent, or a name it does not know: the module's own is the original
+                pass
+    return api[0], api[1], api[2], api[3]
+
+
+class _OSThread:
+    """A thread of the interpreter's own that the ``threading`` module does not know.
+
+    ``threading`` would list it (``active_count()``, ``enumerate()``), count it
+    at fork time (the "multi-threaded" DeprecationWarning of 3.12+), and, under
+    gevent's monkey-patching, fail to forget it at exit (a ``KeyError`` from
+    ``threading._delete``).  :meth:`join` returns once the operating-system
+    thread is gone, which is what that warning counts.
+    """
+
+    __slots__ = ("_done", "_handle", "ident", "native_id")
+
+    def __init__(self, target: Any) -> None:
+        joinable, start_new, allocate, get_ident = _thread_api()
+        done = allocate()
+        done.acquire()
+        self._done = done
+        self.ident: int | None = None
+        self.native_id: int | None = None
+
+        def run() -> None:
+            try:
+                self.ident = get_ident()
+                self.native_id = _thread.get_native_id()
+                target()
+            finally:
+                done.release()
+
+        self._handle = joinable(run, daemon=True) if joinable is not None else None
+        if joinable is None:
+            start_new(run, ())
+
+    def is_alive(self) -> bool:
+        return bool(self._done.locked())
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread to end (at most *timeout* seconds); True once it has."""
+        if not self._done.acquire(True, -1 if timeout is None else max(0.0, timeout)):
+            return False
+        self._done.release()
+        if self._handle is not None:
+            try:
+                self._handle.join()  # pthread_join: the operating system's thread is gone
+            except Exception:
+                pass
+            return True
+        # Before 3.13 nothing joins the OS thread; it ends a moment after its Python part.
+        task = f"/proc/self/task/{self.native_id}"
+        for _ in range(2000):
+            if not os.path.exists(task):
+                break
+            time.sleep(0.0001)  # a real sleep: the ending thread needs the GIL to finish
+        return True
+
+
+class _Wake:
+    """An event without ``threading``: set() from any thread or a signal handler, wait() in the watcher.
+
+    A lock held while nobody asked for a wake-up; set() releases it, wait()
+    takes it back.  No Python-level lock on set()'s path (a signal handler may
+    interrupt any code, including a wait() in progress on another thread).
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, allocate: Any) -> None:
+        self._lock = allocate()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        try:
+            self._lock.release()
+        except RuntimeError:  # set already
+            pass
+
+    def wait(self, timeout: float | None) -> None:
+        self._lock.acquire(True, -1 if timeout is None else min(max(0.0, timeout), _TIMEOUT_MAX))
+
+
+_TIMEOUT_MAX = min(_thread.TIMEOUT_MAX, 365 * 86400.0)
 
 
 #: Quiet by default: with nothing changed, a routine summary at most this often (seconds).
@@ -76,27 +190,75 @@ class Watcher:
         self.dumps = 0
         self.pid = os.getpid()
         self._cache = kernel.StateCache()  # steady sockets cost no syscall of their own per tick
-        self._wake = threading.Event()
+        allocate = _thread_api()[2]
+        # Guards the fields below, held for a few operations at a time, never across a tick:
+        # the at-fork hooks take it, and a fork must never wait for leakguard's work or I/O.
+        self._mu = allocate()
+        self._tick_lock = allocate()  # one tick or dump at a time (tests call tick() directly)
+        self._wake = _Wake(allocate)
         self._stopping = False
         self._dump_requested = False
-        self._thread = threading.Thread(target=self._run, name="leakguard-watcher", daemon=True)
+        self._busy = False  # the thread is ticking or dumping
+        self._parked = 0  # forks in progress (see park())
+        self._running = False  # a thread runs (or is starting) and has not decided to end
+        self._thread: _OSThread | None = None
+        self._due: float | None = None  # time.monotonic() of the next tick
+        _instances.add(self)
         self._summary_key: tuple[int, ...] | None = None
         self._summary_at = 0.0
 
     def start(self) -> None:
-        self._thread.start()
+        if self.interval is not None:
+            self._due = time.monotonic() + self.interval
+        with self._mu:
+            self._spawn()
+
+    def _spawn(self) -> None:  # under _mu
+        if not self._running and not self._stopping and not self._parked:
+            self._running = True
+            try:
+                self._thread = _OSThread(self._run)
+            except Exception:  # no thread to be had (a limit): no reports, the host is untouched
+                self._running = False
+                log.debug("leakguard: cannot start the watcher thread", exc_info=True)
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._stopping = True
+        with self._mu:
+            self._stopping = True
+            t = self._thread
         self._wake.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-        if not self._thread.is_alive():
+        if t is not None and t.ident != _thread_api()[3]():
+            t.join(timeout)
+        if t is None or not t.is_alive():
             self._cache.close()  # else the thread closes it as it ends
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        t = self._thread
+        return t is not None and t.is_alive()
+
+    def park(self) -> None:
+        """Before a fork: end the thread if it is idle, so that the process forks single-threaded.
+
+        Python 3.12+ warns about forking a multi-threaded process, and a child
+        forked while a thread holds a lock inherits the lock held forever.  An
+        idle thread (waiting for its next tick: nearly always) is ended and
+        joined, which is quick and involves no I/O; a thread in the middle of a
+        tick is left alone (the fork does not wait for a report, whatever its
+        output is blocked on) and ends after it.  :meth:`resume` restarts it.
+        """
+        with self._mu:
+            self._parked += 1
+            t = self._thread if self._running and not self._busy else None
+        if t is not None:
+            self._wake.set()
+            t.join(_PARK_JOIN_S)
+
+    def resume(self) -> None:
+        """After a fork, in the parent: the thread again, on the same schedule."""
+        with self._mu:
+            self._parked = max(0, self._parked - 1)
+            self._spawn()
 
     def request_dump(self) -> None:
         """Ask the thread to write a report now (safe from a signal handler)."""
@@ -108,7 +270,7 @@ class Watcher:
         if self._stopping:
             return
         try:
-            with _tick_lock:
+            with self._tick_lock:
                 self._tick()
         except Exception:  # the host must never see our failure
             log.debug("leakguard: watcher tick failed", exc_info=True)
@@ -143,7 +305,7 @@ class Watcher:
 
     def dump(self) -> None:
         try:
-            with _tick_lock:
+            with self._tick_lock:
                 snap = take_snapshot()
                 self.reporter.report(snap, inherited_fds(snap), dump=True)
         except Exception:
@@ -154,27 +316,50 @@ class Watcher:
     def _run(self) -> None:
         try:
             self._loop()
+        except BaseException:  # nothing of ours may surface in the host, not even at shutdown
+            pass
         finally:
-            self._cache.close()
+            if self._stopping:
+                self._cache.close()
 
     def _loop(self) -> None:
         interval = self.interval
-        due = time.monotonic() + interval if interval is not None else None
         while True:
-            timeout = None if due is None else max(0.0, due - time.monotonic())
-            self._wake.wait(timeout)
-            self._wake.clear()
-            if self._stopping:
-                return
-            if self._dump_requested:
-                self._dump_requested = False
-                self.dump()
-            if due is not None and interval is not None and time.monotonic() >= due:
-                self.tick()
-                due += interval
-                now = time.monotonic()
-                if due <= now:  # a slow tick or a suspended process: skip, don't burst
-                    due = now + interval
+            with self._mu:
+                if self._stopping or self._parked:
+                    self._running = False
+                    return
+                self._busy = True
+            try:
+                if self._dump_requested:
+                    self._dump_requested = False
+                    self.dump()
+                due = self._due
+                if due is not None and interval is not None and time.monotonic() >= due:
+                    self.tick()
+                    due += interval
+                    now = time.monotonic()
+                    if due <= now:  # a slow tick or a suspended process: skip, don't burst
+                        due = now + interval
+                    self._due = due
+            finally:
+                with self._mu:
+                    self._busy = False
+            due = self._due
+            self._wake.wait(None if due is None else due - time.monotonic())
+
+
+_instances: weakref.WeakSet[Watcher] = weakref.WeakSet()
+
+
+def running() -> list[Watcher]:
+    """The watchers of this process whose thread is alive (``threading`` does not list them)."""
+    return [w for w in list(_instances) if w.pid == os.getpid() and w.alive]
+
+
+#: How long a fork waits at most for an idle watcher thread to end (it takes microseconds;
+#: the bound is for a process so starved that the thread cannot get the GIL).
+_PARK_JOIN_S = 1.0
 
 
 def current() -> Watcher | None:
@@ -236,25 +421,31 @@ def stop(state: Any) -> None:
 
 
 def _before_fork() -> None:
-    # Bounded: a report stuck on a full stderr pipe must not hang the host's fork.
-    _fork_held[0] = _tick_lock.acquire(timeout=2.0)
+    # The fork waits for nothing of ours: an idle thread ends (quickly, no I/O), a busy one is left.
+    try:
+        w = current()
+        if w is not None and w.pid == os.getpid():
+            _parked_by[_thread_api()[3]()] = w
+            w.park()
+    except Exception:
+        pass
 
 
 def _after_fork_in_parent() -> None:
-    if _fork_held[0]:
-        _fork_held[0] = False
-        _tick_lock.release()
+    try:
+        w = _parked_by.pop(_thread_api()[3](), None)
+        if w is not None:
+            w.resume()
+    except Exception:
+        pass
 
 
 def _after_fork_in_child() -> None:
-    global _tick_lock
-    _tick_lock = threading.Lock()  # whatever the parent held, this process starts free
-    _fork_held[0] = False
+    _parked_by.clear()  # the parent's watchers; this process starts its own (after_fork)
 
 
 if hasattr(os, "register_at_fork"):
-    # Hooks cannot be removed: inert unless a watcher reports.  The child's lock is
-    # renewed here and again in after_fork(), whichever hook runs first.
+    # Hooks cannot be removed: inert unless a watcher runs.
     os.register_at_fork(
         before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
     )

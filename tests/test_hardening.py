@@ -654,7 +654,9 @@ class TestLifecycle:
         finally:
             leakguard.uninstall()
         assert vars(socket.socket)["__init__"] is original
-        assert not [t for t in threading.enumerate() if t.name == "leakguard-watcher"]
+        from leakguard import watcher
+
+        assert not watcher.running()
 
     def test_integrations_restored(self) -> None:
         pytest.importorskip("requests")

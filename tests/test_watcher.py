@@ -29,8 +29,10 @@ def events(logs: list[dict[str, Any]], name: str, **match: Any) -> list[dict[str
     return [e for e in list(logs) if e.get("event") == name and all(e.get(k) == v for k, v in match.items())]
 
 
-def watcher_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "leakguard-watcher" and t.is_alive()]
+def watcher_threads() -> list[watcher.Watcher]:
+    """Watchers with a live thread (an interpreter thread of their own: ``threading`` does not list it)."""
+    assert not [t for t in threading.enumerate() if "leakguard" in t.name]
+    return watcher.running()
 
 
 @pytest.fixture
