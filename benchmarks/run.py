@@ -25,7 +25,7 @@ from typing import Any
 if __package__ in (None, ""):  # python benchmarks/run.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-MODULES = ["bench_core", "bench_async", "bench_render", "bench_requests", "bench_db", "bench_watcher", "bench_pytest"]
+MODULES = ["bench_core", "bench_async", "bench_render", "bench_diagnose", "bench_requests", "bench_db", "bench_watcher", "bench_pytest"]
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
