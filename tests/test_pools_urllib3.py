@@ -176,7 +176,10 @@ class TestProcessWide:
                 urllib3.request("GET", server.url(credentials=False))
                 leak = dead(server)
                 assert leak.record is not None and leak.record.pool is not None
-                assert _pools.process_wide(leak.record.pool) == "urllib3._DEFAULT_POOL"
+                try:
+                    assert _pools.process_wide(leak.record.pool) == "urllib3._DEFAULT_POOL"
+                finally:  # the process-wide pool would keep this CLOSE_WAIT socket for every later test
+                    urllib3._DEFAULT_POOL.clear()
             with requests.Session() as s:
                 s.get(server.url("/s", credentials=False))
                 (info,) = wait_for(lambda: [x for x in server.client_leaks() if x.pool and x.pool["owner"]])
