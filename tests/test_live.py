@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -485,13 +486,16 @@ class TestAttachRefusals:
     def test_no_safe_point_in_a_busy_process(self, tmp_path: Path) -> None:
         """Every thread runs Python code or waits for the GIL: nothing is called in, the process goes on."""
         _need_gdb()
-        stop = tmp_path / "stop"
         proc = subprocess.Popen(
-            [sys.executable, "-c", "import os, threading\n"
+            # no system call in either loop (os.path.exists would release the GIL in stat(): a safe point);
+            # the end comes by a signal, whose handler only sets a flag
+            [sys.executable, "-c", "import signal, threading\n"
              "def spin():\n    while True: pass\n"
+             "stop = []\n"
+             "signal.signal(signal.SIGUSR1, lambda *a: stop.append(1))\n"
              "threading.Thread(target=spin, daemon=True).start()\n"
              "print('x', flush=True)\n"
-             f"while not os.path.exists({str(stop)!r}): sum(range(100))\n"
+             "while not stop: sum(range(100))\n"
              "print('done', flush=True)\n"],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
@@ -500,7 +504,7 @@ class TestAttachRefusals:
             why = self.refused(str(proc.pid), "--timeout", "5")
             assert why.startswith(f"no thread of process {proc.pid} was at a safe point"), why
             assert why.endswith("nothing was run")
-            stop.touch()
+            os.kill(proc.pid, signal.SIGUSR1)
             out, _ = proc.communicate(timeout=20)
             assert (proc.returncode, out) == (0, "done\n")
         finally:
