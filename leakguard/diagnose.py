@@ -624,11 +624,18 @@ def run(
     *settled*: frames whose locals hold but do not use (they are roots of held_by paths, never in_use).
     *roots*: more roots as (label, object).
     """
-    try:
-        return _run(subjects, budget_objects or BUDGET_OBJECTS, budget_seconds or BUDGET_SECONDS, settled, roots)
-    except Exception as exc:  # a diagnosis must never break a snapshot
-        registry.count_error()
-        return {k: _failed(f"{type(exc).__name__}: {exc}") for k, _, _, _ in subjects}
+    roots = tuple(roots)
+    error: Exception | None = None
+    for _ in range(3):
+        try:
+            return _run(subjects, budget_objects or BUDGET_OBJECTS, budget_seconds or BUDGET_SECONDS, settled, roots)
+        except RuntimeError as exc:  # another thread resized a dict or set the walk was reading: walk again
+            error = exc
+        except Exception as exc:  # a diagnosis must never break a snapshot
+            error = exc
+            break
+    registry.count_error()
+    return {k: _failed(f"{type(error).__name__}: {error}") for k, _, _, _ in subjects}
 
 
 def _run(
