@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # python benchmarks/bench_core.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import leakguard
+from benchmarks._paths import PATHS, _app_frames, _connect_loop, _path_ops
 
 Row = dict[str, Any]
 
@@ -78,23 +79,6 @@ def _row(name: str, plain: float, inst: float, pair_ratio: float | None = None) 
 # --- per-operation overhead -------------------------------------------------------------
 
 
-def _app_frames(depth: int, fn: Callable[[], Any]) -> Any:
-    """Run *fn* a few application frames deep, as real code would be."""
-    return fn() if depth == 0 else _app_frames(depth - 1, fn)
-
-
-def _create_loop(n: int) -> None:
-    sock = socket.socket
-    for _ in range(n):
-        sock().close()
-
-
-def bench_socket_create(quick: bool) -> Row:
-    n = 20_000 if quick else 100_000
-    p, i, pr = _interleaved(lambda k: _app_frames(5, lambda: _create_loop(k)), n, 5 if quick else 9)
-    return _row("socket create+close", p, i, pr)
-
-
 _SERVER = textwrap.dedent(
     """
     import socket, sys
@@ -123,16 +107,6 @@ class _Server:
             self.proc.stdout.close()
 
 
-def _connect_loop(address: tuple[str, int]) -> Callable[[int], None]:
-    def op(n: int) -> None:
-        for _ in range(n):
-            s = socket.create_connection(address)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            s.close()  # RST: no TIME_WAIT pile-up across rounds
-
-    return op
-
-
 def bench_connect(quick: bool) -> list[Row]:
     """The timed row, and the same method with both sides plain (what noise alone gives)."""
     srv = _Server()
@@ -147,48 +121,65 @@ def bench_connect(quick: bool) -> list[Row]:
     return [_row("loopback connect+close", p, i, pr), control]
 
 
-def _loop_main(kind: str, n: int, installed: bool, port: int) -> None:
-    """The program callgrind counts: *n* operations of *kind*, a few application frames deep."""
-    if installed:
-        leakguard.install(integrations="none")
-    op = _create_loop if kind == "create" else _connect_loop(("127.0.0.1", port))
-    op(50)  # warm: allocator pools, the records table, caches
-    _app_frames(5, lambda: op(n))
+def _deep(op: Callable[[int], None]) -> Callable[[int], None]:
+    return lambda k: _app_frames(5, lambda: op(k))
+
+
+def bench_paths(quick: bool) -> list[Row]:
+    """Each creation path timed, plain and installed interleaved (instruction counts: bench_instructions)."""
+    ops, cleanup = _path_ops()
+    rows: list[Row] = []
+    try:
+        for kind, (label, per) in PATHS.items():
+            op = ops[kind]
+            n = (20_000 if quick else 100_000) if kind == "create" else (2_000 if quick else 5_000)
+            p, i, pr = _interleaved(_deep(op), n, 5 if quick else 9)
+            row = _row(label, p, i, pr)
+            row.update(path=kind, sockets_per_op=per)
+            rows.append(row)
+    finally:
+        cleanup()
+    return rows
 
 
 def bench_instructions(quick: bool) -> list[Row]:
-    """Instructions per operation, plain vs installed (see _callgrind): the figure no load moves."""
-    from benchmarks import _callgrind
+    """Instructions per operation, plain vs installed (see _callgrind): the figure no load moves.
+
+    Every program runs from a directory outside the repository, so it measures the
+    installed package; all of them run side by side on the machine's cores."""
+    import tempfile
+
+    from benchmarks import _callgrind, _paths
 
     if not _callgrind.available():
         return [{"name": "instructions per operation", "error": "valgrind is not installed"}]
     srv = _Server()
-    rows: list[Row] = []
+    n = 300 if quick else 1_000
+    plan = [("connect-remote", "loopback connect+close", 1), *((k, label, per) for k, (label, per) in PATHS.items())]
+    kinds = [kind for kind, _, _ in plan]
+    argvs = [[sys.executable, _paths.__file__, str(n), flag, str(srv.address[1]), *kinds] for flag in ("0", "1")]
     try:
-        for kind, name, sizes in (
-            ("create", "socket create+close", (2_000, 12_000)),
-            ("connect", "loopback connect+close", (300, 1_300) if quick else (500, 2_500)),
-        ):
-            per = {
-                flag: _callgrind.per_op(
-                    lambda n, k=kind, f=flag: [
-                        sys.executable, os.path.abspath(__file__), "--loop", k, str(n), f, str(srv.address[1])
-                    ],
-                    *sizes,
-                )  # fmt: skip
-                for flag in ("0", "1")
-            }
-            rows.append(
-                {
-                    "name": f"{name} (instructions)",
-                    "baseline_instructions": round(per["0"]),
-                    "leakguard_instructions": round(per["1"]),
-                    "added_instructions": round(per["1"] - per["0"]),
-                    "ratio": round(per["1"] / per["0"], 4),
-                }
-            )
+        with tempfile.TemporaryDirectory(prefix="leakguard-bench-") as outside:
+            plain_counts, installed_counts = _callgrind.sections(argvs, cwd=outside)
     finally:
         srv.close()
+    if len(plain_counts) != len(kinds) or len(installed_counts) != len(kinds):
+        return [{"name": "instructions per operation", "error": "callgrind dumped no count for some paths"}]
+    rows: list[Row] = []
+    for (kind, name, per), a, b in zip(plan, plain_counts, installed_counts):
+        plain, inst = a / n, b / n
+        rows.append(
+            {
+                "name": f"{name} (instructions)",
+                "baseline_instructions": round(plain),
+                "leakguard_instructions": round(inst),
+                "added_instructions": round(inst - plain),
+                "added_per_socket": round((inst - plain) / per),
+                "ratio": round(inst / plain, 4),
+                "path": kind,
+                "sockets_per_op": per,
+            }
+        )
     return rows
 
 
@@ -483,7 +474,7 @@ def bench_memory(quick: bool) -> list[Row]:
 
 
 def run(quick: bool = False) -> list[Row]:
-    rows = [bench_socket_create(quick), *bench_connect(quick), bench_tls_connect(quick), bench_asyncio_connect(quick)]
+    rows = [*bench_paths(quick), *bench_connect(quick), bench_tls_connect(quick), bench_asyncio_connect(quick)]
     rows += bench_instructions(quick)
     rows += bench_snapshot(quick)
     rows += bench_memory(quick)
@@ -491,10 +482,7 @@ def run(quick: bool = False) -> list[Row]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--loop"]:
-        _loop_main(sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", int(sys.argv[5]))
-    else:
-        import json
+    import json
 
-        for r in run("--quick" in sys.argv):
-            print(json.dumps(r))
+    for r in run("--quick" in sys.argv):
+        print(json.dumps(r))

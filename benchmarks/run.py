@@ -113,6 +113,7 @@ def floors(rows: list[dict[str, Any]]) -> list[str]:
         if ctl is not None:
             detail += f"; plain vs plain: {ctl['pair_ratio']:.3f}× paired, {ctl['ratio']:.3f}× best of rounds"
         check("loopback connect+close ≤ 3 % added", ok, detail)
+    _path_floors(rows, check)
     r = next((x for x in rows if x.get("sockets") == 1000 and "foreign" not in x["name"] and "ratio" in x), None)
     check("snapshot() with 1,000 own sockets ≤ 0.2× psutil", None if r is None else r["ratio"] <= 0.2,
           "" if r is None else f"{r['ratio']:.3f}×")  # fmt: skip
@@ -143,6 +144,29 @@ def floors(rows: list[dict[str, Any]]) -> list[str]:
     check("watcher ≤ 1 % of a core at report_interval=1", None if r is None else r["value"] <= 1,
           "" if r is None else f"{r['value']} %")  # fmt: skip
     return out
+
+
+def _path_floors(rows: list[dict[str, Any]], check: Any) -> None:
+    """The creation paths' floors (bench_core's per-path instruction rows): each path adds at
+    most 1,000 instructions per socket it creates, create+close at most 800, and the
+    in-process connect + accept + close cycle at most 3 %."""
+    paths = [r for r in rows if "added_per_socket" in r and r.get("path") != "connect-remote" and "error" not in r]
+    if not paths:
+        check("every creation path ≤ +1,000 instructions per socket", None, "")
+    else:
+        worst = max(r["added_per_socket"] for r in paths)
+        check("every creation path ≤ +1,000 instructions per socket", worst <= 1000,
+              ", ".join(f"{r['path']} {r['added_per_socket']:+,}" for r in paths))  # fmt: skip
+    r = next((x for x in paths if x.get("path") == "create"), None)
+    check("socket create+close ≤ +800 instructions", None if r is None else r["added_per_socket"] <= 800,
+          "" if r is None else f"{r['added_per_socket']:+,} on {r['baseline_instructions']:,}")  # fmt: skip
+    r = next((x for x in paths if x.get("path") == "cycle"), None)
+    timed = next((x for x in rows if x.get("path") == "cycle" and "pair_ratio" in x), None)
+    detail = "" if r is None else f"{r['ratio']:.3f}× instructions ({r['added_instructions']:+,} on {r['baseline_instructions']:,})"
+    if timed is not None:
+        detail += f"; timed {timed['pair_ratio']:.3f}× (paired)"
+    check("in-process connect + accept + close cycle ≤ 1.03× instructions", None if r is None else r["ratio"] <= 1.03,
+          detail)  # fmt: skip
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> bool:

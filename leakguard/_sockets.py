@@ -57,7 +57,7 @@ def _compiled_hook() -> Any:
         return None
     try:
         return sp.make_init(
-            _socket_class, _original_init, None if _fast is registry.fast_record else _fast, _slow, _errors
+            _socket_class, _original_init, None if _fast is registry.fast_record else _fast, _slow, _errors, registry._views
         )
     except Exception:  # a stale build: the Python hook does the same
         return None

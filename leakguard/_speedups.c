@@ -60,6 +60,10 @@ static struct {
 
 static int app_by_filename(PyObject *code);
 
+/* Bumped whenever a stack walk may have run Python code (is_app_file, a code object
+ * freed from the cache): what the caller looked up before may have changed. */
+static unsigned long ran_python;
+
 /* 1 = application code, 0 = not, -1 = error */
 static inline int
 app(PyObject *code)
@@ -73,7 +77,10 @@ app(PyObject *code)
         PyObject *old = app_cache[h].code;
         app_cache[h].code = Py_NewRef(code);
         app_cache[h].app = r;
-        Py_XDECREF(old);
+        if (old != NULL) {
+            ran_python++;
+            Py_DECREF(old);
+        }
     }
     return r;
 }
@@ -115,6 +122,7 @@ app_by_filename(PyObject *code)
         return r == Py_True;
     if (PyErr_Occurred())
         return -1;
+    ran_python++;
     r = PyObject_CallOneArg(is_app_file, filename);
     if (r == NULL)
         return -1;
@@ -336,6 +344,16 @@ walk_tuple(walk_t *w, Py_ssize_t head)
 
 #define ENTRY_HEAD 5 /* (ref, created, seq, None, None) before the frames: registry.Entry */
 
+/* An entry the compiled hook made: (ref, created, seq, None, None, frames...).  The Python
+ * path's (ref, created, seq, frames, scope) has the same size as a compiled entry without
+ * frames (a socket made with no Python frame); rewriting it in place would keep its
+ * frames and scope for the new socket. */
+static inline int
+compiled_entry(PyObject *entry)
+{
+    return PyTuple_GET_ITEM(entry, 3) == Py_None && PyTuple_GET_ITEM(entry, 4) == Py_None;
+}
+
 /* In-place reuse of an entry's values, for objects only that entry holds (see record_impl).
  * With write=0 each only answers whether *o* can take *v* in place; with write=1 it also
  * writes it.  0 means the caller must make a new object. */
@@ -381,51 +399,53 @@ long_reuse(PyObject *o, unsigned long long v, int write)
 }
 #endif
 
-/* record() for a socket created *skip* Python frames below the current one:
- * 1 recorded (or nothing to record), 0 left to the Python path (an integration scope
- * is active), -1 with an exception set. */
-static int
-record_impl(PyObject *sock, int skip)
+/* 1 if an integration scope is active (the Python path records then), 0 if not, -1 error. */
+static inline int
+scoped(void)
 {
     PyObject *sc = NULL;
     if (PyContextVar_Get(scope_var, Py_None, &sc) < 0)
         return -1;
-    int scoped = sc != Py_None;
+    int r = sc != Py_None;
     Py_DECREF(sc);
-    if (scoped)
-        return 0;
-    long fd;
-    if (PyObject_TypeCheck(sock, raw_socket)) {
-        fd = sock_fd(sock);
-        if (fd == -1 && PyErr_Occurred())
-            return -1;
-    }
-    else {  /* a socket class of another lineage (gevent's): ask it */
-        fd = PyObject_AsFileDescriptor(sock);
-        if (fd < 0)
-            return -1;
-    }
-    if (fd < 0)
-        return 1;  /* no descriptor: nothing to record */
+    return r;
+}
+
+/* The descriptor of a new socket, or -1 (none), or -2 with an exception set. */
+static inline long
+new_fd(PyObject *sock)
+{
+    if (PyObject_TypeCheck(sock, raw_socket))
+        return sock_fd(sock);
+    long fd = PyObject_AsFileDescriptor(sock); /* a socket class of another lineage (gevent's): ask it */
+    return fd < 0 ? -2 : fd;
+}
+
+/* Store a new entry for *sock*, with *ref* its weak reference and *key* its descriptor
+ * as an int (both references this steals), *old* the table's entry for that key
+ * (borrowed, or NULL), looked up after *ref* was made.  1 or -1. */
+static int
+store(PyObject *sock, PyObject *key, PyObject *ref, PyObject *old, int skip)
+{
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     double created = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
     unsigned long long n = (unsigned long long)++seq;
     walk_t w;
-    PyObject *ref = PyWeakref_NewRef(sock, NULL);
-    if (ref == NULL)
-        return -1;
+    unsigned long before = ran_python;
     if (walk(&w, skip, depth) < 0) {
         Py_DECREF(ref);
+        Py_DECREF(key);
         return -1;
     }
-    PyObject *key = PyLong_FromLong(fd);
-    PyObject *old = key != NULL ? PyDict_GetItemWithError(records, key) : NULL; /* borrowed */
-    if (old == NULL && PyErr_Occurred()) {
-        Py_DECREF(ref);
-        Py_XDECREF(key);
-        walk_release(&w, 1);
-        return -1;
+    if (ran_python != before) { /* is_app_file ran: the table may have changed meanwhile */
+        old = PyDict_GetItemWithError(records, key);
+        if (old == NULL && PyErr_Occurred()) {
+            Py_DECREF(ref);
+            Py_DECREF(key);
+            walk_release(&w, 1);
+            return -1;
+        }
     }
     /* The entry (ref, created, seq, None, None, code, offset, code, offset, ...): the
      * frames inline after the five fields (see registry.Entry).
@@ -439,7 +459,7 @@ record_impl(PyObject *sock, int skip)
      * values are released after, when the entry is whole again. */
 #ifndef Py_GIL_DISABLED
     if (old != NULL && Py_REFCNT(old) == 1 && PyTuple_CheckExact(old)
-        && PyTuple_GET_SIZE(old) == ENTRY_HEAD + w.n) {
+        && PyTuple_GET_SIZE(old) == ENTRY_HEAD + w.n && compiled_entry(old)) {
         PyObject **items = ((PyTupleObject *)old)->ob_item;
         /* New objects where the old ones cannot take the values, before anything changes. */
         int c_here = float_reuse(items[1], created, 0), s_here = long_reuse(items[2], n, 0);
@@ -493,6 +513,123 @@ record_impl(PyObject *sock, int skip)
     Py_DECREF(key);
     Py_DECREF(entry);
     return rc < 0 ? -1 : 1;
+}
+
+
+/* The table's entry for *key* (borrowed), NULL if none, or NULL with an exception set. */
+static inline PyObject *
+lookup(PyObject *key)
+{
+    return PyDict_GetItemWithError(records, key);
+}
+
+/* record() for a socket created *skip* Python frames below the current one:
+ * 1 recorded (or nothing to record), 0 left to the Python path (an integration scope
+ * is active), -1 with an exception set. */
+static int
+record_impl(PyObject *sock, int skip)
+{
+    int sc = scoped();
+    if (sc != 0)
+        return sc < 0 ? -1 : 0; /* an error, or scoped: the Python path */
+    long fd = new_fd(sock);
+    if (fd < 0)
+        return fd == -2 ? -1 : 1; /* no descriptor: nothing to record */
+    PyObject *ref = PyWeakref_NewRef(sock, NULL);
+    if (ref == NULL)
+        return -1;
+    PyObject *key = PyLong_FromLong(fd);
+    PyObject *old = key != NULL ? lookup(key) : NULL;
+    if (old == NULL && (key == NULL || PyErr_Occurred())) {
+        Py_DECREF(ref);
+        Py_XDECREF(key);
+        return -1;
+    }
+    return store(sock, key, ref, old, skip);
+}
+
+/* The object an entry's weak reference points to (a new reference), or NULL (dead, or
+ * the entry has no weak reference). */
+static inline PyObject *
+referent(PyObject *entry)
+{
+    PyObject *r = PyTuple_GET_ITEM(entry, 0);
+    if (!PyWeakref_CheckRefExact(r))
+        return NULL;
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject *obj = NULL;
+    if (PyWeakref_GetRef(r, &obj) < 0) {
+        PyErr_Clear();
+        return NULL;
+    }
+    return obj;
+#else
+    PyObject *obj = PyWeakref_GET_OBJECT(r);
+    return obj == Py_None ? NULL : Py_NewRef(obj);
+#endif
+}
+
+static PyObject *views; /* registry._views (fd -> Record view), or NULL: see inherit_impl */
+
+/* record_socket(sock, inherit=True) for a socket built on an existing descriptor
+ * (accept(), socket(fileno=...), fromfd(), dup(), ssl's wrap_socket):
+ * when another live socket object still holds the descriptor (the plain socket that
+ * ssl wraps and then detaches), the new one takes over its record, creation stack and
+ * all; otherwise it gets a record of its own, as record_impl gives.  The other socket's
+ * descriptor is read from the object itself, never through its fileno() method: a
+ * subclass's fileno() may raise, and that must not cost the new socket its record.
+ * 1 done, 0 left to the Python path (a scope is active, an owner that is not a socket
+ * holds the record, or a Record view of it exists), -1 with an exception set. */
+static int
+inherit_impl(PyObject *sock)
+{
+    int sc = scoped();
+    if (sc != 0)
+        return sc < 0 ? -1 : 0;
+    long fd = new_fd(sock);
+    if (fd < 0)
+        return fd == -2 ? -1 : 1;
+    PyObject *ref = PyWeakref_NewRef(sock, NULL);
+    if (ref == NULL)
+        return -1;
+    PyObject *key = PyLong_FromLong(fd);
+    PyObject *old = key != NULL ? lookup(key) : NULL;
+    if (old == NULL && (key == NULL || PyErr_Occurred())) {
+        Py_DECREF(ref);
+        Py_XDECREF(key);
+        return -1;
+    }
+    PyObject *other = old != NULL && PyTuple_Check(old) && PyTuple_GET_SIZE(old) >= ENTRY_HEAD ? referent(old) : NULL;
+    if (other != NULL && other != sock) {
+        int holds = PyObject_TypeCheck(other, raw_socket) ? sock_fd(other) == fd : -1;
+        Py_DECREF(other);
+        PyObject *view = holds == 1 && views != NULL ? PyDict_GetItemWithError(views, key) : NULL;
+        if (holds < 0 || view != NULL || PyErr_Occurred()) {
+            Py_DECREF(ref);
+            Py_DECREF(key);
+            return PyErr_Occurred() ? -1 : 0;
+        }
+        if (holds) { /* the handover: the same entry with the new socket's weak reference */
+            Py_ssize_t size = PyTuple_GET_SIZE(old);
+            PyObject *entry = PyTuple_New(size);
+            if (entry == NULL) {
+                Py_DECREF(ref);
+                Py_DECREF(key);
+                return -1;
+            }
+            PyTuple_SET_ITEM(entry, 0, ref);
+            for (Py_ssize_t i = 1; i < size; i++)
+                PyTuple_SET_ITEM(entry, i, Py_NewRef(PyTuple_GET_ITEM(old, i)));
+            int rc = PyDict_SetItem(records, key, entry);
+            Py_DECREF(entry);
+            Py_DECREF(key);
+            return rc < 0 ? -1 : 1;
+        }
+    }
+    else {
+        Py_XDECREF(other);
+    }
+    return store(sock, key, ref, old, 0);
 }
 
 /* next_seq() -> the next sequence number (registry.mark, and records made in Python). */
@@ -561,20 +698,18 @@ hooked_init(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *k
             fileno = args[nargs + i];
     }
     int inherit = fileno != NULL && fileno != Py_None;
-    int done = 0; /* recorded by the fast path */
-    if (!inherit) {
-        if (hook_fast == Py_None) {
-            done = record_impl(self, 0);
-        }
-        else {
-            PyObject *d = PyObject_CallOneArg(hook_fast, self);
-            done = d == NULL ? -1 : PyObject_IsTrue(d);
-            Py_XDECREF(d);
-        }
-        if (done < 0)
-            return hook_count_error() < 0 ? NULL : Py_NewRef(Py_None);
+    int done; /* recorded by the fast path */
+    if (hook_fast != Py_None) { /* a stand-in for record() (tests): it covers new sockets only */
+        PyObject *d = inherit ? Py_NewRef(Py_False) : PyObject_CallOneArg(hook_fast, self);
+        done = d == NULL ? -1 : PyObject_IsTrue(d);
+        Py_XDECREF(d);
     }
-    if (!done) { /* built on a descriptor, or inside an integration scope */
+    else {
+        done = inherit ? inherit_impl(self) : record_impl(self, 0);
+    }
+    if (done < 0)
+        return hook_count_error() < 0 ? NULL : Py_NewRef(Py_None);
+    if (!done) { /* inside an integration scope, or an inherited record the Python path handles */
         PyObject *rr = PyObject_CallFunctionObjArgs(hook_slow, self, inherit ? Py_True : Py_False, NULL);
         if (rr == NULL && hook_count_error() < 0)
             return NULL;
@@ -591,12 +726,14 @@ static PyMethodDef hooked_init_def = {
     "socket.socket.__init__, with leakguard recording the new socket.",
 };
 
-/* make_init(cls, orig, fast, slow, errors) -> the method descriptor to set as cls.__init__ */
+/* make_init(cls, orig, fast, slow, errors, views=None) -> the method descriptor to set as
+ * cls.__init__; *views* is registry._views (without it, every handover is the Python path's) */
 static PyObject *
 make_init(PyObject *self, PyObject *args)
 {
-    PyObject *cls, *orig, *fast, *slow, *errors;
-    if (!PyArg_ParseTuple(args, "O!OOOO!", &PyType_Type, &cls, &orig, &fast, &slow, &PyList_Type, &errors))
+    PyObject *cls, *orig, *fast, *slow, *errors, *v = NULL;
+    if (!PyArg_ParseTuple(args, "O!OOOO!|O!", &PyType_Type, &cls, &orig, &fast, &slow, &PyList_Type, &errors,
+                          &PyDict_Type, &v))
         return NULL;
     if (records == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "leakguard._speedups is not configured");
@@ -606,6 +743,7 @@ make_init(PyObject *self, PyObject *args)
     Py_XSETREF(hook_fast, Py_NewRef(fast));
     Py_XSETREF(hook_slow, Py_NewRef(slow));
     Py_XSETREF(hook_errors, Py_NewRef(errors));
+    Py_XSETREF(views, Py_XNewRef(v));
     return PyDescr_NewMethod((PyTypeObject *)cls, &hooked_init_def);
 }
 
@@ -897,7 +1035,7 @@ error:
 static PyMethodDef methods[] = {
     {"record", record, METH_O, "Record a new socket outside any scope; False if a scope is active."},
     {"clear_app_cache", clear_app_cache, METH_NOARGS, "Forget the cached application-code answers."},
-    {"make_init", make_init, METH_VARARGS, "make_init(cls, orig, fast, slow, errors): the compiled cls.__init__ hook."},
+    {"make_init", make_init, METH_VARARGS, "make_init(cls, orig, fast, slow, errors, views=None): the compiled cls.__init__ hook."},
     {"capture", capture, METH_VARARGS, "capture(skip=1, depth=32): stacks.capture, compiled."},
     {"configure", configure, METH_VARARGS,
      "configure(records, app_files, is_app_file, last_seq, scope_var, depth, context)"},

@@ -30,12 +30,26 @@ def rows(connect_pair: float = 1.02, connect_instr: float = 1.025) -> list[dict[
         {"name": "pytest 2000 trivial tests: --leakguard vs without the plugin", "baseline_us": 530.0,
          "leakguard_us": 545.0, "ratio": 1.028, "pair_ratio": 1.03, "tests": 2000},
         {"name": "watcher CPU share at report_interval=1, 1001 tracked sockets", "value": 0.4, "unit": "%"},
+        *path_rows(),
+    ]  # fmt: skip
+
+
+def path_rows(create: int = 700, accept: int = 900, cycle: float = 1.025) -> list[dict[str, object]]:
+    """bench_core's per-creation-path instruction rows."""
+    return [
+        {"name": "socket create+close (instructions)", "baseline_instructions": 5_900, "leakguard_instructions": 5_900 + create,
+         "added_instructions": create, "added_per_socket": create, "ratio": 1.12, "path": "create", "sockets_per_op": 1},
+        {"name": "accept() + close (instructions)", "baseline_instructions": 36_700, "leakguard_instructions": 36_700 + accept,
+         "added_instructions": accept, "added_per_socket": accept, "ratio": 1.02, "path": "accept", "sockets_per_op": 1},
+        {"name": "in-process connect + accept + close cycle (instructions)", "baseline_instructions": 69_600,
+         "leakguard_instructions": round(69_600 * cycle), "added_instructions": round(69_600 * (cycle - 1)),
+         "added_per_socket": round(69_600 * (cycle - 1) / 2), "ratio": cycle, "path": "cycle", "sockets_per_op": 2},
     ]  # fmt: skip
 
 
 def test_every_floor_is_judged() -> None:
     lines = run.floors(rows())
-    assert len(lines) == 8
+    assert len(lines) == 11
     assert all("**ok**" in line for line in lines), lines
 
 
@@ -67,9 +81,21 @@ def test_pytest_floor_uses_its_instruction_row() -> None:
 
 def test_missing_rows_are_not_measured() -> None:
     lines = run.floors([{"name": "socket create+close", "error": "boom"}])
-    assert len(lines) == 8 and all("not measured" in line for line in lines)
+    assert len(lines) == 11 and all("not measured" in line for line in lines)
 
 
 def test_table_has_instruction_rows() -> None:
     md = run.table(rows())
     assert "| loopback connect+close (instructions) | 45,400 | 46,535 | +1,135 | 1.025× |" in md
+
+
+def test_creation_path_floors() -> None:
+    def verdict(label: str, rs: list[dict[str, object]]) -> str:
+        return next(ln for ln in run.floors(rs) if label in ln)
+
+    line = verdict("every creation path", path_rows())
+    assert "**ok**" in line and "create +700" in line and "accept +900" in line
+    assert "**OVER**" in verdict("every creation path", path_rows(accept=1_001))
+    assert "**OVER**" in verdict("create+close ≤ +800", path_rows(create=801))
+    assert "**ok**" in verdict("create+close ≤ +800", path_rows(create=800))
+    assert "**OVER**" in verdict("cycle ≤ 1.03×", path_rows(cycle=1.031))
