@@ -25,7 +25,7 @@ from typing import Any
 if __package__ in (None, ""):  # python benchmarks/run.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-MODULES = ["bench_core", "bench_requests", "bench_db", "bench_watcher", "bench_pytest"]
+MODULES = ["bench_core", "bench_render", "bench_requests", "bench_db", "bench_watcher", "bench_pytest"]
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -143,7 +143,28 @@ def floors(rows: list[dict[str, Any]]) -> list[str]:
     r = _find(rows, "watcher CPU share")
     check("watcher ≤ 1 % of a core at report_interval=1", None if r is None else r["value"] <= 1,
           "" if r is None else f"{r['value']} %")  # fmt: skip
+    for render, label in (("to_dict", "snapshot().to_dict()"), ("str", "str(snapshot())")):
+        # A time floor (psutil's cost is mostly the kernel writing /proc/net/tcp, which no
+        # instruction count of the process sees): judged on the timed ratio, the count beside it.
+        r = _rendered(rows, render, "baseline_us")
+        ins = _rendered(rows, render, "baseline_instructions")
+        detail = "" if r is None else (
+            f"{r['ratio']:.3f}× ({r['leakguard_us'] / 1000:.2f} ms vs {r['baseline_us'] / 1000:.1f} ms)"
+        )  # fmt: skip
+        if ins is not None:
+            detail += f"; {ins['leakguard_instructions']:,} instructions vs psutil's {ins['baseline_instructions']:,}"
+        check(f"{label} of 1,000 sockets (500 CLOSE_WAIT, one site) ≤ 0.1× psutil net_connections('tcp')",
+              None if r is None else r["ratio"] <= 0.1, detail)  # fmt: skip
     return out
+
+
+def _rendered(rows: list[dict[str, Any]], render: str, has: str) -> dict[str, Any] | None:
+    """bench_render's row for *render* at 1,000 own sockets from one site."""
+    return next(
+        (r for r in rows if r.get("render") == render and r.get("own_sockets") == 1000 and r.get("sites") == 1
+         and has in r and "error" not in r),
+        None,
+    )  # fmt: skip
 
 
 def _path_floors(rows: list[dict[str, Any]], check: Any) -> None:
@@ -178,12 +199,16 @@ def plot(rows: list[dict[str, Any]], path: str) -> bool:
     except ImportError:
         return False
     snap = [r for r in rows if r.get("sockets") and "foreign" not in r["name"] and "ratio" in r]
+    rendered = {
+        k: [r for r in rows if r.get("render") == k and r.get("sites") == 1 and "baseline_us" in r]
+        for k in ("to_dict", "str")
+    }
     # Per-operation rows only: not the noise control, the other tools (tens of times slower:
     # they would squeeze every leakguard bar to nothing) or the idle-process CPU row.
     ops = [
         r
         for r in rows
-        if "ratio" in r and "baseline_us" in r and not r.get("sockets")
+        if "ratio" in r and "baseline_us" in r and not r.get("sockets") and not r.get("render")
         and not any(k in r["name"] for k in ("plain vs plain", "for comparison", "while idle"))
     ]  # fmt: skip
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
@@ -193,6 +218,10 @@ def plot(rows: list[dict[str, Any]], path: str) -> bool:
         a.loglog(xs, [r["baseline_us"] / 1000 for r in snap], "s-", label="psutil net_connections('tcp')")
         if all("proc_net_tcp_us" in r for r in snap):
             a.loglog(xs, [r["proc_net_tcp_us"] / 1000 for r in snap], "^-", label="/proc/net/tcp join")
+        for k, label in (("to_dict", "snapshot().to_dict()"), ("str", "str(snapshot())")):
+            if rendered[k]:
+                a.loglog([r["own_sockets"] for r in rendered[k]], [r["leakguard_us"] / 1000 for r in rendered[k]],
+                         "x--", label=label)  # fmt: skip
         a.set_xlabel("own sockets")
         a.set_ylabel("ms per snapshot")
         a.set_title("Reading the process's sockets")

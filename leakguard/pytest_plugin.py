@@ -564,57 +564,45 @@ def _infos(recs: list[registry.Record]) -> list[SocketInfo]:
     return out
 
 
-def _short(info: SocketInfo) -> str:
-    bits = [info.state or info.type]
-    if info.remote:
-        bits.append(f"peer {info.remote}")
-    return f"{info.site_str if info.stack else '<unknown site>'} ({', '.join(bits)})"
+def _short(g: report.LeakGroup) -> str:
+    """``test_x.py:12 (CLOSE_WAIT, peer 127.0.0.1:5000)``; a group: ``(15 sockets: CLOSE_WAIT, ...)``."""
+    o = g.oldest
+    bits = [", ".join(g.states()) if o.state else o.type]
+    peers = g.peers()
+    if peers and peers[0][0] != "?":
+        bits.append(f"peer {peers[0][0]}" + (f" and {len(peers) - 1} more" if len(peers) > 1 else ""))
+    count = f"{g.count} sockets: " if g.count > 1 else ""
+    return f"{g.site if o.stack else '<unknown site>'} ({count}{', '.join(bits)})"
 
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _relevant(stack: list[stacks.Frame]) -> list[stacks.Frame]:
-    """The stack from the application's outermost frame inwards (no test-runner frames)."""
-    for i, fr in enumerate(stack):
-        if stacks.is_app_file(fr.file):
-            return stack[i:]
-    return stack
+def _test_marks(infos: list[SocketInfo], item: Any) -> dict[stacks.Frame, str]:
+    """The test function's own frames in the creation stacks: marked, so the test's line stands out."""
+    path = getattr(item, "path", None)
+    name = getattr(item, "originalname", None) or getattr(item, "name", None)
+    if path is None or not name:
+        return {}
+    where = str(path)
+    marks: dict[stacks.Frame, str] = {}
+    for info in infos:
+        for fr in info.stack:
+            if fr.function == name and fr not in marks and os.path.abspath(fr.file) == where:
+                marks[fr] = "<- the test"
+    return marks
 
 
-def _paragraph(info: SocketInfo) -> str:
-    body = [f"Leaked {report.describe(info)}"]
-    if info.reason:
-        body.append(f"  why: {info.reason}")
-    elif info.record is not None and info.record.pool is not None:
-        body.append(f"  pool: {_pool_line(info.record.pool)}")
-    stack = _relevant(info.stack)
-    if stack:
-        body += ["  created by:", report.format_stack(stack)]
-    return "\n".join(body)
-
-
-def _pool_line(pool: registry.PoolInfo) -> str:
-    """Where a pooled socket is: checked out (since when, where) or idle, and whose pool it is."""
-    now = time.monotonic()
-    if pool.checked_out:
-        site = stacks.creation_site(stacks.frames(pool.checkout_frames))
-        text = f"checked out of {pool.name}"
-        if pool.checkout_time is not None:
-            text += f" for {now - pool.checkout_time:.1f} s"
-        if site is not None:
-            text += f" at {stacks.format_site(site)}"
-    else:
-        text = f"idle in {pool.name}"
-        if pool.idle_since is not None:
-            text += f" for {now - pool.idle_since:.1f} s"
-    return text + (f", owned by {pool.owner}" if pool.owner else "")
-
-
-def _leak_text(head: str, infos: list[SocketInfo]) -> str:
-    first = f"{head} {_plural(len(infos), 'socket')} open, created at " + ", ".join(_short(i) for i in infos)
-    return "\n\n".join([first] + [_paragraph(i) for i in infos])
+def _leak_text(head: str, infos: list[SocketInfo], item: Any = None) -> str:
+    """The failure: one line naming each creation site, state and peer, then one block per group of
+    sockets (creation site and verdict: what holds them, the fix, the stack with the test's line marked)."""
+    with stacks.rendering():
+        groups = report.group(infos)
+        first = f"{head} {_plural(len(infos), 'socket')} open, created at " + ", ".join(_short(g) for g in groups)
+        marks = _test_marks(infos, item) if item is not None else None
+        blocks = [report.format_group(g, marks=marks, trim_outer=True) for g in groups]
+    return "\n\n".join([first] + blocks)
 
 
 def _gc_text(events: list[_GcEvent], whose: str) -> str:
@@ -632,7 +620,7 @@ def _gc_text(events: list[_GcEvent], whose: str) -> str:
         line += f" created at {stacks.format_site(stacks.creation_site(stack))}" if stack else " creation stack unknown"
         block = [line]
         if stack:
-            block += ["  created by:", report.format_stack(_relevant(stack))]
+            block += ["  created by:", report.format_stack(stacks.from_application(stack))]
         blocks.append("\n".join(block))
     sites = ", ".join(stacks.format_site(stacks.creation_site(e.rec.stack())) for e in events)
     head = f"leakguard: {_plural(len(events), 'socket')} {whose} never closed; the garbage collector freed {'it' if len(events) == 1 else 'them'}: {sites}"
@@ -937,7 +925,7 @@ class _Checker:
         fail = settings.mode == "fail"
         if cands:
             infos = _infos(cands)
-            text = _leak_text("leakguard: this test left", infos)
+            text = _leak_text("leakguard: this test left", infos, item)
             verdict.test_leaks = len(infos)
             (verdict.fail_text if fail else verdict.warn_text).append(text)
             if fail:
@@ -947,7 +935,7 @@ class _Checker:
             by_fixture.setdefault(id(fx), (fx, []))[1].append(r)
         for fx, recs in by_fixture.values():
             infos = _infos(recs)
-            text = _leak_text(f"leakguard: {fx.label()}, set up for {fx.where}, left", infos)
+            text = _leak_text(f"leakguard: {fx.label()}, set up for {fx.where}, left", infos, item)
             verdict.fixture_leaks += len(infos)
             (verdict.fail_text if fail else verdict.warn_text).append(text)
             if fail and verdict.kind is None:

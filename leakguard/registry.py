@@ -153,6 +153,7 @@ class Record:
 
     __slots__ = (
         "__weakref__",
+        "_resolved",
         "addrs",
         "created",
         "entry",
@@ -180,13 +181,21 @@ class Record:
         self.pool: PoolInfo | None = None
         #: (local, remote, family, type) once the kernel showed them settled: they never change again
         self.addrs: tuple[str | None, str | None, int, int] | None = None
+        self._resolved: tuple[stacks.Frame, ...] | None = None
 
     def alive(self) -> bool:
         """Is the recorded socket (or owner) still open on the same descriptor?"""
         return _alive(self.fd, self.ref)
 
     def stack(self) -> list[stacks.Frame]:
-        return stacks.frames(self.frames)
+        return list(self.resolved())
+
+    def resolved(self) -> tuple[stacks.Frame, ...]:
+        """The creation stack, outermost first, resolved once per record (equal stacks share one tuple)."""
+        r = self._resolved
+        if r is None:
+            r = self._resolved = stacks.resolve(self.frames)
+        return r
 
     def __repr__(self) -> str:
         site = stacks.format_site(stacks.creation_site(self.stack()))

@@ -1,36 +1,406 @@
-"""Render snapshots and leaked sockets for people: one block per leak, goleak-style."""
+"""Render snapshots for people and programs.
+
+Text (``str(snapshot)``, pytest failures, the dump signal) and periodic structlog
+events show leaks grouped by creation site and verdict: 15 sockets leaked by one
+line are one group, with their count, states, origin, peers, oldest age, what
+holds them, where the code using them is, one fix hint, and one stack with the
+application's frames shown and library frames folded (``[+8 frames in urllib3]``).
+
+Rendering shares work: each ``(code, offset)`` is resolved once per process and
+each stack once per record (:func:`stacks.resolve`), each path made relative once
+per working directory, and a snapshot renders each distinct stack once and each
+socket once, however many lists it appears in (:func:`snapshot_dict`).
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import stacks
 
 if TYPE_CHECKING:
+    from . import registry
     from .snapshot import Snapshot, SocketInfo
 
-__all__ = ["Reporter", "describe", "format_leak", "format_snapshot", "format_stack", "get_logger", "summary_line"]
+__all__ = [
+    "LeakGroup",
+    "Reporter",
+    "describe",
+    "fix_hint",
+    "format_group",
+    "format_leak",
+    "format_snapshot",
+    "format_stack",
+    "get_logger",
+    "group",
+    "pool_line",
+    "snapshot_dict",
+    "socket_dict",
+    "summary_line",
+]
+
+STACK_LIMIT = 8  # application frames shown per stack (library frames fold)
 
 _STATE_WORDS = {
-    "CLOSE_WAIT": "CLOSE_WAIT (the peer closed it, your code never did)",
+    ("CLOSE_WAIT", False): "CLOSE_WAIT (the peer closed it, your code never did)",
+    ("CLOSE_WAIT", True): "CLOSE_WAIT (the peer closed them, your code never did)",
+    ("CLOSE", False): "CLOSE (the peer reset it, your code never closed it)",
+    ("CLOSE", True): "CLOSE (the peer reset them, your code never closed them)",
+}
+# in_use: the code that would close it is still running: "never did" would send the reader looking for a missing close()
+_STATE_WORDS_IN_USE = {
+    "CLOSE_WAIT": "CLOSE_WAIT (the peer closed {it}; the code holding {it} is still running)",
+    "CLOSE": "CLOSE (the peer reset {it}; the code holding {it} is still running)",
 }
 
 
-def format_stack(stack: list[stacks.Frame], limit: int = 8, indent: str = "    ") -> str:
-    """Innermost *limit* frames, traceback style (outermost first)."""
-    shown = stack[-limit:] if limit else stack
+def _state_words(state: str | None, leaked: bool, verdict: str | None = None, many: bool = False) -> str:
+    """*state* as netstat names it, with what it means when the socket is judged leaked (a socket
+    never connected is in CLOSE too: no words for that one)."""
+    if not leaked:
+        return state or "no state"
+    if verdict == "in_use" and state in _STATE_WORDS_IN_USE:
+        return _STATE_WORDS_IN_USE[state].format(it="them" if many else "it")
+    return _STATE_WORDS.get((state or "", many), state or "no state")
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+# --- stacks -----------------------------------------------------------------------------------------
+
+
+def format_stack(
+    stack: Sequence[stacks.Frame],
+    limit: int = STACK_LIMIT,
+    indent: str = "    ",
+    marks: dict[stacks.Frame, str] | None = None,
+) -> str:
+    """Traceback style (outermost first): the application's frames, consecutive library frames
+    folded into one line (``[+8 frames in requests, urllib3]``), the creation line always shown.
+
+    *limit*: application frames shown (the innermost ones); ``0``: every frame, nothing folded.
+    *marks*: a note put after a frame's line (``<- the test``).
+    """
+    items: list[Any] = list(stack) if not limit else stacks.fold(stack, limit)
+    rel = stacks.relpath
     lines = []
-    if len(shown) < len(stack):
-        lines.append(f"{indent}... {len(stack) - len(shown)} outer frames")
-    for fr in shown:
-        lines.append(f'{indent}File "{stacks.relpath(fr.file)}", line {fr.line}, in {fr.function}')
+    for it in items:
+        if isinstance(it, stacks.Frame):
+            line = f'{indent}File "{rel(it.file)}", line {it.line}, in {it.function}'
+            if marks and it in marks:
+                line += f"  {marks[it]}"
+            lines.append(line)
+        else:
+            lines.append(indent + stacks.format_folded(it))
     return "\n".join(lines)
+
+
+def _stack_lines(stack: Sequence[stacks.Frame], limit: int = STACK_LIMIT) -> list[str]:
+    """The folded stack as short strings (``path.py:LINE in function``, ``[+3 frames in socket]``), for events."""
+    rel = stacks.relpath
+    return [
+        f"{rel(it.file)}:{it.line} in {it.function}" if isinstance(it, stacks.Frame) else stacks.format_folded(it)
+        for it in stacks.fold(stack, limit)
+    ]
+
+
+# --- fix hints --------------------------------------------------------------------------------------
+
+_FORGOTTEN = {
+    "requests": "release the response: `with requests.get(...) as r:` or `r.close()` (a streamed or unread "
+    "response keeps its connection); `with requests.Session() as s:` for a session",
+    "urllib3": "release the response: `r.release_conn()` or `with http.request(..., preload_content=False) as r:`; "
+    "`pool.clear()` when done with the pool",
+    "http_client": "close it: `conn.close()` (or `with contextlib.closing(HTTPConnection(...)) as conn:`); "
+    "`with urllib.request.urlopen(...) as r:`",
+    "httpx": "`with httpx.Client() as client:` (or `client.close()`); a streamed response: `with client.stream(...) as r:`",
+    "aiohttp": "`async with aiohttp.ClientSession() as session:` and `async with session.get(...) as r:`",
+    "psycopg2": "close it: `conn.close()`, or `with contextlib.closing(psycopg2.connect(...)) as conn:` "
+    "(psycopg2's `with conn:` ends a transaction, it does not close)",
+    "psycopg": "`with psycopg.connect(...) as conn:` (or `conn.close()`)",
+    "asyncpg": "`await conn.close()` in a `finally:`, or use a pool: `async with pool.acquire() as conn:`",
+    "pymysql": "`with pymysql.connect(...) as conn:` (or `conn.close()` in a `finally:`)",
+    "redis": "`with redis.Redis(...) as r:` (or `r.close()`); one client per process, not one per call",
+    "sqlalchemy": "`with engine.connect() as conn:` / `with Session(engine) as session:`; `engine.dispose()` when done",
+    "socket": "close it: `with socket.create_connection(...) as s:`, or `s.close()` in a `finally:`",
+}
+_IDLE = {
+    "sqlalchemy": "`create_engine(..., pool_pre_ping=True)`, or `pool_recycle=` below the server's idle timeout",
+    "redis": "`redis.Redis(..., health_check_interval=30)` (below the server's `timeout`)",
+    "psycopg": "`ConnectionPool(..., check=ConnectionPool.check_connection, max_idle=...)` below the server's idle timeout",
+    "psycopg2": "check connections at `getconn()` (a `SELECT 1`), or close and reopen them below the server's idle timeout",
+    "asyncpg": "`create_pool(..., max_inactive_connection_lifetime=...)` below the server's idle timeout",
+    "requests": "harmless until reused (urllib3 drops it at its next checkout); `session.close()` when done with the session",
+    "urllib3": "harmless until reused (urllib3 drops it at its next checkout); `pool.clear()` when done with the pool",
+}
+
+
+def fix_hint(verdict: str | None, origin: str = "unknown", pool: bool = False, idle: bool = False) -> str:
+    """One concrete fix for leaks of this *verdict* and *origin* (pooled or not; *idle* in its pool)."""
+    if verdict == "in_use":
+        return (
+            "the code holding it has not finished (see 'in use at'): give the call it waits on a timeout, or "
+            "add capacity (workers, pool size) if requests queue behind busy handlers"
+        )
+    if verdict == "idle_in_pool":
+        how = _IDLE.get(origin, "a pre-ping at checkout, or recycle connections below the server's idle timeout")
+        return f"the pool keeps a connection the server dropped: {how}"
+    if verdict == "unreachable":
+        return (
+            "nothing refers to it any more, only a reference cycle keeps it until the garbage collector runs: "
+            "close it explicitly (`with ...:` or `close()`) instead of relying on the collector"
+        )
+    if pool and idle:
+        return (
+            "it is idle in its pool, which stays open: close the pool or its owner when done with it "
+            "(`session.close()`, `pool.clear()`, `engine.dispose()`, `pool.close()`)"
+        )
+    if pool:
+        return "return it to its pool (or close it) when done: `with pool.connection() as conn:`-style use does both"
+    return _FORGOTTEN.get(origin, "close it where it is opened: a `with` block, or `close()` in a `finally:`")
+
+
+# --- groups -----------------------------------------------------------------------------------------
+
+
+def _diagnosis(info: SocketInfo) -> tuple[str | None, str | None, list[str], dict[str, Any] | None]:
+    """(verdict, why, held_by, in_use) of a leak (see leakguard.diagnose); Nones for other sockets."""
+    d = getattr(info, "diagnosis", None)
+    if d is None:
+        return None, None, [], None
+    return d.verdict, d.why, list(d.held_by), (dict(d.in_use) if d.in_use is not None else None)
+
+
+class LeakGroup:
+    """Sockets of one creation site and verdict, rendered once for all of them."""
+
+    __slots__ = ("_diag", "infos", "site", "verdict", "why")
+
+    def __init__(self, site: str, verdict: str | None, why: str | None = None) -> None:
+        self.site = site
+        self.verdict = verdict
+        self.why = why
+        self.infos: list[SocketInfo] = []
+        self._diag: list[tuple[list[str], dict[str, Any] | None]] = []  # held_by, in_use of each member
+
+    @property
+    def count(self) -> int:
+        return len(self.infos)
+
+    @property
+    def oldest(self) -> SocketInfo:
+        return max(self.infos, key=lambda i: i.age_s if i.age_s is not None else -1.0)
+
+    def states(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for i in self.infos:
+            out[i.state or "?"] = out.get(i.state or "?", 0) + 1
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def peers(self) -> list[tuple[str, int]]:
+        out: dict[str, int] = {}
+        for i in self.infos:
+            out[i.remote or "?"] = out.get(i.remote or "?", 0) + 1
+        return sorted(out.items(), key=lambda kv: -kv[1])
+
+    def held_by(self, most: int = 3) -> list[str]:
+        """Up to *most* distinct reference paths that hold members (the oldest member's first)."""
+        out: list[str] = []
+        for held, _ in self._diag:
+            for path in held:
+                if path not in out:
+                    out.append(path)
+                    if len(out) >= most:
+                        return out
+        return out
+
+    def in_use(self) -> dict[str, Any] | None:
+        return next((u for _, u in self._diag if u is not None), None)
+
+    def hint(self) -> str:
+        o = self.oldest
+        pool = o.record.pool if o.record is not None else None
+        return fix_hint(self.verdict, o.origin, pool is not None, pool is not None and not pool.checked_out)
+
+    def stack(self) -> tuple[stacks.Frame, ...]:
+        rec = self.oldest.record
+        return rec.resolved() if rec is not None else ()
+
+    def fields(self) -> dict[str, Any]:
+        """The group as structlog event fields."""
+        oldest = self.oldest
+        states = self.states()
+        peers = self.peers()
+        out: dict[str, Any] = {
+            "site": self.site,
+            "verdict": self.verdict,
+            "state": next(iter(states)),
+            "peer": peers[0][0],
+            "count": len(self.infos),
+            "oldest_age_s": round(oldest.age_s, 1) if oldest.age_s is not None else None,
+            "peers": [p for p, _ in peers[:5]],
+            "origin": oldest.origin,
+            "target": oldest.target,
+            "held_by": self.held_by(),
+            "in_use": self.in_use(),
+            "reason": oldest.reason,
+            "hint": self.hint(),
+            "sample_stack": _stack_lines(self.stack()),
+        }
+        if self.why:
+            out["why"] = self.why
+        if len(states) > 1:
+            out["states"] = states
+        if oldest.pool is not None:
+            out["pool"] = oldest.pool
+        return out
+
+
+def group(infos: Iterable[SocketInfo], skip: Any = None) -> list[LeakGroup]:
+    """*infos* grouped by creation site and verdict, the largest group first.
+
+    *skip(info)*: leave an info out (the Reporter's inherited descriptors).
+    """
+    groups: dict[tuple[str, str | None], LeakGroup] = {}
+    sites: dict[int, str] = {}  # id(resolved stack) -> site: each distinct stack formatted once
+    with stacks.rendering():
+        for info in infos:
+            if skip is not None and skip(info):
+                continue
+            rec = info[9]
+            st = rec.resolved() if rec is not None else None
+            if st:
+                site = sites.get(id(st))
+                if site is None:
+                    site = sites[id(st)] = stacks.format_site(stacks.creation_site(st))
+            else:
+                site = f"<unknown: origin={info.origin}>"
+            verdict, why, held, used = _diagnosis(info)
+            g = groups.get((site, verdict))
+            if g is None:
+                g = groups[(site, verdict)] = LeakGroup(site, verdict, why)
+            g.infos.append(info)
+            g._diag.append((held, used))
+    ranked = sorted(groups.values(), key=lambda g: (-len(g.infos), g.site, g.verdict or ""))
+    for g in ranked:  # the oldest member first: its holders and stack represent the group
+        if len(g.infos) > 1:
+            order = sorted(range(len(g.infos)), key=lambda k: -(g.infos[k].age_s or 0.0))
+            g.infos = [g.infos[k] for k in order]
+            g._diag = [g._diag[k] for k in order]
+    return ranked
+
+
+def _in_use_text(u: dict[str, Any]) -> str:
+    who = f"thread {u.get('thread')!r}" if u.get("thread") else "a thread"
+    if u.get("task"):
+        who += f", task {u['task']!r}"
+    where = f"{stacks.relpath(str(u.get('file')))}:{u.get('line')} in {u.get('function')}()" if u.get("file") else "?"
+    text = f"{who} at {where}"
+    if u.get("waiting_on"):
+        text += f", waiting on {u['waiting_on']}"
+    return text
+
+
+def _fds(infos: Sequence[SocketInfo], most: int = 8) -> str:
+    fds = sorted(i.fd for i in infos if i.fd is not None)
+    shown = ", ".join(str(f) for f in fds[:most])
+    return shown + (f", ... ({len(fds)})" if len(fds) > most else "")
+
+
+def format_group(
+    g: LeakGroup,
+    stack_limit: int = STACK_LIMIT,
+    marks: dict[stacks.Frame, str] | None = None,
+    trim_outer: bool = False,
+) -> str:
+    """One block for a group: what, where created, why, what holds it, the fix, then one stack.
+
+    *marks*: notes after frames (the pytest plugin marks the test's line); *trim_outer*: leave out
+    the library frames outside the application's outermost one (a test runner's).
+    """
+    o = g.oldest
+    many = g.count > 1
+    states = g.states()
+    state = next(iter(states))
+    kind = o.type if all(i.type == o.type for i in g.infos) else "socket"
+    head = f"Leaked {_plural(g.count, f'{kind} socket') if many else f'{kind} socket'} created at {g.site}"
+    if len(states) == 1:
+        head += f", in {_state_words(state, o.leaked, g.verdict, many)}"
+    else:
+        head += ", in " + ", ".join(f"{s} ({n})" for s, n in states.items())
+    lines = [head]
+    facts = [f"origin {o.origin}"]
+    if o.target:
+        facts.append(f"target {o.target}")
+    peers = g.peers()
+    if peers and peers[0][0] != "?":
+        shown = [f"{p} ({n})" if many else p for p, n in peers[:3]]
+        facts.append(("peers " if len(peers) > 1 else "peer ") + ", ".join(shown) + (", ..." if len(peers) > 3 else ""))
+    if not many and o.local:
+        facts.append(f"local {o.local}")
+    if o.age_s is not None:
+        facts.append(f"{'oldest ' if many else 'age '}{_age(o.age_s)}")
+    if g.infos[0].fd is not None:
+        facts.append(f"fd{'s' if many else ''} {_fds(g.infos)}")
+    lines.append("  " + ", ".join(facts))
+    if g.verdict:
+        lines.append(f"  verdict: {g.verdict}" + (f" ({g.why})" if g.why else ""))
+    elif o.reason:
+        lines.append(f"  why: {o.reason}")
+    if g.verdict and o.reason:
+        lines.append(f"  why: {o.reason}")
+    elif not o.reason and o.record is not None and o.record.pool is not None:
+        lines.append(f"  pool: {pool_line(o.record.pool)}")
+    held = g.held_by()
+    if held:
+        lines.append("  held by: " + "; ".join(held))
+    used = g.in_use()
+    if used:
+        lines.append("  in use at: " + _in_use_text(used))
+    lines.append("  fix: " + g.hint())
+    stack: Sequence[stacks.Frame] = g.stack()
+    if trim_outer:
+        stack = stacks.from_application(stack)
+    if stack:
+        lines.append("  created by:")
+        lines.append(format_stack(stack, stack_limit, marks=marks))
+    elif o.record is None:
+        lines.append("  created by: unknown (opened before leakguard was installed, or by C code no integration covers)")
+    return "\n".join(lines)
+
+
+def pool_line(pool: registry.PoolInfo) -> str:
+    """Where a pooled socket is: checked out (since when, where) or idle, and whose pool it is."""
+    now = time.monotonic()
+    if pool.checked_out:
+        site = stacks.creation_site(stacks.resolve(pool.checkout_frames))
+        text = f"checked out of {pool.name}"
+        if pool.checkout_time is not None:
+            text += f" for {now - pool.checkout_time:.1f} s"
+        if site is not None:
+            text += f" at {stacks.format_site(site)}"
+    else:
+        text = f"idle in {pool.name}"
+        if pool.idle_since is not None:
+            text += f" for {now - pool.idle_since:.1f} s"
+    return text + (f", owned by {pool.owner}" if pool.owner else "")
 
 
 def describe(info: SocketInfo) -> str:
     """One self-describing line: state, origin, peer, age, creation site."""
-    state = _STATE_WORDS.get(info.state or "", info.state or "no state")
+    state = _state_words(info.state, info.leaked)
     parts = [f"{info.type} socket fd={info.fd} in {state}"]
     parts.append(f"origin={info.origin}")
     if info.target:
@@ -45,33 +415,116 @@ def describe(info: SocketInfo) -> str:
     return " ".join(parts)
 
 
-def format_leak(info: SocketInfo, stack_limit: int = 8) -> str:
-    head = f"Leaked {describe(info)}"
-    body = [head]
-    if info.reason:
-        body.append(f"  why: {info.reason}")
-    if info.stack:
-        body.append("  created by:")
-        body.append(format_stack(info.stack, stack_limit))
-    return "\n".join(body)
+def format_leak(info: SocketInfo, stack_limit: int = STACK_LIMIT) -> str:
+    """One socket as a block (a group of one)."""
+    return format_group(group([info])[0], stack_limit)
 
 
-def summary_line(snap: Snapshot) -> str:
+def summary_line(snap: Snapshot, groups: int | None = None) -> str:
     counts = ", ".join(f"{k}={v}" for k, v in sorted(snap.counts.items())) or "no TCP sockets"
-    tracked = sum(1 for s in snap.sockets if s.record is not None)
+    tracked = sum(1 for s in snap.sockets if s[9] is not None)
     limit = snap.fds_limit if snap.fds_limit >= 0 else "unlimited"
+    leaked = f"{len(snap.leaks)} leaked"
+    if groups is not None and snap.leaks:
+        leaked += f" ({_plural(groups, 'group')} by creation site and verdict)"
     return (
         f"leakguard: pid {snap.pid}: {len(snap.sockets)} sockets ({tracked} tracked), TCP {counts}; "
-        f"{len(snap.leaks)} leaked; fds {snap.fds_open}/{limit}"
+        f"{leaked}; fds {snap.fds_open}/{limit}"
     )
 
 
-def format_snapshot(snap: Snapshot, stack_limit: int = 8) -> str:
-    out = [summary_line(snap)]
-    for info in snap.leaks:
-        out.append("")
-        out.append(format_leak(info, stack_limit))
+def format_snapshot(snap: Snapshot, stack_limit: int = STACK_LIMIT) -> str:
+    """The readable report: one summary line, then one block per group of leaks (largest first)."""
+    with stacks.rendering():
+        groups = group(snap.leaks)
+        out = [summary_line(snap, len(groups))]
+        for g in groups:
+            out.append("")
+            out.append(format_group(g, stack_limit))
     return "\n".join(out)
+
+
+# --- to_dict ----------------------------------------------------------------------------------------
+
+
+def snapshot_dict(snap: Snapshot) -> dict[str, Any]:
+    """``Snapshot.to_dict()``: the CONTRACT's shape, each socket rendered once.
+
+    A leak's entry in ``"leaks"`` is the same dict object as its entry in ``"sockets"``,
+    and sockets created by equal stacks share one ``"stack"`` list: the result is
+    JSON-ready as it is; copy it (``copy.deepcopy``) before changing it in place.
+    """
+    done: dict[int, dict[str, Any]] = {}  # id(SocketInfo) -> its dict
+    memo: dict[int, tuple[list[dict[str, Any]], str | None]] = {}  # id(resolved stack) -> (stack, site)
+    with stacks.rendering():
+        sockets = [_socket_dict(s, memo, done) for s in snap.sockets]
+        leaks = [done.get(id(s)) or _socket_dict(s, memo, done) for s in snap.leaks]
+    return {
+        "pid": snap.pid,
+        "taken_at": snap.taken_at,
+        "counts": dict(snap.counts),
+        "fds": {"open": snap.fds_open, "limit": snap.fds_limit},
+        "sockets": sockets,
+        "leaks": leaks,
+    }
+
+
+def socket_dict(info: SocketInfo) -> dict[str, Any]:
+    """``SocketInfo.to_dict()``: one socket in the CONTRACT's shape."""
+    with stacks.rendering():
+        return _socket_dict(info, {}, {})
+
+
+_NO_STACK: tuple[list[dict[str, Any]], str | None] = ([], None)
+
+
+def _stack_render(st: tuple[stacks.Frame, ...]) -> tuple[list[dict[str, Any]], str | None]:
+    if not st:
+        return _NO_STACK
+    return [{"file": f.file, "line": f.line, "function": f.function} for f in st], stacks.format_site(
+        stacks.creation_site(st)
+    )
+
+
+def _socket_dict(
+    info: SocketInfo,
+    memo: dict[int, tuple[list[dict[str, Any]], str | None]],
+    done: dict[int, dict[str, Any]],
+) -> dict[str, Any]:
+    fd, family, kind, state, local, remote, age, origin, target, rec = info[:10]
+    if rec is None:
+        stack, site = _NO_STACK
+        pool = None
+    else:
+        st = rec.resolved()
+        r = memo.get(id(st))
+        if r is None:
+            r = memo[id(st)] = _stack_render(st)
+        stack, site = r
+        pool = rec.pool.to_dict() if rec.pool is not None else None
+    d = {
+        "fd": fd,
+        "family": family,
+        "type": kind,
+        "state": state,
+        "local": local,
+        "remote": remote,
+        "age_s": (age * 1000.0 + 0.5) // 1.0 / 1000.0 if age is not None else None,  # round(age, 3), 4x cheaper
+        "origin": origin,
+        "target": target,
+        "pool": pool,
+        "stack": stack,
+        "reason": None,
+        "site": site,
+        "verdict": None,
+        "held_by": [],
+        "in_use": None,
+    }
+    if info.leaked:
+        d["reason"] = info.reason
+        d["verdict"], _, d["held_by"], d["in_use"] = _diagnosis(info)
+    done[id(info)] = d
+    return d
 
 
 # --- periodic reports as structlog events (Reporter) ----------------------------------------------
@@ -155,44 +608,6 @@ class _StderrLogger:
     log = debug = info = warning = warn = error = critical = exception = fatal = failure = err = msg
 
 
-class _Group:
-    """Leaked sockets sharing one creation site in one report."""
-
-    __slots__ = ("infos", "site")
-
-    def __init__(self, site: str) -> None:
-        self.site = site
-        self.infos: list[SocketInfo] = []
-
-    def fields(self) -> dict[str, Any]:
-        infos = self.infos
-        oldest = max(infos, key=lambda i: i.age_s or 0.0)
-        peers: dict[str, int] = {}
-        states: dict[str, int] = {}
-        for i in infos:
-            peers[i.remote or "?"] = peers.get(i.remote or "?", 0) + 1
-            states[i.state or "?"] = states.get(i.state or "?", 0) + 1
-        ranked = sorted(peers, key=lambda p: -peers[p])
-        state = max(states, key=lambda s: states[s])
-        out: dict[str, Any] = {
-            "site": self.site,
-            "state": state,
-            "peer": ranked[0],
-            "count": len(infos),
-            "oldest_age_s": round(oldest.age_s, 1) if oldest.age_s is not None else None,
-            "peers": ranked[:5],
-            "origin": oldest.origin,
-            "target": oldest.target,
-            "reason": oldest.reason,
-            "sample_stack": [f"{stacks.relpath(f.file)}:{f.line} in {f.function}" for f in oldest.stack[-8:]],
-        }
-        if len(states) > 1:
-            out["states"] = states
-        if oldest.pool is not None:
-            out["pool"] = oldest.pool
-        return out
-
-
 class _Seen:
     __slots__ = ("count", "first", "last_emit", "last_count")
 
@@ -225,8 +640,7 @@ class Reporter:
         self._fixed_logger = logger
         self._logger: Any = None
         self._logger_kind: str | None = None
-        self._groups: dict[str, _Seen] = {}
-        self._sites: dict[int, str] = {}  # record seq -> its creation site, for leaks still open
+        self._groups: dict[tuple[str, str | None], _Seen] = {}  # (site, verdict) of each group still leaking
         self._tokens = float(config.max_events_per_minute)
         self._refilled = time.monotonic()
         self.reports = 0
@@ -274,28 +688,17 @@ class Reporter:
         """
         now = time.monotonic()
         cfg = self.config
-        groups: dict[str, _Group] = {}
         inherited_leaks = 0
-        known, sites = self._sites, {}
-        for info in snap.leaks:
-            rec = info.record
-            if rec is None:
-                if info.fd is not None and info.fd in inherited:
-                    inherited_leaks += 1
-                    continue
-                key = f"<unknown: origin={info.origin}>"
-            else:
-                cached = known.get(rec.seq)  # formatting a site is the costly part: once per record
-                if cached is not None:
-                    key = cached
-                else:
-                    key = info.site_str if rec.frames else f"<unknown: origin={info.origin}>"
-                sites[rec.seq] = key
-            g = groups.get(key)
-            if g is None:
-                g = groups[key] = _Group(key)
-            g.infos.append(info)
-        ranked = sorted(groups.values(), key=lambda g: (-len(g.infos), g.site))
+
+        def skip(info: SocketInfo) -> bool:  # inherited across fork(): the parent reports it
+            nonlocal inherited_leaks
+            if info[9] is None and info[0] is not None and info[0] in inherited:
+                inherited_leaks += 1
+                return True
+            return False
+
+        ranked = group(snap.leaks, skip if inherited else None)
+        groups = {(g.site, g.verdict) for g in ranked}
 
         events: list[tuple[str, str, dict[str, Any]]] = []  # (level, event, fields)
         if snap.fds_limit > 0 and snap.fds_open >= FD_WARN_RATIO * snap.fds_limit:
@@ -319,7 +722,7 @@ class Reporter:
         grown: list[tuple[str, str, dict[str, Any]]] = []
         repeat: list[tuple[str, str, dict[str, Any]]] = []
         for g in ranked[: cfg.top_sites]:
-            seen = self._groups.get(g.site)
+            seen = self._groups.get((g.site, g.verdict))
             if seen is None or seen.last_emit is None:  # a new group suppressed last time is still new
                 fields = g.fields()
                 fields["status"] = "new"
@@ -337,13 +740,18 @@ class Reporter:
             into.append(("warning", "leakguard.leak", fields))
         resolved: list[tuple[str, str, dict[str, Any]]] = []
         if not dump:
-            for site, seen in self._groups.items():
-                if site not in groups:
+            for key, seen in self._groups.items():
+                if key not in groups:
                     resolved.append(
                         (
                             "info",
                             "leakguard.leak_resolved",
-                            {"site": site, "count_was": seen.count, "leaked_for_s": round(now - seen.first, 1)},
+                            {
+                                "site": key[0],
+                                "verdict": key[1],
+                                "count_was": seen.count,
+                                "leaked_for_s": round(now - seen.first, 1),
+                            },
                         )
                     )
         events += new + grown + resolved[: cfg.top_sites] + repeat
@@ -386,20 +794,20 @@ class Reporter:
         for level, event, fields in kept:
             getattr(log, level)(event, pid=snap.pid, **fields)
             if event == "leakguard.leak":
-                emitted_leaks.add(fields["site"])
+                emitted_leaks.add((fields["site"], fields["verdict"]))
 
         if not dump:
             for g in ranked:
-                seen = self._groups.get(g.site)
+                key = (g.site, g.verdict)
+                seen = self._groups.get(key)
                 if seen is None:
-                    seen = self._groups[g.site] = _Seen(now)
+                    seen = self._groups[key] = _Seen(now)
                 seen.count = len(g.infos)
-                if g.site in emitted_leaks:
+                if key in emitted_leaks:
                     seen.last_emit = now
                     seen.last_count = len(g.infos)
-            for site in [s for s in self._groups if s not in groups]:
-                del self._groups[site]
-            self._sites = sites
+            for key in [k for k in self._groups if k not in groups]:
+                del self._groups[key]
             self.reports += 1
         return 1 + len(kept)
 

@@ -135,32 +135,18 @@ class SocketInfo(tuple):  # type: ignore[type-arg]
     @property
     def site(self) -> stacks.Frame | None:
         """The creation site: innermost application frame of the stack."""
-        return stacks.creation_site(self.stack)
+        rec = self[9]
+        return stacks.creation_site(rec.resolved()) if rec is not None else None
 
     @property
     def site_str(self) -> str:
         return stacks.format_site(self.site)
 
     def to_dict(self) -> dict[str, Any]:
-        stack = self.stack
-        return {
-            "fd": self.fd,
-            "family": self.family,
-            "type": self.type,
-            "state": self.state,
-            "local": self.local,
-            "remote": self.remote,
-            "age_s": round(self.age_s, 3) if self.age_s is not None else None,
-            "origin": self.origin,
-            "target": self.target,
-            "pool": self.pool,
-            "stack": [f.to_dict() for f in stack],
-            "reason": self.reason,
-            "site": self.site_str if stack else None,
-            "verdict": self.verdict,
-            "held_by": self.held_by,
-            "in_use": self.in_use,
-        }
+        """This socket in the shape of CONTRACT.md's ``Socket``."""
+        from . import report
+
+        return report.socket_dict(self)
 
     def __repr__(self) -> str:
         return (
@@ -199,14 +185,10 @@ class Snapshot(Value):
         self.leaks = leaks
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "pid": self.pid,
-            "taken_at": self.taken_at,
-            "counts": dict(self.counts),
-            "fds": {"open": self.fds_open, "limit": self.fds_limit},
-            "sockets": [s.to_dict() for s in self.sockets],
-            "leaks": [s.to_dict() for s in self.leaks],
-        }
+        """JSON-ready, the shape of CONTRACT.md (see :func:`leakguard.report.snapshot_dict`)."""
+        from . import report
+
+        return report.snapshot_dict(self)
 
     def format(self, stack_limit: int = 8) -> str:
         """The human-readable report (what the demo and the CLI print)."""

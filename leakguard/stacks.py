@@ -15,22 +15,31 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from types import CodeType, FrameType
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 __all__ = [
     "CONTEXT",
+    "Folded",
     "Frame",
     "DRIVERS",
     "capture",
     "continued",
     "creation_site",
+    "fold",
+    "format_folded",
     "format_site",
     "has_app_frame",
     "frames",
+    "from_application",
     "is_app_file",
+    "library_of",
     "mark_application",
+    "relpath",
+    "rendering",
+    "resolve",
 ]
 
 #: Frames kept beyond the first application frame (its callers).
@@ -239,36 +248,78 @@ def _line_of(code: CodeType, lasti: int) -> int:
     return code.co_firstlineno
 
 
-# Formatting memo: sockets created at the same place share one captured tuple
-# value, so a snapshot of 1,000 sockets from one site formats one stack.
-_formatted: dict[Frames, tuple[Frame, ...]] = {}
+# --- resolving and formatting (only when a report is rendered) -------------------------------------
+#
+# Resolving is cached per process at two levels, both exact:
+# - each (code, offset) once: id(code) -> (code, {offset: Frame}).  The code object is held,
+#   so its id cannot be reused while the entry exists; a code object's line table never
+#   changes, and a recompiled or reloaded module has new code objects (new ids, new lines).
+#   Keyed by id, not by the code object: hashing a code object hashes its bytecode and
+#   constants again at every lookup.
+# - each resolved stack once: equal stacks are one tuple object (see resolve()), so a
+#   renderer can share work between sockets by the tuple's id.
+# Bounded: a cache past _CACHE_MAX entries starts again (its old results stay valid where held).
+_CACHE_MAX = 10_000
+_codes: dict[int, tuple[CodeType, dict[int, Frame]]] = {}
+_stacks: dict[tuple[Frame, ...], tuple[Frame, ...]] = {}
+
+
+def resolve(captured: Frames) -> tuple[Frame, ...]:
+    """The captured stack as :class:`Frame` objects, outermost first.
+
+    Equal stacks give the same tuple object while the cache holds it.
+    """
+    codes = _codes
+    out = []
+    for i in range(len(captured) - 2, -1, -2):
+        code = captured[i]
+        ent = codes.get(id(code))
+        if ent is None:
+            if len(codes) >= _CACHE_MAX:
+                codes.clear()
+            ent = codes[id(code)] = (code, {})
+        lasti = captured[i + 1]
+        fr = ent[1].get(lasti)
+        if fr is None:
+            fr = ent[1][lasti] = Frame(code.co_filename, _line_of(code, lasti), code.co_name)
+        out.append(fr)
+    stack = tuple(out)
+    shared = _stacks.get(stack)
+    if shared is None:
+        if len(_stacks) >= _CACHE_MAX:
+            _stacks.clear()
+        shared = _stacks[stack] = stack
+    return shared
 
 
 def frames(captured: Frames) -> list[Frame]:
-    """The captured stack as :class:`Frame` objects, outermost first."""
-    done = _formatted.get(captured)
-    if done is None:
-        out = [
-            Frame(captured[i].co_filename, _line_of(captured[i], captured[i + 1]), captured[i].co_name)
-            for i in range(len(captured) - 2, -1, -2)
-        ]
-        done = tuple(out)
-        if len(_formatted) > 10_000:
-            _formatted.clear()
-        _formatted[captured] = done
-    return list(done)
+    """The captured stack as :class:`Frame` objects, outermost first (a new list)."""
+    return list(resolve(captured))
 
 
-def creation_site(stack: list[Frame]) -> Frame | None:
+def creation_site(stack: Sequence[Frame]) -> Frame | None:
     """The innermost application frame of an outermost-first stack.
 
     Falls back to the innermost frame outside leakguard when no application frame
     was captured (a socket opened entirely inside a library or the event loop).
     """
+    get = _app_files.get
     for fr in reversed(stack):
-        if is_app_file(fr.file):
+        app = get(fr.file)
+        if app is None:
+            app = is_app_file(fr.file)
+        if app:
             return fr
     return stack[-1] if stack else None
+
+
+def from_application(stack: Sequence[Frame]) -> Sequence[Frame]:
+    """*stack* (outermost first) from the application's outermost frame inwards: no test runner's
+    or thread bootstrap's frames; all of it when it has no application frame."""
+    for i, fr in enumerate(stack):
+        if is_app_file(fr.file):
+            return stack[i:]
+    return stack
 
 
 def format_site(frame: Frame | None) -> str:
@@ -278,11 +329,150 @@ def format_site(frame: Frame | None) -> str:
     return f"{relpath(frame.file)}:{frame.line}"
 
 
+# Relative paths: filename -> as shown, valid for the working directory _rel_cwd[0].  Looking at
+# the working directory costs a system call, so a render pass looks once (see rendering()); a
+# call outside one looks every time.  A chdir() therefore shows in the next render, never stale.
+_rel: dict[str, str] = {}
+_rel_cwd: list[str | None] = [None]
+_render_cwd = threading.local()
+
+
+def _cwd() -> str | None:
+    cwd = getattr(_render_cwd, "cwd", None)
+    if cwd is None:
+        try:
+            cwd = os.getcwd()
+        except OSError:
+            return None
+    return cwd
+
+
 def relpath(filename: str) -> str:
-    try:
-        cwd = os.getcwd()
-    except OSError:
+    """*filename* relative to the working directory when inside it, else as it is."""
+    cwd = _cwd()
+    if cwd is None:
         return filename
-    if filename.startswith(os.path.join(cwd, "")):
-        return filename[len(cwd) + 1 :]
-    return filename
+    if cwd != _rel_cwd[0]:
+        _rel.clear()
+        _rel_cwd[0] = cwd
+    r = _rel.get(filename)
+    if r is None:
+        prefix = os.path.join(cwd, "")
+        r = filename[len(prefix) :] if filename.startswith(prefix) else filename
+        if len(_rel) >= _CACHE_MAX:
+            _rel.clear()
+        _rel[filename] = r
+    return r
+
+
+class rendering:
+    """``with stacks.rendering():`` one render pass: paths are made relative to the working
+    directory as it is at its start, read once (nested passes keep the outer one's)."""
+
+    __slots__ = ("_outer",)
+
+    def __enter__(self) -> None:
+        self._outer = getattr(_render_cwd, "cwd", None)
+        if self._outer is None:
+            try:
+                _render_cwd.cwd = os.getcwd()
+            except OSError:
+                pass
+
+    def __exit__(self, *exc: object) -> None:
+        _render_cwd.cwd = self._outer
+
+
+# --- folding library frames for display ----------------------------------------------------------
+
+_libraries: dict[str, str] = {}
+
+
+def library_of(filename: str) -> str:
+    """The library a file belongs to, as a person names it: ``urllib3``, ``socket``, ``asyncio``."""
+    name = _libraries.get(filename)
+    if name is None:
+        name = _library_of(filename)
+        if len(_libraries) >= _CACHE_MAX:
+            _libraries.clear()
+        _libraries[filename] = name
+    return name
+
+
+def _library_of(filename: str) -> str:
+    if filename.startswith("<"):  # "<frozen importlib._bootstrap>" -> importlib; "<string>" stays
+        inner = filename[1:-1].split()[-1] if filename.endswith(">") else filename
+        return inner.split(".")[0] if filename.startswith("<frozen ") else filename
+    if filename.startswith(_LEAKGUARD_DIR) or filename.startswith(_INTEGRATIONS_DIR):
+        return "leakguard"
+    rest = None
+    for marker in ("site-packages", "dist-packages"):
+        i = filename.rfind(os.sep + marker + os.sep)
+        if i >= 0:
+            rest = filename[i + len(marker) + 2 :]
+            break
+    if rest is None:
+        absname = os.path.abspath(filename)
+        best = ""
+        for prefix in _LIBRARY_PREFIXES or library_prefixes():
+            if absname.startswith(prefix) and len(prefix) > len(best):
+                best = prefix
+        rest = absname[len(best) :] if best else os.path.basename(filename)
+    first = rest.split(os.sep, 1)[0]
+    return first[:-3] if first.endswith(".py") else first
+
+
+_LEAKGUARD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
+
+#: What :func:`fold` puts in place of consecutive library frames: (how many, their libraries in order).
+Folded = tuple[int, tuple[str, ...]]
+
+
+def fold(stack: Sequence[Frame], limit: int = 8, keep: Frame | None = None) -> list[Frame | Folded]:
+    """An outermost-first *stack* for display: the application's frames, library frames folded.
+
+    Consecutive frames outside the application become one ``Folded`` entry; the
+    innermost *limit* application frames are kept (older ones fold too).  The
+    creation site (:func:`creation_site`, or *keep*) is always shown, even when
+    it lies in a library (no application frame was captured).
+    """
+    site = keep if keep is not None else creation_site(stack)
+    shown = 0
+    show: list[bool] = [False] * len(stack)
+    get = _app_files.get
+    for i in range(len(stack) - 1, -1, -1):
+        fr = stack[i]
+        if fr is site and shown < max(limit, 1):
+            show[i] = True
+            shown += 1
+            continue
+        app = get(fr.file)
+        if app is None:
+            app = is_app_file(fr.file)
+        if app and shown < limit:
+            show[i] = True
+            shown += 1
+    out: list[Frame | Folded] = []
+    n = 0
+    libs: list[str] = []
+    for fr, visible in zip(stack, show):
+        if visible:
+            if n:
+                out.append((n, tuple(libs)))
+                n, libs = 0, []
+            out.append(fr)
+        else:
+            n += 1
+            lib = library_of(fr.file) if not is_app_file(fr.file) else "application code"
+            if lib not in libs:
+                libs.append(lib)
+    if n:
+        out.append((n, tuple(libs)))
+    return out
+
+
+def format_folded(item: Folded) -> str:
+    """``[+8 frames in urllib3, requests]``"""
+    n, libs = item
+    where = f" in {', '.join(libs)}" if libs else ""
+    return f"[+{n} frame{'' if n == 1 else 's'}{where}]"

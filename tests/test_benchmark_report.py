@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 run = pytest.importorskip("benchmarks.run")
 
 
-def rows(connect_pair: float = 1.02, connect_instr: float = 1.025) -> list[dict[str, object]]:
+def rows(connect_pair: float = 1.02, connect_instr: float = 1.025, to_dict_ratio: float = 0.08) -> list[dict[str, object]]:
     return [
         {"name": "socket create+close", "baseline_us": 6.7, "leakguard_us": 6.9, "added_us": 0.2, "ratio": 1.03,
          "pair_ratio": 1.04},
@@ -30,6 +30,7 @@ def rows(connect_pair: float = 1.02, connect_instr: float = 1.025) -> list[dict[
         {"name": "pytest 2000 trivial tests: --leakguard vs without the plugin", "baseline_us": 530.0,
          "leakguard_us": 545.0, "ratio": 1.028, "pair_ratio": 1.03, "tests": 2000},
         {"name": "watcher CPU share at report_interval=1, 1001 tracked sockets", "value": 0.4, "unit": "%"},
+        *rendered(to_dict_ratio),
         *path_rows(),
     ]  # fmt: skip
 
@@ -47,9 +48,23 @@ def path_rows(create: int = 700, accept: int = 900, cycle: float = 1.025) -> lis
     ]  # fmt: skip
 
 
+def rendered(to_dict_ratio: float = 0.08) -> list[dict[str, object]]:
+    """bench_render's rows at 1,000 sockets: timed and instruction rows, one site and 500 sites."""
+    out: list[dict[str, object]] = []
+    for render, ratio in (("to_dict", to_dict_ratio), ("str", 0.05), ("snapshot", 0.06)):
+        for sites in (1, 500):
+            common = {"render": render, "own_sockets": 1000, "sites": sites, "baseline": "psutil net_connections('tcp')"}
+            out.append({"name": f"{render}, 1,000 own sockets, {sites} sites", "baseline_us": 40_000.0,
+                        "leakguard_us": 40_000.0 * ratio * sites, "ratio": ratio * sites, **common})
+            out.append({"name": f"{render}, 1,000 own sockets, {sites} sites (instructions)",
+                        "baseline_instructions": 20_000_000, "leakguard_instructions": 3_000_000, "ratio": 0.15,
+                        **common})
+    return out  # fmt: skip
+
+
 def test_every_floor_is_judged() -> None:
     lines = run.floors(rows())
-    assert len(lines) == 11
+    assert len(lines) == 13
     assert all("**ok**" in line for line in lines), lines
 
 
@@ -81,13 +96,22 @@ def test_pytest_floor_uses_its_instruction_row() -> None:
 
 def test_missing_rows_are_not_measured() -> None:
     lines = run.floors([{"name": "socket create+close", "error": "boom"}])
-    assert len(lines) == 11 and all("not measured" in line for line in lines)
+    assert len(lines) == 13 and all("not measured" in line for line in lines)
 
 
 def test_table_has_instruction_rows() -> None:
     md = run.table(rows())
     assert "| loopback connect+close (instructions) | 45,400 | 46,535 | +1,135 | 1.025× |" in md
 
+
+def test_rendering_floors_use_the_one_site_timed_row() -> None:
+    """to_dict() and str() of 1,000 sockets from one site: judged on time (psutil's cost is mostly the
+    kernel's), with the instruction counts beside; the 500-site rows do not stand in for them."""
+    line = next(ln for ln in run.floors(rows()) if ln.startswith("- snapshot().to_dict()"))
+    assert "**ok**" in line and "0.080× (3.20 ms vs 40.0 ms)" in line and "3,000,000 instructions" in line
+    assert "**OVER**" in next(ln for ln in run.floors(rows(to_dict_ratio=0.11)) if ln.startswith("- snapshot().to_dict()"))
+    one_site_gone = [r for r in rows() if not (r.get("render") == "to_dict" and r.get("sites") == 1)]
+    assert "not measured" in next(ln for ln in run.floors(one_site_gone) if ln.startswith("- snapshot().to_dict()"))
 
 def test_creation_path_floors() -> None:
     def verdict(label: str, rs: list[dict[str, object]]) -> str:

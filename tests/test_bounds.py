@@ -101,7 +101,7 @@ class TestShortLivedSockets:
         assert max(v for _, v, _ in samples) <= 64, samples
         growth = samples[-1][2] - samples[1][2]
         assert growth < 5_000, samples  # the heap does not grow with the number of sockets made
-        assert len(stacks._formatted) <= 10_001
+        assert max(len(stacks._codes), len(stacks._stacks), len(stacks._rel)) <= stacks._CACHE_MAX
         assert len(w.reporter._groups) <= TOP_SITES * 4
         labels = _site_labels(_metrics_text())
         assert all(len(v) <= TOP_SITES + 1 for v in labels.values()), labels
@@ -158,7 +158,7 @@ class TestDistinctSites:
             assert labels and all(len(v) <= TOP_SITES + 1 for v in labels.values()), {
                 k: len(v) for k, v in labels.items()
             }
-            assert len(stacks._formatted) <= 10_001
+            assert max(len(stacks._codes), len(stacks._stacks), len(stacks._rel)) <= stacks._CACHE_MAX
             assert len(stacks._app_files) <= 10_001
         finally:
             for s in opened:

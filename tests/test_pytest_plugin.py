@@ -227,9 +227,11 @@ class TestTestLeaks:
             [
                 "*_ test_leaks _*",
                 f"leakguard: this test left 1 socket open, created at test_leaky.py:{line} (*",
-                f"Leaked tcp socket fd=* origin=socket * created at test_leaky.py:{line}",
+                f"Leaked tcp socket created at test_leaky.py:{line}, in *",
+                "  origin socket, *fd *",
+                "  fix: close it: *",
                 "  created by:",
-                f'    File "test_leaky.py", line {line}, in test_leaks',
+                f'    File "test_leaky.py", line {line}, in test_leaks  <- the test',
                 "*leakguard (fail mode): 2 tests checked, 1 leaked socket in 1 test*",
             ]
         )
@@ -274,8 +276,8 @@ class TestTestLeaks:
         result.stdout.fnmatch_lines(
             [
                 f"leakguard: this test left 1 socket open, created at test_cw.py:{line} (CLOSE_WAIT, peer 127.0.0.1:*)",
-                "Leaked tcp socket fd=* in CLOSE_WAIT (the peer closed it, your code never did) origin=socket "
-                f"peer=127.0.0.1:* local=127.0.0.1:* age=*s created at test_cw.py:{line}",
+                f"Leaked tcp socket created at test_cw.py:{line}, in CLOSE_WAIT (the peer closed it, your code never did)",
+                "  origin socket, peer 127.0.0.1:*, local 127.0.0.1:*, age *s, fd *",
                 "  why: peer 127.0.0.1:* closed the connection; this process never closed its end*",
             ]
         )
@@ -469,7 +471,8 @@ def test_three():
                 "*ERROR at teardown of test_three*",
                 "leakguard: fixture 'leaky_server' (module scope), set up for test_fx.py::test_one, left 1 socket "
                 f"open, created at test_fx.py:{line} (LISTEN)",
-                f"Leaked tcp socket fd=* in LISTEN origin=socket local=127.0.0.1:* age=*s created at test_fx.py:{line}",
+                f"Leaked tcp socket created at test_fx.py:{line}, in LISTEN",
+                "  origin socket, local 127.0.0.1:*, age *s, fd *",
                 f'    File "test_fx.py", line {line}, in leaky_server',
             ]
         )
@@ -1055,7 +1058,8 @@ class TestProcessWidePools:
                 assert out.count(f"kept by process-wide pool `{where}`") == 1, (where, out)
             result.stdout.fnmatch_lines(
                 [
-                    f"Leaked tcp socket * origin=requests * created at test_pw.py:{line + 1}",
+                    f"Leaked tcp socket created at test_pw.py:{line + 1}, in *",
+                    "  origin requests, *",
                     "  pool: idle in urllib3 HTTPConnectionPool(http://127.0.0.1:*, maxsize=10) for *"
                     f", owned by requests.Session 0x* created at test_pw.py:{line}",
                 ]
