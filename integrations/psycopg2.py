@@ -17,7 +17,6 @@ descriptor of the initial connect is covered.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from leakguard import registry, stacks
@@ -28,12 +27,10 @@ from ._pools import capture
 
 __all__ = ["REQUIRES", "adopt_connection", "instrument", "pg_target", "uninstrument"]
 
-# The distribution is "psycopg2" or "psycopg2-binary": the gate reads psycopg2.__version__ instead.
-REQUIRES = None
-SUPPORTED = ((2, 8), (3,))
+# The distribution is "psycopg2" or "psycopg2-binary": without a "psycopg2" one the gate reads psycopg2.__version__.
+REQUIRES = "psycopg2 >= 2.8, < 3"
 ORIGIN = "psycopg2"
 
-log = logging.getLogger("leakguard")
 _patches = Patches()
 
 
@@ -81,23 +78,9 @@ def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     return conn
 
 
-def version_tuple(text: str) -> tuple[int, ...]:
-    """``(2, 9, 13)`` from ``"2.9.13 (dt dec pq3 ext lo64)"``."""
-    out = []
-    for part in text.split()[0].split("."):
-        if not part.isdigit():
-            break
-        out.append(int(part))
-    return tuple(out)
-
-
 def instrument() -> None:
     import psycopg2
 
-    lo, hi = SUPPORTED
-    if not lo <= version_tuple(psycopg2.__version__) < hi:
-        log.debug("leakguard: psycopg2 %s not supported, skipped", psycopg2.__version__)
-        return
     _patches.wrap(psycopg2, "connect", _connect)
 
 

@@ -24,7 +24,6 @@ Pool names read ``psycopg2.pool ThreadedConnectionPool`` (the pool's class).
 
 from __future__ import annotations
 
-import logging
 import weakref
 from typing import Any
 
@@ -33,15 +32,14 @@ from leakguard._patch import Patches
 
 from . import _pools
 from ._pools import capture
-from .psycopg2 import SUPPORTED, pg_target, version_tuple
+from .psycopg2 import pg_target
 
 __all__ = ["REQUIRES", "instrument", "uninstrument"]
 
-# The distribution is "psycopg2" or "psycopg2-binary": the gate reads psycopg2.__version__ instead.
-REQUIRES = None
+# The distribution is "psycopg2" or "psycopg2-binary": without a "psycopg2" one the gate reads psycopg2.__version__.
+REQUIRES = "psycopg2 >= 2.8, < 3"
 ORIGIN = "psycopg2"
 
-log = logging.getLogger("leakguard")
 _patches = Patches()
 _pool_frames: weakref.WeakKeyDictionary[Any, stacks.Frames] = weakref.WeakKeyDictionary()
 
@@ -104,13 +102,8 @@ _WRAPPERS = {"_getconn": _getconn, "_putconn": _putconn, "_closeall": _closeall}
 
 
 def instrument() -> None:
-    import psycopg2
     import psycopg2.pool
 
-    lo, hi = SUPPORTED
-    if not lo <= version_tuple(psycopg2.__version__) < hi:
-        log.debug("leakguard: psycopg2 %s not supported, skipped", psycopg2.__version__)
-        return
     module = psycopg2.pool
     base = module.AbstractConnectionPool
     _patches.wrap(module, "AbstractConnectionPool.__init__", _init)

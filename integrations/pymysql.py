@@ -19,7 +19,7 @@ from ._pools import capture
 
 __all__ = ["REQUIRES", "instrument", "mysql_target", "uninstrument"]
 
-REQUIRES = "pymysql >= 1.0, < 2"
+REQUIRES = "pymysql >= 0.9, < 2"
 ORIGIN = "pymysql"
 
 _patches = Patches()

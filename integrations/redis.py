@@ -28,7 +28,7 @@ from ._pools import capture
 
 __all__ = ["REQUIRES", "instrument", "redis_target", "uninstrument"]
 
-REQUIRES = "redis >= 4.5, < 9"
+REQUIRES = "redis >= 3.5, < 9"
 ORIGIN = "redis"
 
 _patches = Patches()

@@ -38,7 +38,7 @@ from ._common import DEFAULT_PORTS, call_in_scope, redact_dsn
 
 __all__ = ["REQUIRES", "instrument", "uninstrument"]
 
-REQUIRES = "sqlalchemy >= 1.4, < 2.2"
+REQUIRES = "sqlalchemy >= 1.3, < 2.2"
 ORIGIN = "sqlalchemy"
 
 _patches = Patches()

@@ -29,7 +29,7 @@ from leakguard._patch import Patches
 from . import _common, _pools
 from ._pools import capture
 
-REQUIRES = "urllib3 >= 1.26, < 3"
+REQUIRES = "urllib3 >= 1.25, < 3"
 ORIGIN = "urllib3"
 
 _patches = Patches()

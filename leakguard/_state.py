@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 import sys
 import threading
 from types import ModuleType
@@ -52,51 +51,41 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-# Compiled on first use (by re's cache), when an integration is applied: not at import.
-_VERSION_RE = r"^\s*([A-Za-z0-9_.\-]+)\s*(.*)$"
-_CLAUSE_RE = r"^\s*(>=|<=|==|!=|>|<)\s*([0-9][0-9a-zA-Z.]*)\s*$"
+def _installed_version(name: str) -> str | None:
+    """The distribution's version; else the imported module's ``__version__`` (psycopg2 is
+    installed as ``psycopg2-binary``, a vendored copy has no distribution of its own)."""
+    import importlib.metadata  # 50 ms to import: only when an integration is applied
 
-
-def _vtuple(v: str) -> tuple[int, ...]:
-    out = []
-    for part in v.split("."):
-        m = re.match(r"\d+", part)
-        if not m:
-            break
-        out.append(int(m.group()))
-    return tuple(out)
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    version = getattr(sys.modules.get(name.replace("-", "_")), "__version__", None)
+    if isinstance(version, str) and version.split():
+        return version.split()[0]  # psycopg2: "2.9.9 (dt dec pq3 ext lo64)"
+    return None
 
 
 def version_ok(requires: str) -> bool:
-    """Is the installed distribution within ``"name >= 1.2, < 3"``?  False if absent."""
-    m = re.match(_VERSION_RE, requires)
-    if not m:
-        raise ValueError(f"bad version gate {requires!r}")
-    import importlib.metadata  # 50 ms to import: only when an integration is applied
+    """Is the installed version within the gate ``"name >= 1.2, < 3"`` (PEP 440)?  False if absent.
 
-    dist, spec = m.group(1), m.group(2)
+    A gate that is not a valid requirement raises ``ValueError``; a version that is not PEP 440
+    (nothing we can compare) is out of the gate.
+    """
+    from packaging.requirements import InvalidRequirement, Requirement  # only when an integration is applied
+    from packaging.version import InvalidVersion, Version
+
     try:
-        have = _vtuple(importlib.metadata.version(dist))
-    except importlib.metadata.PackageNotFoundError:
+        gate = Requirement(requires)
+    except InvalidRequirement as exc:
+        raise ValueError(f"bad version gate {requires!r}: {exc}") from None
+    have = _installed_version(gate.name)
+    if have is None:
         return False
-    for clause in filter(None, (c.strip() for c in spec.split(","))):
-        cm = re.match(_CLAUSE_RE, clause)
-        if not cm:
-            raise ValueError(f"bad version gate {requires!r}")
-        op, want = cm.group(1), _vtuple(cm.group(2))
-        n = max(len(have), len(want))
-        a, b = have + (0,) * (n - len(have)), want + (0,) * (n - len(want))
-        ok = {
-            ">=": a >= b,
-            "<=": a <= b,
-            "==": a == b,
-            "!=": a != b,
-            ">": a > b,
-            "<": a < b,
-        }[op]
-        if not ok:
-            return False
-    return True
+    try:
+        return gate.specifier.contains(Version(have), prereleases=True)
+    except InvalidVersion:
+        return False
 
 
 def _enabled() -> list[str]:

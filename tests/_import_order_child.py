@@ -33,16 +33,22 @@ PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 # --------------------------------------------------------------------------- a fingerprint of what was patched
 
 
+_NAMED = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)
+
+
 def _describe(value: Any) -> str:
-    """What a class or module attribute is, stable across processes (no ids, no reprs)."""
+    """What a class or module attribute is, stable across processes (no ids, no reprs).
+
+    Only the type is asked of arbitrary objects: an attribute lookup on a lazy object (six.moves)
+    would import things.
+    """
     kind = type(value)
     text = f"{kind.__module__}.{kind.__qualname__}"
-    target = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
-    if callable(target):
-        try:
-            text += f" {getattr(target, '__module__', None)}.{getattr(target, '__qualname__', None)}"
-        except Exception:
-            pass
+    target = value.fget if isinstance(value, property) else value
+    if isinstance(target, (classmethod, staticmethod)):
+        target = target.__func__
+    if isinstance(target, _NAMED):
+        text += f" {getattr(target, '__module__', None)}.{getattr(target, '__qualname__', None)}"
     return text
 
 
@@ -339,18 +345,19 @@ def _sqlalchemy(server: HangUpHTTP) -> Callable[[], None]:
 
     engine = sqlalchemy.create_engine("postgresql+psycopg2://postgres@127.0.0.1:5432/test")
     with engine.connect() as conn:
-        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        pid = conn.execute(sqlalchemy.text("SELECT pg_backend_pid()")).scalar()
     _pg_terminate(int(pid))  # type: ignore[arg-type]
     return engine.dispose
 
 
 def _sqlalchemy_asyncio(server: HangUpHTTP) -> Callable[[], None]:
+    import sqlalchemy
     from sqlalchemy.ext.asyncio import create_async_engine
 
     async def main() -> None:
         engine = create_async_engine("postgresql+asyncpg://postgres@127.0.0.1:5432/test")
         async with engine.connect() as conn:
-            pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
+            pid = (await conn.execute(sqlalchemy.text("SELECT pg_backend_pid()"))).scalar()
         _pg_terminate(int(pid))  # type: ignore[arg-type]
         RESULT["leaks"] = [_leak(s) for s in leaks_to(5432)]
         await engine.dispose()
