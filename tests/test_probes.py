@@ -25,7 +25,7 @@ import pytest
 from .test_host_unchanged import other_pythons, run_py, source_path
 
 STRESS = os.environ.get("LEAKGUARD_STRESS") == "1"
-CALLS = 20_000 if STRESS else 3_000
+CALLS = 8_000 if STRESS else 3_000  # 20,000 pure-Python calls outran 300 s on 3.10 in CI
 
 _RANDOM_CALLS = r'''
 import json, math, random, socket, sys
@@ -127,7 +127,7 @@ def _calls(tmp_path: Path, mode: str, python: str = sys.executable, pythonpath: 
         env["PYTHONPATH"] = pythonpath
     proc = subprocess.run(
         [python, "-W", "ignore::ResourceWarning", str(script), mode, "1414", str(CALLS)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return list(json.loads(proc.stdout))
