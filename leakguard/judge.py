@@ -109,7 +109,8 @@ def close_seen_update(seen: dict[tuple[Any, ...], float]) -> None:
     _close_seen = seen
 
 
-def _age(seconds: float) -> str:
+def format_age(seconds: float) -> str:
+    """*seconds* as a person reads an age: '4.2 s', '3.5 min', '2.0 h'."""
     if seconds < 120:
         return f"{seconds:.1f} s"
     if seconds < 7200:
@@ -126,7 +127,7 @@ def leak_reason(info: SocketInfo) -> str:
     else:
         text = f"peer {info.remote or 'the peer'} closed the connection; this process never closed its end"
     if info.age_s is not None:
-        text += f", opened {_age(info.age_s)} ago"
+        text += f", opened {format_age(info.age_s)} ago"
     site = info.site
     if site is not None:
         text += f" at {stacks.format_site(site)}"
@@ -138,11 +139,11 @@ def leak_reason(info: SocketInfo) -> str:
             age = time.monotonic() - (pool.checkout_time or time.monotonic())
             co = stacks.format_site(stacks.creation_site(stacks.frames(pool.checkout_frames)))
             text += (
-                f"; it is checked out of pool {pool.name} (for {_age(age)}, at {co}):"
+                f"; it is checked out of pool {pool.name} (for {format_age(age)}, at {co}):"
                 " the application holds it and must return or close it"
             )
         else:
-            since = f" for {_age(time.monotonic() - pool.idle_since)}" if pool.idle_since is not None else ""
+            since = f" for {format_age(time.monotonic() - pool.idle_since)}" if pool.idle_since is not None else ""
             owner = f" (owned by {pool.owner})" if pool.owner else ""
             text += (
                 f"; it sits idle in pool {pool.name}{owner}{since}: the application returned it and the pool"

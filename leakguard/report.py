@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import stacks
+from .judge import format_age as _age
 
 if TYPE_CHECKING:
     from . import registry
@@ -64,14 +65,6 @@ def _state_words(state: str | None, leaked: bool, verdict: str | None = None, ma
     if verdict == "in_use" and state in _STATE_WORDS_IN_USE:
         return _STATE_WORDS_IN_USE[state].format(it="them" if many else "it")
     return _STATE_WORDS.get((state or "", many), state or "no state")
-
-
-def _age(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _plural(n: int, word: str) -> str:
