@@ -18,21 +18,26 @@ out (so reports come within a quarter of the threshold, whatever the watcher's
 interval).  Only checked-out connections are looked at, and only while a
 threshold is set: without one, checkout and check-in cost a dict lookup and
 three attribute stores.
+
+Whether a checkout is overdue is the judge's rule (:func:`leakguard.judge.checkout_overdue`);
+the threshold and the sink the events go to (structlog, as the watcher's reports) come
+from ``install()`` through :func:`configure`: this module reads no global configuration
+and writes no log of its own.  The timer is a thread of leakguard's own
+(:mod:`leakguard._threads`): it ends before a fork while it waits and starts again after
+it in the parent.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
-import threading
 import time
 import types
 import weakref
 from collections.abc import Callable
 from typing import Any
 
-from leakguard import _state, registry, report, stacks
+from leakguard import _threads, judge, registry, stacks
 
 __all__ = [
     "attach",
@@ -40,6 +45,7 @@ __all__ = [
     "check_thresholds",
     "checked_in",
     "checked_out",
+    "configure",
     "enter_scope",
     "exit_scope",
     "fd_of",
@@ -58,8 +64,17 @@ log = logging.getLogger("leakguard")
 _links: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
 #: checked-out connections watched for the threshold: id(info) -> (info, record)
 _watched: dict[int, tuple[registry.PoolInfo, registry.Record | None]] = {}
-_lock = threading.Lock()
+_lock = _threads.api()[2]()  # shared with the timer, an interpreter thread: never gevent's lock
 _timer: list[_Timer | None] = [None]
+#: (checkout_threshold or None, where the events go), set by install() through configure()
+_settings: tuple[float | None, Callable[[dict[str, Any]], None] | None] = (None, None)
+
+
+def configure(limit: float | None, sink: Callable[[dict[str, Any]], None] | None) -> None:
+    """``checkout_threshold`` (None: off) and the callable each event dict goes to (install() and
+    uninstall() call this)."""
+    global _settings
+    _settings = (limit, sink)
 
 
 def capture() -> stacks.Frames:
@@ -141,8 +156,7 @@ def mark_in(conn: Any) -> None:
 
 def threshold() -> float | None:
     """The ``checkout_threshold`` in effect, or None (off, or leakguard not installed)."""
-    state = _state._state
-    return state.config.checkout_threshold if state.installed else None
+    return _settings[0]
 
 
 def fd_of(conn: Any) -> int | None:
@@ -317,10 +331,10 @@ def checked_in(conn: Any) -> registry.PoolInfo | None:
     if limit is None and not _watched:  # the common case: nothing to time
         info.check_in()
         return info
-    held = time.monotonic() - info.checkout_time if info.checkout_time is not None else 0.0
+    held = judge.checkout_overdue(info, limit)
     info.check_in()
     watched = _watched.pop(id(info), None)
-    if limit is not None and held >= limit:
+    if held is not None and limit is not None:
         rec = watched[1] if watched is not None else link[1]
         if info.reported_at is None:  # returned before any tick saw it overdue
             _emit(_event("leakguard.checkout_threshold", info, rec, held, limit))
@@ -364,13 +378,11 @@ def _event(
 
 
 def _emit(event: dict[str, Any]) -> None:
+    sink = _settings[1]
+    if sink is None:
+        return
     try:
-        logger = report.get_logger(_state._state.config.log_format)
-        fields = {k: v for k, v in event.items() if k != "event"}
-        if event["event"] == "leakguard.checkout_returned":
-            logger.info(event["event"], **fields)
-        else:
-            logger.warning(event["event"], **fields)
+        sink(event)
     except Exception:
         registry.count_error()
         log.debug("leakguard: checkout report failed", exc_info=True)
@@ -400,8 +412,8 @@ def check_thresholds(now: float | None = None) -> list[dict[str, Any]]:
             if rec is not None and (current is None or current.entry is not rec.entry):
                 _watched.pop(key, None)  # closed (or gone) without a check-in: nothing to return
                 continue
-            held = now - info.checkout_time
-            if held >= limit and info.reported_at is None:
+            held = judge.checkout_overdue(info, limit, now)
+            if held is not None and info.reported_at is None:
                 info.reported_at = now
                 event = _event("leakguard.checkout_threshold", info, rec, held, limit)
                 _emit(event)
@@ -413,29 +425,64 @@ def check_thresholds(now: float | None = None) -> list[dict[str, Any]]:
 
 
 class _Timer:
-    """Daemon thread calling :func:`check_thresholds` every quarter threshold.
+    """The thread calling :func:`check_thresholds` every quarter threshold.
 
     Exits by itself when leakguard is uninstalled, the threshold is turned off
     or nothing is checked out any more; the next checkout starts a new one.
+    Before a fork it ends if it is waiting (:func:`before_fork`).
     """
 
     def __init__(self) -> None:
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="leakguard-checkouts", daemon=True)
+        self.stopped = False
+        self.parked = False
+        self.busy = False  # in check_thresholds (its events may block on output): a fork leaves it alone
+        self.wake = _threads.Wake()
+        self.thread = _threads.OSThread(self._run)
+
+    def _ends(self) -> bool:  # under _lock
+        if threshold() is None or not _watched or self.stopped or self.parked:
+            if _timer[0] is self:
+                _timer[0] = None
+            return True
+        return False
 
     def _run(self) -> None:
-        while True:
-            # Decide to exit under the lock: a checkout that adds to _watched after
-            # that sees _timer[0] cleared and starts a new timer.
-            with _lock:
-                limit = threshold()
-                if limit is None or not _watched or self.stopped.is_set():
-                    if _timer[0] is self:
-                        _timer[0] = None
-                    return
-            if self.stopped.wait(min(max(limit / 4, 0.02), 5.0)):
-                continue
-            check_thresholds()
+        try:
+            while True:
+                # Decide to exit under the lock: a checkout that adds to _watched after
+                # that sees _timer[0] cleared and starts a new timer.
+                with _lock:
+                    if self._ends():
+                        return
+                    limit = threshold() or 1.0
+                if self.wake.wait(min(max(limit / 4, 0.02), 5.0)):
+                    continue
+                with _lock:
+                    if self._ends():
+                        return
+                    self.busy = True
+                try:
+                    check_thresholds()
+                finally:
+                    self.busy = False
+        except BaseException:  # nothing of ours may surface in the host
+            pass
+
+    def end(self) -> None:
+        """Stop for good (:func:`stop`)."""
+        self.stopped = True
+        self.wake.set()
+        if self.thread.is_alive() and not self.thread.is_current():
+            self.thread.join(2.0)
+
+    def park(self) -> None:
+        """Before a fork: end now unless busy (a busy timer ends after its check, at its next look)."""
+        with _lock:
+            self.parked = True
+            busy = self.busy
+        if not busy and not self.thread.is_current():
+            self.wake.set()
+            self.thread.join(1.0)
 
 
 def _ensure_timer() -> None:
@@ -446,24 +493,45 @@ def _ensure_timer() -> None:
         t = _timer[0]
         if t is not None and t.thread.is_alive():
             return
-        t = _timer[0] = _Timer()
-    try:
-        t.thread.start()
-    except RuntimeError:  # interpreter shutting down
-        _timer[0] = None
+        try:
+            _timer[0] = _Timer()
+        except Exception:  # no thread to be had (a limit, or the interpreter shutting down)
+            _timer[0] = None
 
 
-def _after_fork_in_child() -> None:
-    # The parent's timer thread is gone and may have held the lock at fork time;
-    # its checkouts are the parent's business (the child's registry starts empty).
+# -- fork (called by the at-fork handler in leakguard._state) --------------------------------------
+
+_parked = [False]  # the timer was ended by before_fork and is to start again in the parent
+
+
+def before_fork() -> None:
+    """End the waiting timer thread, so that the process forks without it."""
+    t = _timer[0]
+    if t is not None and t.thread.is_alive():
+        _parked[0] = True
+        t.park()
+
+
+def after_fork_in_parent() -> None:
+    if not _parked[0]:
+        return
+    _parked[0] = False
+    with _lock:
+        t = _timer[0]
+        if t is not None:
+            t.parked = False  # busy at the fork, so still running: it goes on
+    if threshold() is not None and _watched:
+        _ensure_timer()  # it ended before the fork: a new one
+
+
+def after_fork_in_child() -> None:
+    """The parent's timer thread is gone and may have held the lock at fork time; its checkouts are
+    the parent's business (the child's registry starts empty)."""
     global _lock
-    _lock = threading.Lock()
+    _lock = _threads.api()[2]()
     _timer[0] = None
+    _parked[0] = False
     _watched.clear()
-
-
-if hasattr(os, "register_at_fork"):  # registered once at import; inert until a checkout is watched
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def stop() -> None:
@@ -477,6 +545,4 @@ def stop() -> None:
         if threshold() is None:
             _watched.clear()
     if t is not None:
-        t.stopped.set()
-        if t.thread.is_alive() and t.thread is not threading.current_thread():
-            t.thread.join(2.0)
+        t.end()

@@ -11,7 +11,7 @@ from typing import Any
 
 from leakguard.integrations import INTEGRATIONS
 
-from . import _config, _sockets, registry, stacks
+from . import _config, _sockets, judge, registry, stacks
 from ._imports import ImportWatcher
 from ._log import log
 
@@ -34,21 +34,109 @@ class _State:
 _state = _State()
 
 
+# -- fork: the one at-fork handler ------------------------------------------------------------------
+
+#: The modules with fork bookkeeping, in the order a forked child resets them (each one's
+#: ``after_fork_in_child``); those with a thread of their own (:mod:`leakguard._threads`) also end it
+#: before the fork (``before_fork``) and start it again in the parent (``after_fork_in_parent``, in
+#: reverse order).  A module not imported has nothing to reset: they are looked up, never imported,
+#: here (an import in an at-fork hook can deadlock on a module lock held by another thread).
+FORK_ORDER = (
+    "leakguard.registry",  # its lock first: everything after may take it
+    "leakguard.integrations._pools",  # the checkout timer
+    "leakguard.metrics",  # the scrape server
+    "leakguard.watcher",  # the periodic reports: last, it restarts on the others' state
+)
+
+
+def _fork_parts(hook: str) -> list[Any]:
+    out = []
+    for name in FORK_ORDER:
+        fn = getattr(sys.modules.get(name), hook, None)
+        if fn is not None:
+            out.append(fn)
+    return out
+
+
+def _run_fork_hooks(hooks: list[Any]) -> None:
+    for fn in hooks:
+        try:
+            fn()
+        except Exception:  # a fork never fails because of us
+            registry.count_error()
+
+
+def _before_fork() -> None:
+    _run_fork_hooks(_fork_parts("before_fork"))
+
+
+def _after_fork_in_parent() -> None:
+    hooks = _fork_parts("after_fork_in_parent")[::-1]
+    if hooks and sys.version_info >= (3, 13) and sys.getprofile() is None:
+        _when_fork_returns(hooks)
+    else:
+        _run_fork_hooks(hooks)
+
+
+#: Calls that fork (one called again before the last one's hooks ran: they run first).
+_FORKS = frozenset(("fork", "forkpty", "fork1"))
+#: Profile events :func:`_when_fork_returns` waits at most (then it runs the hooks anyway).
+_FORK_RETURN_EVENTS = 10_000
+
+
+def _when_fork_returns(hooks: list[Any]) -> None:
+    """Run *hooks* once ``os.fork()`` has returned in this thread.
+
+    3.13+ counts the process's threads for its "multi-threaded" warning after
+    the at-fork hooks ran, not before them as 3.12 does: a thread of ours
+    started again in an ``after_in_parent`` hook would be counted.  A one-shot
+    profile function of this thread only (installed when the host has none)
+    runs them at the first event once the frame that called ``fork`` has moved
+    on (its instruction is no longer the call), and is removed at once.  At-fork
+    hooks and the warning itself run inside the call: they do not count.
+    """
+    try:
+        caller = sys._getframe(2)  # _after_fork_in_parent, then the frame whose call forks
+        at = caller.f_lasti
+    except Exception:
+        _run_fork_hooks(hooks)
+        return
+    left = [_FORK_RETURN_EVENTS]
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        left[0] -= 1
+        if (
+            frame is caller
+            or caller.f_lasti != at
+            or (event == "c_call" and getattr(arg, "__name__", None) in _FORKS)
+            or left[0] <= 0
+        ):
+            sys.setprofile(None)
+            _run_fork_hooks(hooks)
+
+    try:
+        sys.setprofile(profile)
+    except Exception:
+        _run_fork_hooks(hooks)
+
+
 def _after_fork_in_child() -> None:
     # The parent's lock may have been held by another thread at fork time.
     _state.lock = threading.RLock()
+    _run_fork_hooks(_fork_parts("after_fork_in_child"))
     if _state.installed:
         _state.pid = os.getpid()
-        # The parent's records describe descriptors the child inherited, not ones it created.
-        registry.clear()
-        from . import watcher
-
-        watcher.after_fork(_state)
+        # The parent's records describe descriptors the child inherited, not ones it created;
+        # the sockets it holds now are its parent's.
+        _run_fork_hooks([registry.clear, judge.remember_inherited])
+        watcher = sys.modules.get("leakguard.watcher")
+        if watcher is not None:
+            watcher.restart_in_child(_state)
 
 
 if hasattr(os, "register_at_fork"):
     # Registered once at import, inert unless installed (at-fork hooks cannot be removed).
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 def _installed_version(name: str) -> str | None:
@@ -175,7 +263,9 @@ def install(**options: Any) -> None:
     A bad value raises ``ValueError`` naming the option and what it accepts.
     """
     config = _config.parse(options)
-    from . import watcher
+    from leakguard.integrations import _pools
+
+    from . import report, watcher
 
     with _state.lock:
         _state.config = config
@@ -188,18 +278,22 @@ def install(**options: Any) -> None:
             _sockets.instrument()
             _state.installed = True
             _state.pid = os.getpid()
+        _pools.configure(config.checkout_threshold, report.event_sink(config.log_format))
         _sync_integrations()
         watcher.configure(_state)
 
 
 def uninstall() -> None:
     """Undo everything install() did; safe to call at any time, any number of times."""
+    from leakguard.integrations import _pools
+
     from . import watcher
 
     with _state.lock:
         if not _state.installed:
             return
         _state.installed = False
+        _pools.configure(None, None)  # before the pool integrations' stop(): it forgets the checkouts then
         watcher.stop(_state)
         if _state.imports is not None:
             _state.imports.stop()

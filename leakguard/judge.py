@@ -10,35 +10,46 @@ report modules render them; this module alone says which facts make a leak:
   connect passes through ``CLOSE`` too, for the moment its caller needs to close
   it: hence the grace period).
 
-It also holds the grace rules of the checks (:func:`settle`) and the ignore
-matching by creation site (:func:`ignored`), and gives every leak its
-diagnosis (:func:`diagnosed`: verdict, held by, in use; see :mod:`diagnose`).
+It also holds the grace rules of the checks (:func:`settle`), the ignore
+matching by creation site (:func:`ignored`), whose leaks a forked child answers
+for (:func:`inherited_fds`, :func:`tally`: a socket inherited at fork is the
+parent's), when a pooled connection is held too long (:func:`checkout_overdue`),
+and gives every leak its diagnosis (:func:`diagnosed`: verdict, held by, in use;
+see :mod:`diagnose`).
 """
 
 from __future__ import annotations
 
 import _socket
 import fnmatch
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from . import diagnose, stacks
+from . import diagnose, kernel, stacks
 
 if TYPE_CHECKING:
-    from .snapshot import SocketInfo
+    from .registry import PoolInfo
+    from .snapshot import Snapshot, SocketInfo
 
 __all__ = [
     "CLOSE_GRACE",
     "LEAK_STATES",
+    "Tally",
     "backoff",
+    "checkout_overdue",
     "close_seen_update",
     "diagnosed",
     "ignored",
+    "inherited_fds",
     "is_leak",
     "leak_reason",
+    "own_leaks",
+    "remember_inherited",
     "settle",
+    "tally",
     "was_connected",
 ]
 
@@ -205,3 +216,86 @@ def diagnosed(
         batch.add(info.fd, info.state, info.record)
         out.append(tuple.__new__(type(info), (*info[:10], batch)))
     return out
+
+
+# -- sockets inherited across fork() ---------------------------------------------------------------
+
+#: fd -> socket inode, for the sockets this process inherited at fork (see :func:`remember_inherited`)
+_inherited: dict[int, int] = {}
+
+
+def remember_inherited() -> None:
+    """In a forked child: the sockets it holds now are its parent's (called by the at-fork handler)."""
+    global _inherited
+    _inherited = kernel.socket_inodes()  # no /proc: inherited sockets count as the child's own (documented)
+
+
+def inherited_fds(snap: Snapshot) -> frozenset[int]:
+    """Descriptors in *snap* that still hold the socket this process inherited at fork.
+
+    Such a socket is counted (``inherited``, ``inherited_leaks``) but never one
+    of this process's leaks: the parent created it and reports it, with its
+    creation site.  A descriptor closed and reused since is this process's own.
+    """
+    if not _inherited:
+        return frozenset()
+    out = set()
+    for s in snap.sockets:
+        fd = s.fd
+        if fd is None:
+            continue
+        ino = _inherited.get(fd)
+        if ino is None:
+            continue
+        if s.record is not None:  # the fd was closed and reused by a socket this process made
+            _inherited.pop(fd, None)
+            continue
+        try:
+            same = os.fstat(fd).st_ino == ino
+        except OSError:
+            same = False
+        if same:
+            out.add(fd)
+        else:
+            _inherited.pop(fd, None)
+    return frozenset(out)
+
+
+def own_leaks(leaks: Iterable[SocketInfo], inherited: frozenset[int] | set[int]) -> list[SocketInfo]:
+    """The *leaks* this process answers for: all but those still on a descriptor it inherited."""
+    if not inherited:
+        return list(leaks)
+    return [s for s in leaks if not (s[9] is None and s[0] is not None and s[0] in inherited)]
+
+
+class Tally(NamedTuple):
+    """A snapshot's sockets by who answers for them (report summaries and metrics both show these)."""
+
+    tracked: int  #: leakguard saw them created
+    unknown: int  #: opened before install() or by C code no integration covers
+    inherited: int  #: inherited at fork: the parent's
+    inherited_leaks: int  #: leaks among the inherited ones (the parent reports them)
+
+
+def tally(snap: Snapshot, inherited: frozenset[int] | set[int] = frozenset()) -> Tally:
+    """*snap*'s sockets counted as tracked, unknown and inherited (see :func:`inherited_fds`)."""
+    tracked = n_inherited = 0
+    for s in snap.sockets:  # s[9]: the record, s[0]: the fd (SocketInfo by index, once per socket)
+        if s[9] is not None:
+            tracked += 1
+        elif inherited and s[0] in inherited:
+            n_inherited += 1
+    leaks = sum(1 for s in snap.leaks if s[9] is None and s[0] in inherited) if inherited else 0
+    return Tally(tracked, len(snap.sockets) - tracked - n_inherited, n_inherited, leaks)
+
+
+# -- pooled connections held too long ----------------------------------------------------------------
+
+
+def checkout_overdue(info: PoolInfo, limit: float | None, now: float | None = None) -> float | None:
+    """Seconds *info*'s connection has been checked out when that is at least *limit* (``checkout_threshold``),
+    else None (not checked out, within the limit, or no limit set)."""
+    if limit is None or not info.checked_out or info.checkout_time is None:
+        return None
+    held = (time.monotonic() if now is None else now) - info.checkout_time
+    return held if held >= limit else None

@@ -479,3 +479,23 @@ def fd_usage(open_fds: int | None = None) -> tuple[int, int]:
         except Exception:
             open_fds = -1
     return open_fds, limit
+
+
+def socket_inodes() -> dict[int, int]:
+    """``{fd: inode}`` of every socket descriptor of this process now (``/proc/self/fd``; empty without it)."""
+    out: dict[int, int] = {}
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return out
+    for name in names:
+        try:
+            link = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            try:
+                out[int(name)] = int(link[8:-1])
+            except ValueError:
+                pass
+    return out

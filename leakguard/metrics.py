@@ -9,7 +9,9 @@ Two ways to export:
   exposes (``prometheus_client.REGISTRY`` by default).
 
 Values are those of the last watcher tick (``report_interval``); without a
-watcher a scrape takes a snapshot itself (at most one per second).
+watcher a scrape takes a snapshot itself (at most one per second).  The
+watcher feeds this module (:func:`update`, :func:`follow`); it never asks the
+watcher back.
 
 Exported (all gauges, no per-process labels):
 
@@ -29,35 +31,54 @@ Prefork servers: after ``fork()`` a child does not serve the parent's port (the
 parent holds it); export per worker with :func:`register` on a registry of the
 worker's own, or give each worker its own ``metrics_port`` by calling
 ``install()`` in the worker.
+
+The server's threads are leakguard's own (:mod:`leakguard._threads`): the one
+accepting scrapes ends before a fork while it waits (nearly always) and starts
+again after it in the parent; each scrape is answered in a thread of its own.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import select as _select
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from . import _threads, judge
+from .snapshot import take
 
 if TYPE_CHECKING:
     from .churn import ChurnTracker
     from .snapshot import Snapshot
 
-__all__ = ["LeakguardCollector", "configure", "register", "server_address", "stop", "unregister", "update"]
+__all__ = [
+    "LeakguardCollector",
+    "configure",
+    "follow",
+    "register",
+    "server_address",
+    "stop",
+    "unregister",
+    "update",
+]
 
 log = logging.getLogger("leakguard")
 
-_lock = threading.Lock()
+_lock = _threads.api()[2]()
 _latest: dict[str, Any] | None = None
 _top = [10]
 _registered: list[tuple[Any, LeakguardCollector]] = []
 _server: Any = None
-_thread: threading.Thread | None = None
+_serving_thread: _Serving | None = None
 _serving: tuple[str, int] | None = None  # (addr, port) as configured
 _parent_endpoint: tuple[str, int] | None = None  # what the parent served when we were forked
+#: What the watcher says (see :func:`follow`): does a tick refresh the values, and its churn tracker.
+_ticking = False
+_churn: ChurnTracker | None = None
 
 
 class _Handler(WSGIRequestHandler):
@@ -65,33 +86,164 @@ class _Handler(WSGIRequestHandler):
         pass
 
 
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
+def _real_socket() -> Any:
+    """``socket.socket`` as it was before gevent's patching: our threads are not greenlets, and a
+    gevent socket waits on the hub of the thread that made it."""
+    return _threads.original("socket", "socket", socket.socket)
+
+
+class _Server(WSGIServer):
+    """Answers each scrape in a thread of leakguard's own (what ``ThreadingMixIn`` did with ``threading``),
+    on sockets of the standard library's own class."""
+
     allow_reuse_address = True
+
+    def __init__(self, address: Any, handler: Any, bind_and_activate: bool = True) -> None:
+        super().__init__(address, handler, bind_and_activate=False)
+        real = _real_socket()
+        if type(self.socket) is not real:  # install() after gevent's patch_all()
+            self.socket.close()
+            self.socket = real(self.address_family, self.socket_type)
+        if bind_and_activate:
+            try:
+                self.server_bind()
+                self.server_activate()
+            except BaseException:
+                self.server_close()
+                raise
+
+    def get_request(self) -> tuple[Any, Any]:
+        fd, addr = self.socket._accept()  # type: ignore[attr-defined]  # _socket.socket._accept: the raw fd
+        lst = self.socket
+        return _real_socket()(lst.family, lst.type, lst.proto, fileno=fd), addr
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        def answer() -> None:
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+
+        try:
+            _threads.OSThread(answer)
+        except Exception:  # no thread to be had: this scrape is dropped, the server goes on
+            self.shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:  # not a traceback on the host's stderr
+        log.debug("leakguard: a metrics scrape failed", exc_info=True)
 
 
 class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
+class _Serving:
+    """The thread accepting scrapes: waits in select() on the listener and a wake-up pipe.
+
+    Before a fork (:meth:`park`) it is woken and ends, and the fork waits for
+    that (no I/O: it was waiting); :meth:`resume` starts it again.
+    """
+
+    def __init__(self, httpd: Any) -> None:
+        self.httpd = httpd
+        self._mu = _threads.api()[2]()
+        self._stopping = False
+        self._parked = 0
+        self._running = False
+        self._thread: _threads.OSThread | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        self._pipe_ids = [_identity(self._wake_r), _identity(self._wake_w)]
+        with self._mu:
+            self._spawn()
+
+    def _spawn(self) -> None:  # under _mu
+        if not self._running and not self._stopping and not self._parked:
+            self._running = True
+            try:
+                self._thread = _threads.OSThread(self._run)
+            except Exception:
+                self._running = False
+                log.debug("leakguard: cannot start the metrics server thread", exc_info=True)
+
+    def _run(self) -> None:
+        wait = _threads.original("select", "select", _select.select)
+        httpd, wake = self.httpd, self._wake_r
+        try:
+            while True:
+                with self._mu:
+                    if self._stopping or self._parked:
+                        self._running = False
+                        return
+                ready = wait([httpd, wake], [], [])[0]
+                if wake in ready:
+                    os.read(wake, 512)
+                elif ready:
+                    httpd._handle_request_noblock()
+        except BaseException:  # nothing of ours may surface in the host
+            with self._mu:
+                self._running = False
+            log.debug("leakguard: the metrics server thread ended", exc_info=True)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:  # the pipe is full: a wake-up is pending already
+            pass
+
+    def park(self) -> None:
+        with self._mu:
+            self._parked += 1
+            t = self._thread if self._running else None
+        if t is not None and not t.is_current():
+            self._wake()
+            t.join(1.0)
+
+    def resume(self) -> None:
+        with self._mu:
+            self._parked = max(0, self._parked - 1)
+            self._spawn()
+
+    def stop(self) -> None:
+        with self._mu:
+            self._stopping = True
+            t = self._thread
+        self._wake()
+        if t is not None and not t.is_current():
+            t.join(2.0)
+        self.close_pipe()
+
+    def close_pipe(self) -> None:
+        """Close the wake-up pipe: only descriptors still ours (the host may have closed and reused them)."""
+        for fd, ident in ((self._wake_r, self._pipe_ids[0]), (self._wake_w, self._pipe_ids[1])):
+            if ident is not None and _identity(fd) == ident:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._pipe_ids = [None, None]
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _summarise(snap: Snapshot, inherited: frozenset[int] | set[int], churn: ChurnTracker | None) -> dict[str, Any]:
     by_site: dict[str, int] = {}
-    tracked = n_inherited = 0
-    for s in snap.sockets:
-        if s.record is not None:
-            tracked += 1
-        elif s.fd is not None and s.fd in inherited:
-            n_inherited += 1
-    for info in snap.leaks:
-        if info.record is None and info.fd is not None and info.fd in inherited:
-            continue
+    for info in judge.own_leaks(snap.leaks, inherited):
         site = info.site_str if info.stack else "<unknown>"
         by_site[site] = by_site.get(site, 0) + 1
+    tally = judge.tally(snap, inherited)
     return {
         "counts": dict(snap.counts),
-        "tracked": tracked,
-        "inherited": n_inherited,
-        "unknown": len(snap.sockets) - tracked - n_inherited,
+        "tracked": tally.tracked,
+        "inherited": tally.inherited,
+        "unknown": tally.unknown,
         "leaks": by_site,
         "churn": dict(churn.site_rates()) if churn is not None else {},
         "fds_open": snap.fds_open,
@@ -105,9 +257,17 @@ def _active() -> bool:
     return _server is not None or bool(_registered)
 
 
+def follow(ticking: bool, churn: ChurnTracker | None = None) -> None:
+    """The watcher's part (it calls this when configured): do its ticks refresh the values (:func:`update`),
+    and its churn tracker.  Without ticks a scrape takes a snapshot itself, at most one per second."""
+    global _ticking, _churn
+    _ticking, _churn = ticking, churn
+
+
 def update(snap: Snapshot, inherited: frozenset[int] | set[int] = frozenset(), churn: ChurnTracker | None = None) -> None:
     """Called by the watcher at each tick; a no-op unless metrics are exported."""
-    global _latest
+    global _latest, _ticking, _churn
+    _ticking, _churn = True, churn  # a collector registered after install() learns it here
     if not _active():
         return
     data = _summarise(snap, inherited, churn)
@@ -117,19 +277,12 @@ def update(snap: Snapshot, inherited: frozenset[int] | set[int] = frozenset(), c
 
 def _current() -> dict[str, Any]:
     global _latest
-    from . import watcher
-
     with _lock:
         data = _latest
-    w = watcher.current()
-    fresh = data is not None and (
-        (w is not None and w.interval is not None) or time.monotonic() - data["mono"] < 1.0
-    )
+    fresh = data is not None and (_ticking or time.monotonic() - data["mono"] < 1.0)
     if data is None or not fresh:
-        from .snapshot import take
-
         snap = take()
-        data = _summarise(snap, watcher.inherited_fds(snap), w.churn if w is not None else None)
+        data = _summarise(snap, judge.inherited_fds(snap), _churn)
         with _lock:
             _latest = data
     return data
@@ -228,7 +381,7 @@ def server_address() -> tuple[str, int] | None:
 
 def configure(cfg: Any) -> None:
     """Start, move or stop the HTTP server to match ``cfg.metrics_port`` / ``cfg.metrics_addr``."""
-    global _server, _thread, _serving
+    global _server, _serving_thread, _serving
     _top[0] = cfg.top_sites
     want = (cfg.metrics_addr, cfg.metrics_port) if cfg.metrics_port is not None else None
     if want == _serving and (want is None or _server is not None):
@@ -247,36 +400,54 @@ def configure(cfg: Any) -> None:
     addr, port = want
     cls = _Server6 if ":" in addr else _Server
     httpd = make_server(addr, port, make_wsgi_app(registry), cls, handler_class=_Handler)
-    thread = threading.Thread(
-        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="leakguard-metrics", daemon=True
-    )
-    thread.start()
-    _server, _thread, _serving = httpd, thread, want
+    try:
+        serving = _Serving(httpd)
+    except BaseException:
+        httpd.server_close()
+        raise
+    _server, _serving_thread, _serving = httpd, serving, want
 
 
 def stop() -> None:
-    """Stop the HTTP server (prompt: it polls every 50 ms)."""
-    global _server, _thread, _serving, _latest
-    srv, thread = _server, _thread
-    _server, _thread, _serving = None, None, None
-    if srv is not None:
-        try:
-            srv.shutdown()
-        finally:
+    """Stop the HTTP server (at once: its thread is woken)."""
+    global _server, _serving_thread, _serving, _latest
+    srv, serving = _server, _serving_thread
+    _server, _serving_thread, _serving = None, None, None
+    try:
+        if serving is not None:
+            serving.stop()
+    finally:
+        if srv is not None:
             srv.server_close()
-    if thread is not None and thread is not threading.current_thread():
-        thread.join(2.0)
     with _lock:
         _latest = None
 
 
-def after_fork() -> None:
-    """In a forked child: the server thread does not exist here; drop the inherited listener."""
-    global _server, _thread, _serving, _parent_endpoint, _latest, _lock
-    _lock = threading.Lock()
+# -- fork (called by the at-fork handler in leakguard._state) --------------------------------------
+
+
+def before_fork() -> None:
+    """End the idle server thread, so that the process forks without it."""
+    serving = _serving_thread
+    if serving is not None:
+        serving.park()
+
+
+def after_fork_in_parent() -> None:
+    serving = _serving_thread
+    if serving is not None:
+        serving.resume()
+
+
+def after_fork_in_child() -> None:
+    """The server's threads do not exist here; drop the inherited listener and wake-up pipe."""
+    global _server, _serving_thread, _serving, _parent_endpoint, _latest, _lock
+    _lock = _threads.api()[2]()
     _parent_endpoint = _serving
-    srv = _server
-    _server, _thread, _serving, _latest = None, None, None, None
+    srv, serving = _server, _serving_thread
+    _server, _serving_thread, _serving, _latest = None, None, None, None
+    if serving is not None:
+        serving.close_pipe()
     if srv is not None:
         try:
             srv.socket.close()  # the child's copy only; the parent keeps serving

@@ -216,13 +216,10 @@ _errors = [0]  # failures contained inside hooks, for stats() and tests
 depth = [48]  # frames captured per socket; set by install(stack_depth=...)
 
 
-def _reinit_after_fork() -> None:
+def after_fork_in_child() -> None:
+    """Called first by the at-fork handler (:data:`leakguard._state.FORK_ORDER`)."""
     global _views_lock
     _views_lock = threading.Lock()  # another thread may have held it at fork time: it never unlocks here
-
-
-if hasattr(os, "register_at_fork"):  # before _state's at-fork hook, which clears the registry
-    os.register_at_fork(after_in_child=_reinit_after_fork)
 
 
 def set_depth(n: int) -> None:

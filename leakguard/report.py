@@ -15,10 +15,10 @@ socket once, however many lists it appears in (:func:`snapshot_dict`).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import stacks
+from . import judge, stacks
 from .judge import format_age as _age
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ __all__ = [
     "LeakGroup",
     "Reporter",
     "describe",
+    "event_sink",
     "fix_hint",
     "format_group",
     "format_leak",
@@ -261,17 +262,12 @@ class LeakGroup:
         return out
 
 
-def group(infos: Iterable[SocketInfo], skip: Any = None) -> list[LeakGroup]:
-    """*infos* grouped by creation site and verdict, the largest group first.
-
-    *skip(info)*: leave an info out (the Reporter's inherited descriptors).
-    """
+def group(infos: Iterable[SocketInfo]) -> list[LeakGroup]:
+    """*infos* grouped by creation site and verdict, the largest group first."""
     groups: dict[tuple[str, str | None], LeakGroup] = {}
     sites: dict[int, str] = {}  # id(resolved stack) -> site: each distinct stack formatted once
     with stacks.rendering():
         for info in infos:
-            if skip is not None and skip(info):
-                continue
             rec = info[9]
             st = rec.resolved() if rec is not None else None
             if st:
@@ -415,7 +411,7 @@ def format_leak(info: SocketInfo, stack_limit: int = STACK_LIMIT) -> str:
 
 def summary_line(snap: Snapshot, groups: int | None = None) -> str:
     counts = ", ".join(f"{k}={v}" for k, v in sorted(snap.counts.items())) or "no TCP sockets"
-    tracked = sum(1 for s in snap.sockets if s[9] is not None)
+    tracked = judge.tally(snap).tracked
     limit = snap.fds_limit if snap.fds_limit >= 0 else "unlimited"
     leaked = f"{len(snap.leaks)} leaked"
     if groups is not None and snap.leaks:
@@ -560,6 +556,22 @@ def get_logger(log_format: str = "auto") -> Any:
 _PAD: list[bool] = []
 
 
+def event_sink(log_format: str = "auto") -> Callable[[dict[str, Any]], None]:
+    """A writer of events computed elsewhere (the pools' checkout reports), as structlog events.
+
+    Each event is a dict with its name under ``"event"``; ``leakguard.checkout_returned``
+    goes out at info level, the others as warnings.  The logger is looked up at each
+    event (see :func:`get_logger`): the host may configure structlog later.
+    """
+
+    def sink(event: dict[str, Any]) -> None:
+        fields = {k: v for k, v in event.items() if k != "event"}
+        level = "info" if event["event"] == "leakguard.checkout_returned" else "warning"
+        getattr(get_logger(log_format), level)(event["event"], **fields)
+
+    return sink
+
+
 def _console_has_pad_event_to() -> bool:
     if not _PAD:
         import inspect
@@ -698,26 +710,20 @@ class Reporter:
         churn: list[Any] | None = None,
         dump: bool = False,
         routine: bool = False,
+        before_output: Callable[[], None] | None = None,
     ) -> int:
         """Emit the events for *snap*; returns how many events were emitted (summary included).
 
         With *dump* (on-demand, e.g. a signal) the rate limit does not apply and the
         state between periodic reports is left untouched.  With *routine* (the
         watcher saw nothing change, see ``watcher.Watcher.routine``) the summary
-        is left out unless another event goes out with it.
+        is left out unless another event goes out with it.  *before_output* is called once
+        the events are computed, before any is written or any state kept between reports
+        changes (the watcher ends a tick there when a fork waits for its thread).
         """
         now = time.monotonic()
         cfg = self.config
-        inherited_leaks = 0
-
-        def skip(info: SocketInfo) -> bool:  # inherited across fork(): the parent reports it
-            nonlocal inherited_leaks
-            if info[9] is None and info[0] is not None and info[0] in inherited:
-                inherited_leaks += 1
-                return True
-            return False
-
-        ranked = group(snap.leaks, skip if inherited else None)
+        ranked = group(judge.own_leaks(snap.leaks, inherited))  # inherited across fork(): the parent reports them
         groups = {(g.site, g.verdict) for g in ranked}
 
         events: list[tuple[str, str, dict[str, Any]]] = []  # (level, event, fields)
@@ -776,6 +782,8 @@ class Reporter:
                     )
         events += new + grown + resolved[: cfg.top_sites] + repeat
         suppressed = max(0, len(ranked) - cfg.top_sites) + max(0, len(resolved) - cfg.top_sites)
+        if before_output is not None:
+            before_output()
 
         budget = cfg.max_events_per_report
         if not dump:
@@ -786,21 +794,16 @@ class Reporter:
         if not dump:
             self._tokens -= len(kept)
 
-        tracked = n_inherited = 0
-        for s in snap.sockets:  # s[9]: the record, s[0]: the fd (SocketInfo by index, once per socket)
-            if s[9] is not None:
-                tracked += 1
-            elif inherited and s[0] in inherited:
-                n_inherited += 1
+        tally = judge.tally(snap, inherited)
         summary: dict[str, Any] = {
             "pid": snap.pid,
             "sockets": len(snap.sockets),
-            "tracked": tracked,
-            "unknown": len(snap.sockets) - tracked - n_inherited,
-            "inherited": n_inherited,
+            "tracked": tally.tracked,
+            "unknown": tally.unknown,
+            "inherited": tally.inherited,
             "counts": dict(sorted(snap.counts.items())),
-            "leaks": len(snap.leaks) - inherited_leaks,
-            "inherited_leaks": inherited_leaks,
+            "leaks": len(snap.leaks) - tally.inherited_leaks,
+            "inherited_leaks": tally.inherited_leaks,
             "leak_sites": len(groups),
             "fds_open": snap.fds_open,
             "fds_limit": snap.fds_limit,

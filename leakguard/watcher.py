@@ -10,28 +10,28 @@ Lifecycle (driven by :mod:`leakguard._state`):
 * :func:`stop` (``uninstall()``) and interpreter exit (``threading``'s
   pre-shutdown hook, before non-daemon threads are joined) stop it promptly: it
   waits on an event, so stopping interrupts the wait, never a report half-written.
-* A fork never waits for it: before ``os.fork()`` an idle thread (nearly
-  always: it waits for its next tick) ends and is joined, so a single-threaded
-  host forks single-threaded (no "multi-threaded" DeprecationWarning on 3.12+,
-  no lock of ours held in the child); it starts again on the same schedule in
-  the parent.  A thread in the middle of a report is left alone, whatever its
-  output is blocked on.  The thread is the interpreter's own (``_thread``), not
-  a ``threading.Thread``: ``threading.enumerate()``, ``active_count()`` and
-  gevent's monkey-patching (which would make a new ``threading.Thread`` a
-  greenlet, and makes the end of an old one raise ``KeyError`` in
-  ``threading._delete``) see the host as without leakguard.
-* :func:`after_fork` runs in a forked child (gunicorn/uwsgi prefork,
+* A fork never waits for its I/O: before ``os.fork()`` (:func:`before_fork`,
+  from the at-fork handler in :mod:`leakguard._state`) an idle thread (nearly
+  always: it waits for its next tick) ends and is joined, and a thread still
+  computing a report ends at its next step (the tick runs again after the
+  fork), so a single-threaded host forks single-threaded (no "multi-threaded"
+  DeprecationWarning on 3.12+, no lock of ours held in the child); it starts
+  again on the same schedule in the parent.  A thread writing a report's output
+  is left alone, whatever the output is blocked on.  The thread is one of
+  :mod:`leakguard._threads`: ``threading.enumerate()``, ``active_count()`` and
+  gevent's monkey-patching see the host as without leakguard.
+* :func:`restart_in_child` runs in a forked child (gunicorn/uwsgi prefork,
   multiprocessing): the parent's thread does not exist there, so the child
   starts its own with its own reporter state; the registry was cleared, so the
   child only ever attributes sockets it created itself.
 
-Inherited sockets: descriptors that were sockets at fork time are remembered as
-(fd, inode).  While the child still holds the same socket on that fd, it is
-*inherited*: counted in the child's summary (``inherited``,
-``inherited_leaks``) but never reported as one of the child's leaks (the parent,
-which created it, reports it with its creation site), and left out of the
-child's metrics by site.  ``leakguard.snapshot()`` itself still lists them (its
-contract: every CLOSE_WAIT socket is in ``leaks``), with origin ``unknown``.
+Inherited sockets (the judge's :func:`leakguard.judge.inherited_fds`): while the
+child still holds a socket it inherited at fork, it is counted in the child's
+summary (``inherited``, ``inherited_leaks``) but never reported as one of the
+child's leaks (the parent, which created it, reports it with its creation
+site), and left out of the child's metrics by site.  ``leakguard.snapshot()``
+itself still lists them (its contract: every CLOSE_WAIT socket is in
+``leaks``), with origin ``unknown``.
 
 Nothing here ever raises into the host: a failing tick is logged at debug level
 and the next one runs as usual.
@@ -39,7 +39,6 @@ and the next one runs as usual.
 
 from __future__ import annotations
 
-import _thread
 import os
 import sys
 import threading
@@ -47,125 +46,31 @@ import time
 import weakref
 from typing import Any
 
+from . import _threads, judge, kernel, report
 from . import churn as _churn
-from . import kernel, report
 from ._log import log
 from .snapshot import Snapshot, take as take_snapshot
 
-__all__ = ["Watcher", "after_fork", "configure", "current", "dump", "inherited_fds", "stop"]
+__all__ = [
+    "Watcher",
+    "after_fork_in_child",
+    "after_fork_in_parent",
+    "before_fork",
+    "configure",
+    "current",
+    "dump",
+    "restart_in_child",
+    "stop",
+]
+
+#: The judge's (:func:`leakguard.judge.inherited_fds`), under the name it had here.
+inherited_fds = judge.inherited_fds
 
 _state_ref: Any = None  # the _state._State, for the signal handler and the exit hook
-_inherited: dict[int, int] = {}  # fd -> socket inode, for sockets this process inherited at fork
 _signum: int | None = None  # the dump signal our handler is installed for
 _previous: Any = None  # the handler we replaced (restored by stop())
 _exit_hooked = [False]
 _parked_by: dict[int, Watcher] = {}  # forking thread -> the watcher its fork parked
-
-
-def _thread_api() -> tuple[Any, Any, Any, Any]:
-    """(start_joinable_thread or None, start_new_thread, allocate_lock, get_ident): the interpreter's own.
-
-    gevent's ``monkey.patch_all()`` (always after install() under ``leakguard
-    run``) replaces ``_thread``'s functions with greenlet-based ones: a watcher
-    started with those, or with locks made by them, would be a greenlet that runs
-    only when the host yields to gevent's hub.  Looked up at each start, so a
-    patch made before install() or between two forks is seen.
-    """
-    joinable = getattr(_thread, "start_joinable_thread", None)  # 3.13+: joined with pthread_join
-    api = [joinable, _thread.start_new_thread, _thread.allocate_lock, _thread.get_ident]
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None:
-        names = ("start_joinable_thread", "start_new_thread", "allocate_lock", "get_ident")
-        for i, name in enumerate(names):
-            if api[i] is None:
-                continue
-            try:
-                api[i] = monkey.get_original("_thread", name)
-            except Exception:  # an older gevent, or a name it does not know: the module's own is the original
-                pass
-    return api[0], api[1], api[2], api[3]
-
-
-class _OSThread:
-    """A thread of the interpreter's own that the ``threading`` module does not know.
-
-    ``threading`` would list it (``active_count()``, ``enumerate()``), count it
-    at fork time (the "multi-threaded" DeprecationWarning of 3.12+), and, under
-    gevent's monkey-patching, fail to forget it at exit (a ``KeyError`` from
-    ``threading._delete``).  :meth:`join` returns once the operating-system
-    thread is gone, which is what that warning counts.
-    """
-
-    __slots__ = ("_done", "_handle", "ident", "native_id")
-
-    def __init__(self, target: Any) -> None:
-        joinable, start_new, allocate, get_ident = _thread_api()
-        done = allocate()
-        done.acquire()
-        self._done = done
-        self.ident: int | None = None
-        self.native_id: int | None = None
-
-        def run() -> None:
-            try:
-                self.ident = get_ident()
-                self.native_id = _thread.get_native_id()
-                target()
-            finally:
-                done.release()
-
-        self._handle = joinable(run, daemon=True) if joinable is not None else None
-        if joinable is None:
-            start_new(run, ())
-
-    def is_alive(self) -> bool:
-        return bool(self._done.locked())
-
-    def join(self, timeout: float | None = None) -> bool:
-        """Wait for the thread to end (at most *timeout* seconds); True once it has."""
-        if not self._done.acquire(True, -1 if timeout is None else max(0.0, timeout)):
-            return False
-        self._done.release()
-        if self._handle is not None:
-            try:
-                self._handle.join()  # pthread_join: the operating system's thread is gone
-            except Exception:
-                pass
-            return True
-        # Before 3.13 nothing joins the OS thread; it ends a moment after its Python part.
-        task = f"/proc/self/task/{self.native_id}"
-        for _ in range(2000):
-            if not os.path.exists(task):
-                break
-            time.sleep(0.0001)  # a real sleep: the ending thread needs the GIL to finish
-        return True
-
-
-class _Wake:
-    """An event without ``threading``: set() from any thread or a signal handler, wait() in the watcher.
-
-    A lock held while nobody asked for a wake-up; set() releases it, wait()
-    takes it back.  No Python-level lock on set()'s path (a signal handler may
-    interrupt any code, including a wait() in progress on another thread).
-    """
-
-    __slots__ = ("_lock",)
-
-    def __init__(self, allocate: Any) -> None:
-        self._lock = allocate()
-        self._lock.acquire()
-
-    def set(self) -> None:
-        try:
-            self._lock.release()
-        except RuntimeError:  # set already
-            pass
-
-    def wait(self, timeout: float | None) -> None:
-        self._lock.acquire(True, -1 if timeout is None else min(max(0.0, timeout), _TIMEOUT_MAX))
-
-
-_TIMEOUT_MAX = min(_thread.TIMEOUT_MAX, 365 * 86400.0)
 
 
 #: Quiet by default: with nothing changed, a routine summary at most this often (seconds).
@@ -189,18 +94,20 @@ class Watcher:
         self.ticks = 0  # completed ticks (tests and benchmarks wait on this)
         self.pid = os.getpid()
         self._cache = kernel.StateCache()  # steady sockets cost no syscall of their own per tick
-        allocate = _thread_api()[2]
+        allocate = _threads.api()[2]
         # Guards the fields below, held for a few operations at a time, never across a tick:
         # the at-fork hooks take it, and a fork must never wait for leakguard's work or I/O.
         self._mu = allocate()
         self._tick_lock = allocate()  # one tick or dump at a time (tests call tick() directly)
-        self._wake = _Wake(allocate)
+        self._wake = _threads.Wake(allocate)
         self._stopping = False
         self._dump_requested = False
         self._busy = False  # the thread is ticking or dumping
+        self._writing = False  # ... and writing its output (see park())
+        self._carried: list[Any] = []  # churn warnings of a tick a fork cut short, for the next one
         self._parked = 0  # forks in progress (see park())
         self._running = False  # a thread runs (or is starting) and has not decided to end
-        self._thread: _OSThread | None = None
+        self._thread: _threads.OSThread | None = None
         self._due: float | None = None  # time.monotonic() of the next tick
         _instances.add(self)
         self._summary_key: tuple[int, ...] | None = None
@@ -216,7 +123,7 @@ class Watcher:
         if not self._running and not self._stopping and not self._parked:
             self._running = True
             try:
-                self._thread = _OSThread(self._run)
+                self._thread = _threads.OSThread(self._run)
             except Exception:  # no thread to be had (a limit): no reports, the host is untouched
                 self._running = False
                 log.debug("leakguard: cannot start the watcher thread", exc_info=True)
@@ -226,7 +133,7 @@ class Watcher:
             self._stopping = True
             t = self._thread
         self._wake.set()
-        if t is not None and t.ident != _thread_api()[3]():
+        if t is not None and not t.is_current():
             t.join(timeout)
         if t is None or not t.is_alive():
             self._cache.close()  # else the thread closes it as it ends
@@ -237,19 +144,23 @@ class Watcher:
         return t is not None and t.is_alive()
 
     def park(self) -> None:
-        """Before a fork: end the thread if it is idle, so that the process forks single-threaded.
+        """Before a fork: end the thread unless it is writing, so that the process forks single-threaded.
 
         Python 3.12+ warns about forking a multi-threaded process, and a child
         forked while a thread holds a lock inherits the lock held forever.  An
-        idle thread (waiting for its next tick: nearly always) is ended and
-        joined, which is quick and involves no I/O; a thread in the middle of a
-        tick is left alone (the fork does not wait for a report, whatever its
-        output is blocked on) and ends after it.  :meth:`resume` restarts it.
+        idle thread (waiting for its next tick: nearly always) is woken, ends
+        and is joined, which is quick and involves no I/O.  A thread in the
+        middle of a tick, still computing it (snapshot, churn, grouping: no I/O),
+        ends at the next step (:meth:`_step`) and its tick runs again after the
+        fork; the fork waits for that step, at most :data:`_PARK_JOIN_S`.  A
+        thread writing its output is left alone (the fork never waits for a
+        report's I/O, whatever it is blocked on) and ends after it.
+        :meth:`resume` restarts the thread.
         """
         with self._mu:
             self._parked += 1
-            t = self._thread if self._running and not self._busy else None
-        if t is not None:
+            t = self._thread if self._running and not self._writing else None
+        if t is not None and not t.is_current():
             self._wake.set()
             t.join(_PARK_JOIN_S)
 
@@ -266,23 +177,55 @@ class Watcher:
 
     def tick(self) -> None:
         """Snapshot, churn, report, metrics; failures are contained."""
+        self._tick_once()
+
+    def _tick_once(self) -> bool:
+        """:meth:`tick`; False when a fork cut it short (it is to run again)."""
         if self._stopping:
-            return
+            return True
         try:
             with self._tick_lock:
                 self._tick()
+        except _Parked:
+            return False
         except Exception:  # the host must never see our failure
             log.debug("leakguard: watcher tick failed", exc_info=True)
-        finally:
-            self.ticks += 1
+        self.ticks += 1
+        return True
+
+    def _step(self) -> None:
+        """Between two steps of a tick: end it here if a fork waits for this thread (see :meth:`park`)."""
+        if self._parked:
+            t = self._thread
+            if t is not None and t.is_current():
+                raise _Parked
+
+    def _output(self) -> None:
+        """The report is computed, its output comes next: the last :meth:`_step`, then a fork leaves us alone."""
+        with self._mu:
+            self._step()
+            self._writing = True
 
     def _tick(self) -> None:
         churn = self.churn
         pre = churn.before() if churn is not None else None
         snap = take_snapshot(self._cache)
-        inherited = inherited_fds(snap)
+        inherited = judge.inherited_fds(snap)
+        self._step()
         warnings = churn.observe(snap, pre) if churn is not None and pre is not None else []
-        self.reporter.report(snap, inherited, warnings, routine=self.routine(snap, inherited))
+        if self._carried:
+            warnings, self._carried = self._carried + warnings, []
+        last = self._summary_key, self._summary_at
+        try:
+            self.reporter.report(
+                snap, inherited, warnings, routine=self.routine(snap, inherited), before_output=self._output
+            )
+        except _Parked:
+            self._carried = warnings  # observed once only: the next tick reports them
+            self._summary_key, self._summary_at = last  # this tick's summary was not written
+            raise
+        finally:
+            self._writing = False
         metrics = sys.modules.get("leakguard.metrics")
         if metrics is not None:
             metrics.update(snap, inherited, churn)
@@ -306,7 +249,12 @@ class Watcher:
         try:
             with self._tick_lock:
                 snap = take_snapshot()
-                self.reporter.report(snap, inherited_fds(snap), dump=True)
+                try:
+                    self.reporter.report(snap, judge.inherited_fds(snap), dump=True, before_output=self._output)
+                finally:
+                    self._writing = False
+        except _Parked:
+            self._dump_requested = True  # after the fork
         except Exception:
             log.debug("leakguard: dump failed", exc_info=True)
 
@@ -331,9 +279,12 @@ class Watcher:
                 if self._dump_requested:
                     self._dump_requested = False
                     self.dump()
+                    if self._parked:
+                        continue  # the dump runs again after the fork
                 due = self._due
                 if due is not None and interval is not None and time.monotonic() >= due:
-                    self.tick()
+                    if not self._tick_once():
+                        continue  # a fork waits for this thread to end: the loop's top ends it
                     due += interval
                     now = time.monotonic()
                     if due <= now:  # a slow tick or a suspended process: skip, don't burst
@@ -344,6 +295,10 @@ class Watcher:
                     self._busy = False
             due = self._due
             self._wake.wait(None if due is None else due - time.monotonic())
+
+
+class _Parked(BaseException):
+    """A fork waits for the watcher thread: the tick in progress ends here (see :meth:`Watcher.park`)."""
 
 
 _instances: weakref.WeakSet[Watcher] = weakref.WeakSet()
@@ -373,6 +328,13 @@ def configure(state: Any) -> None:
     cfg = state.config
     _configure_signal(cfg.dump_signal)
     _configure_metrics(cfg)
+    try:
+        _configure_watcher(state, cfg)
+    finally:
+        _follow_metrics(state.watcher)
+
+
+def _configure_watcher(state: Any, cfg: Any) -> None:
     interval = cfg.report_interval
     need = interval is not None or cfg.dump_signal is not None
     w: Watcher | None = state.watcher
@@ -412,53 +374,47 @@ def stop(state: Any) -> None:
     metrics = sys.modules.get("leakguard.metrics")
     if metrics is not None:
         try:
+            metrics.follow(False)
             metrics.stop()
         except Exception:
             log.debug("leakguard: stopping metrics failed", exc_info=True)
 
 
-def _before_fork() -> None:
-    # The fork waits for nothing of ours: an idle thread ends (quickly, no I/O), a busy one is left.
+# -- fork (called by the at-fork handler in leakguard._state) --------------------------------------
+
+
+def before_fork() -> None:
+    """End the idle (or computing) thread before the fork; one writing its output is left alone."""
     try:
         w = current()
         if w is not None and w.pid == os.getpid():
-            _parked_by[_thread_api()[3]()] = w
+            _parked_by[_threads.api()[3]()] = w
             w.park()
     except Exception:
         pass
 
 
-def _after_fork_in_parent() -> None:
+def after_fork_in_parent() -> None:
     try:
-        w = _parked_by.pop(_thread_api()[3](), None)
+        w = _parked_by.pop(_threads.api()[3](), None)
         if w is not None:
             w.resume()
     except Exception:
         pass
 
 
-def _after_fork_in_child() -> None:
-    _parked_by.clear()  # the parent's watchers; this process starts its own (after_fork)
-
-
-if hasattr(os, "register_at_fork"):
-    # Hooks cannot be removed: inert unless a watcher runs.
-    os.register_at_fork(
-        before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
-    )
-
-
-def after_fork(state: Any) -> None:
-    """In a forked child: remember inherited sockets; start the child's own watcher."""
-    global _inherited
-    _after_fork_in_child()
-    _inherited = _scan_sockets()
-    old, state.watcher = state.watcher, None  # the parent's thread does not exist in the child
+def after_fork_in_child() -> None:
+    """The parent's thread does not exist here: forget its watcher (the child starts its own)."""
+    _parked_by.clear()
+    st = _state_ref
+    old = st.watcher if st is not None else None
     if isinstance(old, Watcher):
+        st.watcher = None
         old._cache.close()  # the parent's epoll set, shared with it: this copy is dropped, never used
-    metrics = sys.modules.get("leakguard.metrics")
-    if metrics is not None:
-        metrics.after_fork()
+
+
+def restart_in_child(state: Any) -> None:
+    """In a forked child with leakguard installed: the child's own watcher, metrics and dump signal."""
     try:
         configure(state)
     except Exception:
@@ -472,54 +428,6 @@ def dump() -> bool:
         return False
     w.request_dump()
     return True
-
-
-# -- inherited sockets ----------------------------------------------------------------------------
-
-
-def _scan_sockets() -> dict[int, int]:
-    out: dict[int, int] = {}
-    try:
-        names = os.listdir("/proc/self/fd")
-    except OSError:
-        return out  # no /proc: inherited sockets are treated as the child's own (documented)
-    for name in names:
-        try:
-            link = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            try:
-                out[int(name)] = int(link[8:-1])
-            except ValueError:
-                pass
-    return out
-
-
-def inherited_fds(snap: Snapshot) -> frozenset[int]:
-    """Descriptors in *snap* that still hold the socket this process inherited at fork."""
-    if not _inherited:
-        return frozenset()
-    out = set()
-    for s in snap.sockets:
-        fd = s.fd
-        if fd is None:
-            continue
-        ino = _inherited.get(fd)
-        if ino is None:
-            continue
-        if s.record is not None:  # the fd was closed and reused by a socket this process made
-            _inherited.pop(fd, None)
-            continue
-        try:
-            same = os.fstat(fd).st_ino == ino
-        except OSError:
-            same = False
-        if same:
-            out.add(fd)
-        else:
-            _inherited.pop(fd, None)
-    return frozenset(out)
 
 
 # -- dump signal ----------------------------------------------------------------------------------
@@ -564,6 +472,13 @@ def _configure_signal(signum: int | None) -> None:
 
 
 # -- metrics ---------------------------------------------------------------------------------------
+
+
+def _follow_metrics(w: Watcher | None) -> None:
+    """Tell the metrics (when loaded) whether ticks refresh them, and which churn tracker to read."""
+    metrics = sys.modules.get("leakguard.metrics")  # loaded only when metrics are exported
+    if metrics is not None:
+        metrics.follow(w is not None and w.interval is not None, w.churn if w is not None else None)
 
 
 def _configure_metrics(cfg: Any) -> None:

@@ -1,0 +1,141 @@
+"""leakguard's own threads: the interpreter's, unknown to ``threading``, and gone before a fork.
+
+Three parts of leakguard run a thread: the watcher (periodic reports), the
+metrics server and the pools' checkout timer.  Each is an :class:`OSThread`:
+
+* ``threading`` does not know it, so ``threading.enumerate()`` and
+  ``active_count()`` see the host as without leakguard, and gevent's
+  ``monkey.patch_all()`` after ``install()`` (always the case under
+  ``leakguard run``) neither turns it into a greenlet nor makes its end raise
+  ``KeyError`` in ``threading._delete``;
+* its locks and waits come from the interpreter's own ``_thread`` functions
+  (gevent's originals once it patched them), see :func:`api`;
+* its owner ends it before ``os.fork()`` when it is idle and starts it again in
+  the parent afterwards (the at-fork handler in :mod:`leakguard._state`), so a
+  single-threaded host forks single-threaded: no "This process is
+  multi-threaded" DeprecationWarning on 3.12+ (which counts the operating
+  system's threads), no lock of ours held forever in the child.
+"""
+
+from __future__ import annotations
+
+import _thread
+import os
+import sys
+import time
+from typing import Any
+
+__all__ = ["OSThread", "Wake", "api", "original"]
+
+#: The longest wait a lock accepts, bounded to a year (report_interval's limit).
+TIMEOUT_MAX = min(_thread.TIMEOUT_MAX, 365 * 86400.0)
+
+
+def original(module: str, name: str, default: Any) -> Any:
+    """``module.name`` as it was before gevent's monkey-patching (*default* without gevent)."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None:
+        try:
+            return monkey.get_original(module, name)
+        except Exception:  # an older gevent, or a name it does not know: the module's own is the original
+            pass
+    return default
+
+
+def api() -> tuple[Any, Any, Any, Any]:
+    """(start_joinable_thread or None, start_new_thread, allocate_lock, get_ident): the interpreter's own.
+
+    gevent's ``monkey.patch_all()`` replaces ``_thread``'s functions with
+    greenlet-based ones: a thread started with those, or with locks made by
+    them, would be a greenlet that runs only when the host yields to gevent's
+    hub.  Looked up at each call, so a patch made before install() or between
+    two forks is seen.
+    """
+    joinable = getattr(_thread, "start_joinable_thread", None)  # 3.13+: joined with pthread_join
+    return (
+        original("_thread", "start_joinable_thread", joinable) if joinable is not None else None,
+        original("_thread", "start_new_thread", _thread.start_new_thread),
+        original("_thread", "allocate_lock", _thread.allocate_lock),
+        original("_thread", "get_ident", _thread.get_ident),
+    )
+
+
+class OSThread:
+    """A thread of the interpreter's own that the ``threading`` module does not know (see the module doc).
+
+    :meth:`join` returns once the operating-system thread is gone, which is
+    what the multi-threaded fork warning counts.
+    """
+
+    __slots__ = ("_done", "_handle", "ident", "native_id")
+
+    def __init__(self, target: Any) -> None:
+        joinable, start_new, allocate, get_ident = api()
+        done = allocate()
+        done.acquire()
+        self._done = done
+        self.ident: int | None = None
+        self.native_id: int | None = None
+
+        def run() -> None:
+            try:
+                self.ident = get_ident()
+                self.native_id = _thread.get_native_id()
+                target()
+            finally:
+                done.release()
+
+        self._handle = joinable(run, daemon=True) if joinable is not None else None
+        if joinable is None:
+            start_new(run, ())
+
+    def is_alive(self) -> bool:
+        return bool(self._done.locked())
+
+    def is_current(self) -> bool:
+        """Is the calling thread this one?"""
+        return self.ident is not None and self.ident == api()[3]()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread to end (at most *timeout* seconds); True once it has."""
+        if not self._done.acquire(True, -1 if timeout is None else max(0.0, timeout)):
+            return False
+        self._done.release()
+        if self._handle is not None:
+            try:
+                self._handle.join()  # pthread_join: the operating system's thread is gone
+            except Exception:
+                pass
+            return True
+        # Before 3.13 nothing joins the OS thread; it ends a moment after its Python part.
+        task = f"/proc/self/task/{self.native_id}"
+        for _ in range(2000):
+            if not os.path.exists(task):
+                break
+            time.sleep(0.0001)  # a real sleep: the ending thread needs the GIL to finish
+        return True
+
+
+class Wake:
+    """An event without ``threading``: set() from any thread or a signal handler, wait() in the thread.
+
+    A lock held while nobody asked for a wake-up; set() releases it, wait()
+    takes it back.  No Python-level lock on set()'s path (a signal handler may
+    interrupt any code, including a wait() in progress on another thread).
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, allocate: Any = None) -> None:
+        self._lock = (allocate or api()[2])()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        try:
+            self._lock.release()
+        except RuntimeError:  # set already
+            pass
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait until set() (True, and clear) or *timeout* seconds pass (False)."""
+        return bool(self._lock.acquire(True, -1 if timeout is None else min(max(0.0, timeout), TIMEOUT_MAX)))
