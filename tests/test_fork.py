@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from .helpers import HangUpServer
+from .test_host_unchanged import other_pythons, source_path
 from .test_cli_run import LEAKGUARD, PY, Running, clean_env, json_events, line_of
 
 PREFORK = textwrap.dedent(
@@ -163,3 +164,254 @@ class TestGunicornPrefork:
                     assert all(e["state"] == "CLOSE_WAIT" and e["peer"] == f"{peer.host}:{peer.port}" for e in leaks[pid])
                 master = set(by_pid(run.events(), "leakguard.summary")) - set(served)
                 assert master and not any(pid in leaks for pid in master)  # the arbiter leaked nothing
+
+
+# --------------------------------------------------------------------------- one at-fork handler, threads gone
+
+
+def _pure_path(tmp_path: Path) -> str:
+    """PYTHONPATH for another interpreter: this checkout and the pure-Python libraries the scripts use."""
+    import packaging
+    import prometheus_client
+    import urllib3
+    import wrapt  # pure Python where its extension was built for another interpreter
+
+    path = source_path(tmp_path)
+    for mod in (packaging, prometheus_client, urllib3, wrapt):
+        link = tmp_path / "deps" / mod.__name__
+        if not link.exists():
+            link.symlink_to(Path(mod.__file__).parent)
+    return path
+
+
+def _run(tmp_path: Path, code: str, python: str = sys.executable, path: str | None = None) -> str:
+    """*code* in a fresh interpreter under ``-W error``, outside the repository; its stdout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEAKGUARD_")}
+    if path is not None:
+        code = f"import sys; sys.path[:0] = {path.split(os.pathsep)!r}\n" + code
+    proc = subprocess.run(
+        [python, "-W", "error", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    other = [ln for ln in proc.stderr.splitlines() if not ln.startswith('{"')]  # leakguard's JSON reports only
+    assert other == [], proc.stderr[-4000:]
+    return proc.stdout
+
+
+#: Shared by the scripts: what the kernel says (the count 3.12+'s "multi-threaded" warning reads).
+_OS_THREADS = """
+import os, sys, time, warnings
+def os_threads():
+    with open("/proc/self/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[17])
+counted = []
+# Registered before leakguard is imported: at-fork "before" hooks run last-registered first, so this
+# one runs after leakguard's and sees what the fork itself sees.
+os.register_at_fork(before=lambda: counted.append(os_threads()))
+def settle(n, what):
+    deadline = time.monotonic() + 30
+    while os_threads() != n:
+        assert time.monotonic() < deadline, (what, os_threads())
+        time.sleep(0.005)
+def fork_quietly(child):
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        pid = os.fork()
+    if pid == 0:
+        try:
+            code = child()
+        except BaseException:
+            code = 5
+        os._exit(code)
+    status = os.waitpid(pid, 0)[1]
+    assert status == 0, os.waitstatus_to_exitcode(status)
+    assert [str(x.message) for x in got] == [], [str(x.message) for x in got]
+"""
+
+_ALL_THREADS = _OS_THREADS + """
+import urllib.request
+import urllib3
+import leakguard
+from leakguard import _state, metrics, watcher
+from leakguard.integrations import _pools
+
+calls = []
+for name in _state.FORK_ORDER:  # the order the child resets them in
+    mod = sys.modules[name]
+    original = mod.after_fork_in_child
+    def spy(original=original, name=name):
+        calls.append(name)
+        original()
+    mod.after_fork_in_child = spy
+
+leakguard.install(
+    integrations="urllib3", report_interval=0.01, metrics_port=0, checkout_threshold=3600, log_format="json"
+)
+pool = urllib3.HTTPConnectionPool("127.0.0.1", 9)
+conn = pool._get_conn()  # checked out: the checkout timer watches it
+w = watcher.current()
+deadline = time.monotonic() + 30
+while w.ticks < 2 or _pools._timer[0] is None:
+    assert time.monotonic() < deadline
+    time.sleep(0.005)
+host, port = metrics.server_address()
+def scrape():
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=20) as r:
+        return r.read().decode()
+assert "leakguard_sockets" in scrape()
+import threading
+assert threading.active_count() == 1, threading.enumerate()  # none of them is a threading.Thread
+settle(4, "main, watcher, metrics server, checkout timer")
+
+def child():
+    if calls != list(_state.FORK_ORDER):
+        return 6
+    if metrics.server_address() is not None or _pools._timer[0] is not None or _pools._watched:
+        return 3  # the parent's port, the parent's checkouts
+    cw = watcher.current()
+    if cw is None or cw is w:
+        return 4
+    start = time.monotonic()
+    while cw.ticks < 1 and time.monotonic() - start < 30:  # the child's own watcher runs
+        time.sleep(0.005)
+    return 0 if cw.ticks >= 1 else 7
+
+for i in range(5):
+    fork_quietly(child)
+    start = w.ticks
+    while w.ticks < start + 2:  # the parent's watcher again
+        time.sleep(0.005)
+    assert "leakguard_sockets" in scrape()  # its metrics server
+    assert _pools._timer[0] is not None and _pools._timer[0].thread.is_alive()  # its checkout timer
+    settle(4, "the parent's threads again")
+assert counted == [1] * 5, counted  # each fork saw one thread: leakguard's had ended
+assert calls == []  # the parent resets nothing
+pool._put_conn(conn)
+leakguard.uninstall()
+settle(1, "uninstall ends them all")
+print("ok")
+"""
+
+_REPORT_IN_PROGRESS = _OS_THREADS + """
+import socket
+import leakguard
+from leakguard import watcher
+
+lst = socket.create_server(("127.0.0.1", 0), backlog=300)
+KEEP = []
+for _ in range(300):
+    KEEP.append(socket.create_connection(lst.getsockname()))
+    lst.accept()[0].close()  # the peer hangs up: a CLOSE_WAIT leak, reported at every tick
+leakguard.install(integrations="none", report_interval=0.01, log_format="json")
+w = watcher.current()
+while w.ticks < 3:
+    time.sleep(0.005)
+busy = []
+os.register_at_fork(before=lambda: busy.append(w._busy and not w._writing))  # runs before leakguard's
+settle(2, "main and watcher")
+for i in range(20):
+    deadline = time.monotonic() + 30
+    while not (w._busy and not w._writing):  # a tick in progress, computing its report
+        assert time.monotonic() < deadline
+    fork_quietly(lambda: 0)
+    start = w.ticks
+    while w.ticks < start + 1:  # the parent's watcher goes on
+        time.sleep(0.001)
+assert counted == [1] * 20, counted
+assert sum(busy) >= 10, busy  # most forks found a report being computed
+leakguard.uninstall()
+print("ok")
+"""
+
+
+class TestOneForkHandler:
+    """One at-fork handler: before a fork, leakguard's threads (watcher, metrics server, checkout
+    timer) end and the fork sees one thread; the child resets each module in FORK_ORDER; the parent
+    gets its threads back."""
+
+    def test_one_registration(self, tmp_path: Path) -> None:
+        code = textwrap.dedent(
+            """
+            import os, pkgutil, importlib, sys
+            made = []
+            real = os.register_at_fork
+            def register(**kw):
+                caller = sys._getframe(1).f_globals.get("__name__", "")
+                if caller.startswith("leakguard"):  # not the standard library's own (logging, random, ...)
+                    made.append((caller, sorted(kw)))
+                real(**kw)
+            os.register_at_fork = register
+            import leakguard, leakguard.integrations
+            for m in pkgutil.iter_modules(leakguard.__path__):
+                if m.name != "__main__":  # that one runs the command line
+                    importlib.import_module("leakguard." + m.name)
+            importlib.import_module("leakguard.integrations._pools")
+            print(made)
+            """
+        )
+        assert _run(tmp_path, code).strip() == "[('leakguard._state', ['after_in_child', 'after_in_parent', 'before'])]"
+
+    def test_all_threads(self, tmp_path: Path) -> None:
+        assert _run(tmp_path, _ALL_THREADS).split() == ["ok"]
+
+    def test_report_in_progress(self, tmp_path: Path) -> None:
+        """A fork while the watcher computes a report waits for its next step (no I/O): no thread left."""
+        assert _run(tmp_path, _REPORT_IN_PROGRESS).split() == ["ok"]
+
+    @pytest.mark.parametrize("version", ["3.12", "3.13"])
+    @pytest.mark.parametrize("script", ["all_threads", "report_in_progress"])
+    def test_no_multithreaded_warning(self, tmp_path: Path, version: str, script: str) -> None:
+        """Where the warning exists (3.12+), pure Python: recorded warnings around each fork stay empty."""
+        python = dict(other_pythons()).get(version)
+        if python is None:
+            pytest.skip(f"no Python {version} under ~/.pyenv/versions")
+        code = _ALL_THREADS if script == "all_threads" else _REPORT_IN_PROGRESS
+        assert _run(tmp_path, code, python, _pure_path(tmp_path)).split() == ["ok"]
+
+
+_GEVENT = """
+import os, subprocess, sys, threading, time, urllib.request
+import urllib3
+import leakguard
+from leakguard import metrics, watcher
+from leakguard.integrations import _pools
+leakguard.install(integrations="urllib3", report_interval=0.01, metrics_port=0, checkout_threshold=3600,
+                  log_format="json")
+pool = urllib3.HTTPConnectionPool("127.0.0.1", 9)
+conn = pool._get_conn()
+w = watcher.current()
+while w.ticks < 2 or _pools._timer[0] is None:
+    time.sleep(0.005)
+import warnings
+from gevent import monkey
+# urllib3 imported ssl before the patch: gevent's own warning about this script's import order
+warnings.filterwarnings("ignore", category=monkey.MonkeyPatchWarning)
+monkey.patch_all()
+host, port = metrics.server_address()
+def scrape():
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=20) as r:
+        return r.read().decode()
+assert "leakguard_sockets" in scrape()
+start = w.ticks
+while w.ticks < start + 2:  # real threads: they run while this one sleeps in gevent's hub
+    time.sleep(0.01)
+assert threading.active_count() == 1, threading.enumerate()
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if metrics.server_address() is None else 3)
+assert os.waitpid(pid, 0)[1] == 0
+assert "leakguard_sockets" in scrape()  # the server thread started again, with the original _thread
+assert _pools._timer[0] is not None and _pools._timer[0].thread.is_alive()
+pool._put_conn(conn)
+print("ok", flush=True)
+"""
+
+
+class TestGeventAfterInstall:
+    """gevent's patch_all() after install() (as under ``leakguard run``): the metrics server and the
+    checkout timer stay real threads, serve and fork as before, and exit prints nothing (no KeyError
+    from threading._delete)."""
+
+    def test_patch_all_after_install(self, tmp_path: Path) -> None:
+        pytest.importorskip("gevent")
+        assert _run(tmp_path, _GEVENT).split() == ["ok"]
