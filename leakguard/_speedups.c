@@ -467,12 +467,11 @@ new_fd(PyObject *sock)
 }
 
 /* A socket's weak reference, as PyWeakref_NewRef(obj, NULL) makes it.  Where the layout of
- * a weak reference is known (up to 3.13, with the GIL) an entry's weak reference whose
- * socket is gone, held by nothing but that entry when the entry is rewritten for the next
- * socket on its descriptor, is kept (drop_ref) and pointed at the next new socket here,
- * linked as the weakref module links a new one: no allocation and no garbage collection
- * per socket.  A dead weak reference has wr_object None and no callback, and nothing else
- * can reach it, so nobody sees it change. */
+ * a weak reference is known (up to 3.13, with the GIL) an entry's weak reference held by
+ * nothing but that entry, when the entry is rewritten for the next socket on its
+ * descriptor, is kept (drop_ref) instead of freed, and pointed at the next new socket
+ * here, linked as the weakref module links a new one: no allocation and no garbage
+ * collection per socket.  Nothing else can reach it, so nobody sees it change. */
 #if PY_VERSION_HEX < 0x030E0000 && !defined(Py_GIL_DISABLED)
 #define LG_RELINK 1
 static PyObject *spare_ref; /* one dead weak reference, or NULL */
@@ -500,14 +499,32 @@ weak_ref(PyObject *obj)
     return PyWeakref_NewRef(obj, NULL);
 }
 
-/* Release an entry's old weak reference (a reference the caller owned). */
+/* Release an entry's old weak reference (a reference the caller owned).  When it is the
+ * last reference, what freeing it would do to its referent (if that is still alive: a
+ * closed socket still bound to a variable) is done here, as weakref_dealloc's
+ * clear_weakref does it: unlinked from the referent's list of weak references, then
+ * dead (wr_object None); the memory is kept for the next socket. */
 static inline void
 drop_ref(PyObject *ref)
 {
 #ifdef LG_RELINK
     if (spare_ref == NULL && Py_REFCNT(ref) == 1 && PyWeakref_CheckRefExact(ref)) {
         PyWeakReference *r = (PyWeakReference *)ref;
-        if (r->wr_object == Py_None && r->wr_callback == NULL) {
+        PyObject *obj = r->wr_object;
+        if (r->wr_callback == NULL
+            && (obj == Py_None || (Py_TYPE(obj)->tp_weaklistoffset > 0 && !PyType_Check(obj)))) {
+            if (obj != Py_None) {
+                PyWeakReference **list = (PyWeakReference **)((char *)obj + Py_TYPE(obj)->tp_weaklistoffset);
+                if (*list == r)
+                    *list = r->wr_next;
+                if (r->wr_prev != NULL)
+                    r->wr_prev->wr_next = r->wr_next;
+                if (r->wr_next != NULL)
+                    r->wr_next->wr_prev = r->wr_prev;
+                r->wr_object = Py_None;
+                r->wr_prev = NULL;
+                r->wr_next = NULL;
+            }
             spare_ref = ref;
             return;
         }

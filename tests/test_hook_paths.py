@@ -246,6 +246,17 @@ def _weak_views(rounds: int) -> list[object]:
         del r, cb, ws
         for _ in range(3):  # sockets whose weak references nobody but leakguard holds
             socket.socket().close()
+        before = socket.socket()  # closed but still bound while the next one takes its descriptor
+        before.close()
+        after = socket.socket()
+        seen.append((weakref.getweakrefcount(before), weakref.ref(before)() is before))
+        r_after = weakref.ref(after)
+        del before
+        gc.collect()
+        seen.append((r_after() is after, weakref.getweakrefcount(after) - (r_after is not None)))
+        after.close()
+        del after
+        seen.append(r_after())
     return seen
 
 
