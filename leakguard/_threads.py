@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["OSThread", "Wake", "api", "original"]
+__all__ = ["OSThread", "Restartable", "Wake", "api", "original"]
 
 #: The longest wait a lock accepts, bounded to a year (report_interval's limit).
 TIMEOUT_MAX = min(_thread.TIMEOUT_MAX, 365 * 86400.0)
@@ -98,6 +98,7 @@ class OSThread:
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the thread to end (at most *timeout* seconds); True once it has."""
+        deadline = time.monotonic() + (1.0 if timeout is None else max(0.0, timeout))
         if not self._done.acquire(True, -1 if timeout is None else max(0.0, timeout)):
             return False
         self._done.release()
@@ -107,11 +108,10 @@ class OSThread:
             except Exception:
                 pass
             return True
-        # Before 3.13 nothing joins the OS thread; it ends a moment after its Python part.
+        # Before 3.13 nothing joins the OS thread; it ends a moment after its Python part
+        # (later on a loaded machine: the wait is bounded by time, not by a count of polls).
         task = f"/proc/self/task/{self.native_id}"
-        for _ in range(2000):
-            if not os.path.exists(task):
-                break
+        while os.path.exists(task) and time.monotonic() < deadline + 0.2:
             time.sleep(0.0001)  # a real sleep: the ending thread needs the GIL to finish
         return True
 
@@ -139,3 +139,45 @@ class Wake:
     def wait(self, timeout: float | None) -> bool:
         """Wait until set() (True, and clear) or *timeout* seconds pass (False)."""
         return bool(self._lock.acquire(True, -1 if timeout is None else min(max(0.0, timeout), TIMEOUT_MAX)))
+
+
+class Restartable:
+    """The lifecycle of one of leakguard's threads: started, ended before a fork, started again after it.
+
+    A subclass gives :meth:`_run` (the thread's body, which returns once
+    ``_stopping`` or ``_parked`` is set, clearing ``_running`` under ``_mu``) and
+    its own ``park()`` (how a fork ends the thread: what it waits for).  ``_mu``
+    guards the fields, held for a few operations at a time, never across the
+    thread's work: the at-fork hooks take it, and a fork must never wait for
+    leakguard's work or I/O.
+    """
+
+    #: what the thread is, for the log line when none can be started
+    _what = "leakguard thread"
+
+    def __init__(self, allocate: Any = None) -> None:
+        self._mu = (allocate or api()[2])()
+        self._stopping = False
+        self._parked = 0  # forks in progress
+        self._running = False  # a thread runs (or is starting) and has not decided to end
+        self._thread: OSThread | None = None
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _spawn(self) -> None:  # under _mu
+        if not self._running and not self._stopping and not self._parked:
+            self._running = True
+            try:
+                self._thread = OSThread(self._run)
+            except Exception:  # no thread to be had (a limit): nothing of ours runs, the host is untouched
+                self._running = False
+                from ._log import log
+
+                log.debug("leakguard: cannot start the %s", self._what, exc_info=True)
+
+    def resume(self) -> None:
+        """After a fork, in the parent: the thread again."""
+        with self._mu:
+            self._parked = max(0, self._parked - 1)
+            self._spawn()

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
-from . import _state, judge, registry, snapshot, stacks
+from . import _state, judge, kernel, registry, snapshot, stacks
 
 __all__ = ["LeakError", "no_leaks"]
 
@@ -67,23 +67,6 @@ def format_leaks(leaks: list[snapshot.SocketInfo]) -> str:
     return "\n".join(lines)
 
 
-def _socket_inodes() -> dict[int, str]:
-    """fd -> "socket:[inode]" for every socket descriptor of the process ({} where /proc is not there)."""
-    out: dict[int, str] = {}
-    try:
-        names = os.listdir("/proc/self/fd")
-    except OSError:
-        return out
-    for name in names:
-        try:
-            link = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-        if link.startswith("socket:"):
-            out[int(name)] = link
-    return out
-
-
 _install_lock = threading.Lock()
 _installed_by_us = [0]  # blocks running that installed leakguard themselves
 
@@ -103,7 +86,7 @@ class _Block:
                 _installed_by_us[0] += 1
                 self.installed = True
         self.mark = registry.mark()
-        self.before = _socket_inodes()
+        self.before = kernel.socket_inodes()
 
     def release(self) -> None:
         if self.installed:
@@ -116,9 +99,12 @@ class _Block:
         """What was opened inside the block and is open now: records, and (fd, link) of sockets without one."""
         recs = registry.live_between(self.mark)
         recorded = {r.fd for r in recs}
-        now = _socket_inodes()
         before = self.before
-        untracked = [(fd, link) for fd, link in now.items() if before.get(fd) != link and fd not in recorded]
+        untracked = [
+            (fd, f"socket:[{ino}]")
+            for fd, ino in kernel.socket_inodes().items()
+            if before.get(fd) != ino and fd not in recorded
+        ]
         return [*recs, *untracked]
 
 

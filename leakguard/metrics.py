@@ -139,33 +139,22 @@ class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
-class _Serving:
+class _Serving(_threads.Restartable):
     """The thread accepting scrapes: waits in select() on the listener and a wake-up pipe.
 
     Before a fork (:meth:`park`) it is woken and ends, and the fork waits for
     that (no I/O: it was waiting); :meth:`resume` starts it again.
     """
 
+    _what = "metrics server thread"
+
     def __init__(self, httpd: Any) -> None:
+        super().__init__()
         self.httpd = httpd
-        self._mu = _threads.api()[2]()
-        self._stopping = False
-        self._parked = 0
-        self._running = False
-        self._thread: _threads.OSThread | None = None
         self._wake_r, self._wake_w = os.pipe()
         self._pipe_ids = [_identity(self._wake_r), _identity(self._wake_w)]
         with self._mu:
             self._spawn()
-
-    def _spawn(self) -> None:  # under _mu
-        if not self._running and not self._stopping and not self._parked:
-            self._running = True
-            try:
-                self._thread = _threads.OSThread(self._run)
-            except Exception:
-                self._running = False
-                log.debug("leakguard: cannot start the metrics server thread", exc_info=True)
 
     def _run(self) -> None:
         wait = _threads.original("select", "select", _select.select)
@@ -199,11 +188,6 @@ class _Serving:
         if t is not None and not t.is_current():
             self._wake()
             t.join(1.0)
-
-    def resume(self) -> None:
-        with self._mu:
-            self._parked = max(0, self._parked - 1)
-            self._spawn()
 
     def stop(self) -> None:
         with self._mu:

@@ -77,7 +77,7 @@ _parked_by: dict[int, Watcher] = {}  # forking thread -> the watcher its fork pa
 SUMMARY_EVERY_S = 300.0
 
 
-class Watcher:
+class Watcher(_threads.Restartable):
     """Ticks every *interval* seconds (None: only on demand); never raises into the host.
 
     Emit policy: a tick reports its ``leakguard.summary`` only when something a
@@ -87,6 +87,8 @@ class Watcher:
     a steady production process logs one line every few minutes, not one per tick.
     """
 
+    _what = "watcher thread"
+
     def __init__(self, interval: float | None, reporter: report.Reporter, churn: _churn.ChurnTracker | None) -> None:
         self.interval = interval
         self.reporter = reporter
@@ -95,19 +97,13 @@ class Watcher:
         self.pid = os.getpid()
         self._cache = kernel.StateCache()  # steady sockets cost no syscall of their own per tick
         allocate = _threads.api()[2]
-        # Guards the fields below, held for a few operations at a time, never across a tick:
-        # the at-fork hooks take it, and a fork must never wait for leakguard's work or I/O.
-        self._mu = allocate()
+        super().__init__(allocate)  # _mu, _stopping, _parked, _running, _thread
         self._tick_lock = allocate()  # one tick or dump at a time (tests call tick() directly)
         self._wake = _threads.Wake(allocate)
-        self._stopping = False
         self._dump_requested = False
         self._busy = False  # the thread is ticking or dumping
         self._writing = False  # ... and writing its output (see park())
         self._carried: list[Any] = []  # churn warnings of a tick a fork cut short, for the next one
-        self._parked = 0  # forks in progress (see park())
-        self._running = False  # a thread runs (or is starting) and has not decided to end
-        self._thread: _threads.OSThread | None = None
         self._due: float | None = None  # time.monotonic() of the next tick
         _instances.add(self)
         self._summary_key: tuple[int, ...] | None = None
@@ -118,15 +114,6 @@ class Watcher:
             self._due = time.monotonic() + self.interval
         with self._mu:
             self._spawn()
-
-    def _spawn(self) -> None:  # under _mu
-        if not self._running and not self._stopping and not self._parked:
-            self._running = True
-            try:
-                self._thread = _threads.OSThread(self._run)
-            except Exception:  # no thread to be had (a limit): no reports, the host is untouched
-                self._running = False
-                log.debug("leakguard: cannot start the watcher thread", exc_info=True)
 
     def stop(self, timeout: float = 5.0) -> None:
         with self._mu:
@@ -163,12 +150,6 @@ class Watcher:
         if t is not None and not t.is_current():
             self._wake.set()
             t.join(_PARK_JOIN_S)
-
-    def resume(self) -> None:
-        """After a fork, in the parent: the thread again, on the same schedule."""
-        with self._mu:
-            self._parked = max(0, self._parked - 1)
-            self._spawn()
 
     def request_dump(self) -> None:
         """Ask the thread to write a report now (safe from a signal handler)."""
