@@ -82,6 +82,16 @@ def _int_range(lo: int, hi: int) -> Callable[[str, Any], int]:
     return check
 
 
+def _seconds_from(lo: int, hi: int) -> Callable[[str, Any], float]:
+    def check(name: str, value: Any) -> float:
+        out = _to_float(value)
+        if out is None or not lo <= out <= hi:  # NaN fails both comparisons
+            raise ValueError(f"{name} must be a number of seconds from {lo} to {hi}, not {_show(value)}")
+        return out
+
+    return check
+
+
 def _choice(*choices: str) -> Callable[[str, Any], str]:
     def check(name: str, value: Any) -> str:
         if not isinstance(value, str) or value.strip().lower() not in choices:
