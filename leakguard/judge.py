@@ -46,6 +46,7 @@ __all__ = [
     "inherited_fds",
     "is_leak",
     "leak_reason",
+    "matching",
     "own_leaks",
     "remember_inherited",
     "settle",
@@ -299,3 +300,13 @@ def checkout_overdue(info: PoolInfo, limit: float | None, now: float | None = No
         return None
     held = (time.monotonic() if now is None else now) - info.checkout_time
     return held if held >= limit else None
+
+
+def matching(names: Iterable[str], globs: Iterable[str]) -> list[str]:
+    """Those of *globs* (``fnmatch`` patterns, case-sensitive) that match one of *names* (empty names never match).
+
+    The ignore rule of the pytest plugin: a socket is ignored when a glob matches its
+    creation site, peer or target.
+    """
+    found = [n for n in names if n]
+    return [g for g in globs if any(fnmatch.fnmatchcase(n, g) for n in found)]
