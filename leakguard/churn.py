@@ -215,7 +215,7 @@ class ChurnWarning(Value):
         }
 
 
-def _site_key(frames: stacks.Frames) -> tuple[SiteKey, bool]:
+def site_key(frames: stacks.Frames) -> tuple[SiteKey, bool]:
     """(creation site key, is it possibly a client connection) from raw captured frames."""
     client = True
     if len(frames) >= 2:
@@ -230,6 +230,21 @@ def _site_key(frames: stacks.Frames) -> tuple[SiteKey, bool]:
     if len(frames) >= 2:
         return (frames[0], frames[1]), client
     return ("<unknown>", 0), client
+
+
+def site_name(key: SiteKey, names: dict[Any, str]) -> str:
+    """``file.py:LINE`` of a :func:`site_key`, remembered in *names* (bounded)."""
+    name = names.get(key)
+    if name is None:
+        code, lasti = key
+        if isinstance(code, CodeType):
+            name = stacks.format_site(stacks.frames((code, lasti))[0])
+        else:
+            name = str(code)
+        if len(names) > 2 * _BOUND:
+            names.clear()
+        names[key] = name
+    return name
 
 
 class ChurnTracker:
@@ -284,7 +299,7 @@ class ChurnTracker:
             seq = rec.seq
             kc = known.get(seq)  # one stack walk per record, not per tick
             if kc is None:
-                kc = _site_key(rec.frames)
+                kc = site_key(rec.frames)
             keys[seq] = kc
             if kc[1]:
                 remote = info[5]
@@ -309,7 +324,7 @@ class ChurnTracker:
                     continue
                 present += 1
                 kc = keys.get(rec.seq)
-                key, client = kc if kc is not None else _site_key(rec.frames)
+                key, client = kc if kc is not None else site_key(rec.frames)
                 if client:  # the sites that made client sockets since the last tick, open or closed
                     samples[key] = samples.get(key, 0) + 1
                     self._remember_origin(key, rec.origin)
@@ -462,17 +477,7 @@ class ChurnTracker:
         return sorted(by_site.items(), key=lambda kv: -kv[1])
 
     def name(self, key: SiteKey) -> str:
-        name = self._names.get(key)
-        if name is None:
-            code, lasti = key
-            if isinstance(code, CodeType):
-                name = stacks.format_site(stacks.frames((code, lasti))[0])
-            else:
-                name = str(code)
-            if len(self._names) > 2 * _BOUND:
-                self._names.clear()
-            self._names[key] = name
-        return name
+        return site_name(key, self._names)
 
     def held(self, peer: str | None) -> int:
         """Client TIME_WAIT entries to *peer* at the last read of the table (ports it holds)."""

@@ -173,7 +173,8 @@ class TestInspect:
         assert all(s["origin"] == "unknown" and s["stack"] == [] for s in view["sockets"])
         assert view["fds"]["open"] == psutil.Process(target.pid).num_fds()
         assert view["fds"]["limit"] == psutil.Process(target.pid).rlimit(psutil.RLIMIT_NOFILE)[0]
-        assert set(view) == {"pid", "taken_at", "counts", "fds", "sockets", "leaks"}
+        assert set(view) == {"pid", "taken_at", "counts", "fds", "sockets", "leaks", "fd_projection"}
+        assert view["fd_projection"] is None  # nothing grows in this target
         target.finish()
 
     def test_text_groups_close_wait_by_peer(self, target: Target) -> None:
@@ -323,6 +324,110 @@ class TestAttach:
         assert later[0]["site"].endswith(f"target.py:{line_of('# LATER')}"), later[0]["stack"]
         assert len(again["leaks"]) == 3
         any_target.finish(later=1)
+
+
+HOLDERS = """\
+import os, socket, sys, threading
+
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(16)
+addr = srv.getsockname()
+KEEP = {"cache": socket.create_connection(addr)}
+srv.accept()[0].close()
+lock = threading.Lock()
+lock.acquire()
+ready = threading.Event()
+
+
+def worker():
+    conn = socket.create_connection(addr)
+    srv.accept()[0].close()
+    ready.set()
+    with lock:  # STUCK
+        conn.close()
+
+
+def main():
+    mine = socket.create_connection(addr)
+    srv.accept()[0].close()
+    t = threading.Thread(target=worker, name="stuck-worker", daemon=True)
+    t.start()
+    ready.wait()
+    before = set(globals())
+    print("READY", os.getpid(), flush=True)
+    line = sys.stdin.readline()  # MAIN
+    lock.release()
+    t.join()
+    for s in (mine, KEEP["cache"], srv):
+        s.close()
+    print("DONE", line.strip(), sorted(set(globals()) - before), flush=True)
+    sys.exit(3)
+
+
+main()
+"""
+
+
+@pytest.fixture(params=["current", "3.10", "3.12", "3.13"])
+def holders(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
+    _need_gdb()
+    exe = _interpreter(request.param)
+    if exe is None:
+        pytest.skip(f"no Python {request.param} interpreter under {PYENV}")
+    t = Target(exe, tmp_path, HOLDERS)
+    try:
+        yield t
+    finally:
+        t.kill()
+
+
+class TestAttachDiagnosis:
+    """Who holds each leak and where the code holding it is now, read inside a process that never imported
+    leakguard: a module global, a thread stuck on a lock, the main thread blocked in a read (the thread the
+    code is injected into: its injected frames are leakguard's, never the application's)."""
+
+    def test_holders_and_stuck_thread(self, holders: Target) -> None:
+        got = attach_json(holders.pid)
+        assert got["counts"] == {"LISTEN": 1, "CLOSE_WAIT": 3}
+        assert got["attach"]["thread"] == holders.pid  # the main thread took the call
+        by_holder = {tuple(s["held_by"]): s for s in got["leaks"]}
+        assert set(by_holder) == {
+            ("__main__.KEEP['cache']",),
+            ("thread 'stuck-worker' in worker() local conn",),
+            ("thread 'MainThread' in main() local mine",),
+        }, [s["held_by"] for s in got["leaks"]]
+        kept = by_holder[("__main__.KEEP['cache']",)]
+        assert (kept["verdict"], kept["in_use"]) == ("forgotten", None)
+        stuck = by_holder[("thread 'stuck-worker' in worker() local conn",)]
+        assert stuck["verdict"] == "in_use"
+        assert {k: stuck["in_use"][k] for k in ("thread", "task", "line", "function")} == {
+            "thread": "stuck-worker", "task": None, "line": line_of("# STUCK", HOLDERS), "function": "worker",
+        }  # fmt: skip
+        assert stuck["in_use"]["file"].endswith("target.py")
+        main = by_holder[("thread 'MainThread' in main() local mine",)]
+        assert main["verdict"] == "in_use"
+        assert (main["in_use"]["thread"], main["in_use"]["line"], main["in_use"]["function"]) == (
+            "MainThread", line_of("# MAIN", HOLDERS), "main",
+        )  # fmt: skip
+        assert main["in_use"]["now_at"] == f"target.py:{line_of('# MAIN', HOLDERS)} in main()"
+        assert "__leakguard_attach__" not in json.dumps(got) and "<string>" not in json.dumps(got)
+        holders.send("go", "DONE go []")  # __main__ gained no name
+        out, err = holders.proc.communicate(timeout=20)
+        assert (holders.proc.returncode, out, err) == (3, "", "")
+
+    def test_text_names_holders_and_where_the_thread_is(self, holders: Target) -> None:
+        r = leakguard_cli("attach", str(holders.pid), "--timeout", "60", "--sample", "0")
+        assert r.returncode == 0, r.stderr
+        held = " ".join(ln for ln in r.stdout.splitlines() if ln.startswith("  held by: "))
+        used = " ".join(ln for ln in r.stdout.splitlines() if ln.startswith("  in use at: "))
+        for holder in ("__main__.KEEP['cache']", "thread 'stuck-worker' in worker() local conn",
+                       "thread 'MainThread' in main() local mine"):  # fmt: skip
+            assert holder in held, r.stdout
+        # the two in_use sockets form one group (same site, unknown: no creation stack): both places are named
+        assert f"thread 'stuck-worker' at target.py:{line_of('# STUCK', HOLDERS)} in worker()" in used, r.stdout
+        assert f"thread 'MainThread' at target.py:{line_of('# MAIN', HOLDERS)} in main()" in used, r.stdout
+        holders.send("go", "DONE go []")
 
 
 ASYNCIO_SERVER = """\
