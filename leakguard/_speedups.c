@@ -1,13 +1,20 @@
-/* Optional compiled hot path of leakguard's socket hook.
+/* Optional compiled hot paths of leakguard: without a compiler the pure-Python code does
+ * the same, more slowly.  Three jobs:
  *
- * record(sock) does what registry.record_socket() does for a new socket
- * outside any integration scope: walk the caller's frames up to the first
- * application frame plus CONTEXT callers, and store the entry tuple
- * (weakref, created, seq, None, None, *frames) under the socket's descriptor
- * (registry.Entry: the frames inline, so one tuple per socket).
- * It returns False, recording nothing, when an integration scope is active,
- * so the Python path handles that case.  Everything else about records lives
- * in registry.py; this file only makes the common case cheap.
+ * - The socket hook (make_init): the compiled socket.socket.__init__ of _sockets.py.
+ *   record(sock) does what registry.record_socket() does for a new socket outside any
+ *   integration scope: walk the caller's frames up to the first application frame plus
+ *   CONTEXT callers, and store the entry tuple (weakref, created, seq, None, None,
+ *   *frames) under the socket's descriptor (registry.Entry: the frames inline, so one
+ *   tuple per socket).  It returns False, recording nothing, when an integration scope
+ *   is active, so the Python path handles that case.
+ * - capture(): stacks.capture, the same frame walk for the integrations' own records.
+ * - The kernel scanner (scan): kernel.read_sockets' loop over /proc/self/fd, the state
+ *   of each tracked socket from getsockopt(TCP_INFO), with an epoll set so that steady
+ *   sockets cost no syscall (see the comment above scan()).
+ *
+ * Everything else about records lives in registry.py and about kernel state in
+ * kernel.py; this file only makes the common cases cheap.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

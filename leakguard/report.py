@@ -717,7 +717,6 @@ class Reporter:
         self._tokens = float(config.max_events_per_minute)
         self._refilled = time.monotonic()
         self._outlook_warned = -REPEAT_S  # time.monotonic() of the last fd_limit warning from the projection
-        self.reports = 0
 
     # -- logger ---------------------------------------------------------------
 
@@ -907,9 +906,4 @@ class Reporter:
                     seen.last_count = len(g.infos)
             for key in [k for k in self._groups if k not in groups]:
                 del self._groups[key]
-            self.reports += 1
         return (0 if routine and not kept else 1) + len(kept)
-
-    def emit(self, snap: Snapshot) -> None:
-        """Periodic report of *snap* (no fork or churn information)."""
-        self.report(snap)
