@@ -138,14 +138,24 @@ def project(samples: Sequence[Sample], limit: int, by: str = "site", min_growth:
 # -- samples of a snapshot -----------------------------------------------------------------------------
 
 
-def sample_of(snap: Snapshot, t: float, names: dict[Any, str] | None = None) -> Sample:
+def sample_of(
+    snap: Snapshot,
+    t: float,
+    names: dict[Any, str] | None = None,
+    known: dict[int, str] | None = None,
+    sites: dict[int, str] | None = None,
+) -> Sample:
     """*snap* as a sample at time *t*: its descriptors and its open sockets per creation site.
 
-    *names*: (code, offset) of a site -> ``file.py:LINE``, kept by the caller across samples.
+    *names*: (code, offset) of a site -> ``file.py:LINE``; *known*: record seq -> its site from the
+    last sample; *sites* is filled likewise for this one (each record's stack is walked once, not at
+    every tick).
     """
     from .churn import site_key, site_name
 
     names = {} if names is None else names
+    sites = {} if sites is None else sites
+    get = (known or {}).get
     sources: dict[str, int] = {}
     unknown = 0
     for s in snap.sockets:
@@ -153,7 +163,11 @@ def sample_of(snap: Snapshot, t: float, names: dict[Any, str] | None = None) -> 
         if rec is None:
             unknown += 1
             continue
-        name = site_name(site_key(rec.frames)[0], names)
+        seq = rec.seq
+        name = get(seq)
+        if name is None:
+            name = site_name(site_key(rec.frames)[0], names)
+        sites[seq] = name
         sources[name] = sources.get(name, 0) + 1
     if unknown:
         sources[UNKNOWN] = unknown
@@ -192,6 +206,7 @@ class History:
         self.samples: list[Sample] = []
         self.limit = -1
         self.names: dict[Any, str] = {}
+        self.sites: dict[int, str] = {}  # record seq -> site, for the records of the last sample
         self.pid = os.getpid()
 
     def add(self, sample: Sample, limit: int) -> None:
@@ -208,7 +223,9 @@ class History:
 
     def add_snapshot(self, snap: Snapshot, t: float) -> Projection | None:
         """Sample *snap* (taken at monotonic time *t*) and project."""
-        self.add(sample_of(snap, t, self.names), snap.fds_limit)
+        sites: dict[int, str] = {}
+        self.add(sample_of(snap, t, self.names, self.sites, sites), snap.fds_limit)
+        self.sites = sites
         return self.projection()
 
     def projection(self) -> Projection | None:

@@ -132,8 +132,12 @@ class Target:
         self.proc.stdin.flush()
         assert self.proc.stdout.readline().strip() == expect
 
-    def finish(self, later: int = 0) -> None:
+    def finish(self, later: int = 0, reports: bool = False) -> None:
+        """*reports*: leakguard's watcher runs there and writes its reports on stderr (nothing else may)."""
         out, err = self.proc.communicate("quit\n", timeout=20)
+        if reports:
+            assert err and all(" leakguard." in ln for ln in err.splitlines()), err
+            err = ""
         assert (self.proc.returncode, out, err) == (3, f"DONE 1 {later}\n", "")
 
     def kill(self) -> None:
@@ -270,17 +274,21 @@ def _need_gdb() -> None:
         pytest.skip("3.14+ attaches through sys.remote_exec")
 
 
-@pytest.fixture(params=["current", "3.10", "3.12", "3.13"])
-def any_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
+def _versioned_target(version: str, tmp_path: Path, source: str = TARGET) -> Iterator[Target]:
     _need_gdb()
-    exe = _interpreter(request.param)
+    exe = _interpreter(version)
     if exe is None:
-        pytest.skip(f"no Python {request.param} interpreter under {PYENV}")
-    t = Target(exe, tmp_path)
+        pytest.skip(f"no Python {version} interpreter under {PYENV}")
+    t = Target(exe, tmp_path, source)
     try:
         yield t
     finally:
         t.kill()
+
+
+@pytest.fixture(params=["current", "3.10", "3.12", "3.13"])
+def any_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
+    yield from _versioned_target(request.param, tmp_path)
 
 
 def attach_json(pid: int, *extra: str) -> dict[str, Any]:
@@ -371,15 +379,7 @@ main()
 
 @pytest.fixture(params=["current", "3.10", "3.12", "3.13"])
 def holders(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
-    _need_gdb()
-    exe = _interpreter(request.param)
-    if exe is None:
-        pytest.skip(f"no Python {request.param} interpreter under {PYENV}")
-    t = Target(exe, tmp_path, HOLDERS)
-    try:
-        yield t
-    finally:
-        t.kill()
+    yield from _versioned_target(request.param, tmp_path, HOLDERS)
 
 
 class TestAttachDiagnosis:
@@ -428,6 +428,28 @@ class TestAttachDiagnosis:
         assert f"thread 'stuck-worker' at target.py:{line_of('# STUCK', HOLDERS)} in worker()" in used, r.stdout
         assert f"thread 'MainThread' at target.py:{line_of('# MAIN', HOLDERS)} in main()" in used, r.stdout
         holders.send("go", "DONE go []")
+
+
+class TestAttachProjection:
+    """With leakguard installed by an earlier attach and its watcher running, attach prints the watcher's fd-limit
+    projection by creation site (from outside it could only name state and peer)."""
+
+    def test_watcher_projection_names_the_site(self, target: Target) -> None:
+        _need_gdb()
+        assert attach_json(target.pid, "--install", "--report-interval", "0.1", "--sample", "0")["attach"]["installed"]
+        for _ in range(5):  # five more leaks from one line, each seen by a tick or not: the history grows
+            target.send("open", "OPENED")
+        got: dict[str, Any] = {}
+        for _ in range(10):  # until a tick has seen the growth (each attach is a second or more)
+            got = attach_json(target.pid, "--sample", "0")
+            if got["fd_projection"]:
+                break
+        p = got["fd_projection"]
+        assert p and p["by"] == "site", got.get("fd_projection")
+        assert p["sources"][0]["source"].endswith(f"target.py:{line_of('# LATER')}")
+        assert p["message"].startswith("fd limit reached in ~") and f"target.py:{line_of('# LATER')}" in p["message"]
+        assert p["message"] in got["text"]  # the target's own report says it
+        target.finish(later=5, reports=True)
 
 
 ASYNCIO_SERVER = """\
