@@ -122,14 +122,13 @@ def project(samples: Sequence[Sample], limit: int, by: str = "site", min_growth:
     rate = _slope(ts, [float(s.fds) for s in samples])
     if rate <= 0.0:
         return None
-    names: set[str] = set()
-    for s in samples:
-        names.update(s.sources)
     growing = []
-    for name in names:
-        r = _slope(ts, [float(s.sources.get(name, 0)) for s in samples])
-        if r > 0.0 and last.sources.get(name, 0) > first.sources.get(name, 0):
-            growing.append((name, r))
+    before = first.sources
+    for name, n in last.sources.items():  # only a source with more sockets than at the first sample grows
+        if n > before.get(name, 0):
+            r = _slope(ts, [float(s.sources.get(name, 0)) for s in samples])
+            if r > 0.0:
+                growing.append((name, r))
     growing.sort(key=lambda nr: (-nr[1], nr[0]))
     left = max(0.0, (limit - last.fds) / rate)
     return Projection(left, rate, last.fds, limit, growing, span, by)
