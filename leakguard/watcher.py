@@ -46,7 +46,7 @@ import time
 import weakref
 from typing import Any
 
-from . import _threads, judge, kernel, report
+from . import _threads, fdlimit, judge, kernel, report
 from . import churn as _churn
 from ._log import log
 from .snapshot import Snapshot, take as take_snapshot
@@ -108,10 +108,12 @@ class Watcher(_threads.Restartable):
         _instances.add(self)
         self._summary_key: tuple[int, ...] | None = None
         self._summary_at = 0.0
+        self.fd_history = fdlimit.History()  # descriptors and sockets per site at each tick: the fd projection
 
     def start(self) -> None:
         if self.interval is not None:
             self._due = time.monotonic() + self.interval
+            fdlimit.register(self.fd_history)
         with self._mu:
             self._spawn()
 
@@ -119,6 +121,8 @@ class Watcher(_threads.Restartable):
         with self._mu:
             self._stopping = True
             t = self._thread
+        if fdlimit._registered and fdlimit._registered[0] is self.fd_history:
+            fdlimit.register(None)
         self._wake.set()
         if t is not None and not t.is_current():
             t.join(timeout)
@@ -196,10 +200,16 @@ class Watcher(_threads.Restartable):
         warnings = churn.observe(snap, pre) if churn is not None and pre is not None else []
         if self._carried:
             warnings, self._carried = self._carried + warnings, []
+        outlook = self.fd_history.add_snapshot(snap, time.monotonic())
         last = self._summary_key, self._summary_at
         try:
             self.reporter.report(
-                snap, inherited, warnings, routine=self.routine(snap, inherited), before_output=self._output
+                snap,
+                inherited,
+                warnings,
+                routine=self.routine(snap, inherited),
+                outlook=outlook,
+                before_output=self._output,
             )
         except _Parked:
             self._carried = warnings  # observed once only: the next tick reports them
@@ -231,7 +241,13 @@ class Watcher(_threads.Restartable):
             with self._tick_lock:
                 snap = take_snapshot()
                 try:
-                    self.reporter.report(snap, judge.inherited_fds(snap), dump=True, before_output=self._output)
+                    self.reporter.report(
+                        snap,
+                        judge.inherited_fds(snap),
+                        dump=True,
+                        outlook=fdlimit.outlook(snap),
+                        before_output=self._output,
+                    )
                 finally:
                     self._writing = False
         except _Parked:
