@@ -63,7 +63,7 @@ import time
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
-from . import registry, stacks
+from . import kernel, registry, stacks
 from ._value import Value
 
 if TYPE_CHECKING:
@@ -168,9 +168,7 @@ def decode(hexaddr: str) -> str:
     """``0100007F:1538`` -> ``127.0.0.1:5432`` (IPv6 as ``[::1]:5432``), as ss prints them."""
     text = _decoded.get(hexaddr)
     if text is None:
-        from .procview import _hex_addr4, _hex_addr6
-
-        text = _hex_addr4(hexaddr) if len(hexaddr) <= 13 else _hex_addr6(hexaddr)
+        text = kernel.hex_addr4(hexaddr) if len(hexaddr) <= 13 else kernel.hex_addr6(hexaddr)
         if len(_decoded) > 65536:
             _decoded.clear()
         _decoded[hexaddr] = text

@@ -499,3 +499,18 @@ def socket_inodes() -> dict[int, int]:
             except ValueError:
                 pass
     return out
+
+
+def hex_addr4(text: str) -> str:
+    """An address of ``/proc/net/tcp`` (``0100007F:1538``) as ss prints it (``127.0.0.1:5432``)."""
+    host, port = text.split(":")
+    raw = bytes.fromhex(host)[::-1]  # one little-endian 32-bit word
+    return f"{socket.inet_ntop(socket.AF_INET, raw)}:{int(port, 16)}"
+
+
+def hex_addr6(text: str) -> str:
+    """An address of ``/proc/net/tcp6`` as ss prints it (``[::1]:5432``)."""
+    host, port = text.split(":")
+    b = bytes.fromhex(host)
+    raw = b"".join(b[i : i + 4][::-1] for i in range(0, 16, 4))  # four little-endian words
+    return f"[{socket.inet_ntop(socket.AF_INET6, raw)}]:{int(port, 16)}"

@@ -21,7 +21,7 @@ import socket
 import time
 from typing import Any
 
-from .kernel import TCP_STATES
+from .kernel import TCP_STATES, hex_addr4, hex_addr6
 from .snapshot import _family_name, _type_name
 
 __all__ = ["ProcessError", "format_view", "fd_limit", "read_process", "read_sampled"]
@@ -38,17 +38,7 @@ def _check_pid(pid: int) -> None:
         raise ProcessError(f"no such process: {pid}")
 
 
-def _hex_addr4(text: str) -> str:
-    host, port = text.split(":")
-    raw = bytes.fromhex(host)[::-1]  # one little-endian 32-bit word
-    return f"{socket.inet_ntop(socket.AF_INET, raw)}:{int(port, 16)}"
-
-
-def _hex_addr6(text: str) -> str:
-    host, port = text.split(":")
-    b = bytes.fromhex(host)
-    raw = b"".join(b[i : i + 4][::-1] for i in range(0, 16, 4))  # four little-endian words
-    return f"[{socket.inet_ntop(socket.AF_INET6, raw)}]:{int(port, 16)}"
+_hex_addr4, _hex_addr6 = hex_addr4, hex_addr6  # /proc/net/tcp{,6} addresses (kernel.py reads them too)
 
 
 #: table file -> (family, type, address parser)

@@ -468,13 +468,9 @@ def fd_outlook_line(p: Projection) -> str:
 def format_snapshot(snap: Snapshot, stack_limit: int = STACK_LIMIT, outlook: Projection | None = None) -> str:
     """The readable report: one summary line, then one block per group of leaks (largest first).
 
-    *outlook*: when the descriptors run out; by default the running watcher's projection
-    (:func:`leakguard.fdlimit.outlook`), none without a watcher.
+    *outlook*: when the descriptors run out (``Snapshot.format`` gives the running watcher's
+    projection, :func:`leakguard.fdlimit.outlook`; none without a watcher).
     """
-    if outlook is None:
-        from . import fdlimit
-
-        outlook = fdlimit.outlook(snap)
     with stacks.rendering():
         groups = group(snap.leaks)
         out = [summary_line(snap, len(groups))]

@@ -199,9 +199,9 @@ class Snapshot(Value):
 
     def format(self, stack_limit: int = 8) -> str:
         """The human-readable report (what the demo and the CLI print)."""
-        from . import report
+        from . import fdlimit, report
 
-        return report.format_snapshot(self, stack_limit=stack_limit)
+        return report.format_snapshot(self, stack_limit=stack_limit, outlook=fdlimit.outlook(self))
 
     def __str__(self) -> str:
         return self.format()
