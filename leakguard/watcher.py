@@ -48,7 +48,7 @@ import weakref
 from typing import Any
 
 from . import churn as _churn
-from . import kernel, report
+from . import diagnose, kernel, report
 from ._log import log
 from .snapshot import Snapshot, take as take_snapshot
 
@@ -189,6 +189,7 @@ class Watcher:
         self.ticks = 0  # completed ticks (tests and benchmarks wait on this)
         self.pid = os.getpid()
         self._cache = kernel.StateCache()  # steady sockets cost no syscall of their own per tick
+        self.diagnoses = diagnose.Cache()  # a tick walks the heap only for new or changed leak groups
         allocate = _thread_api()[2]
         # Guards the fields below, held for a few operations at a time, never across a tick:
         # the at-fork hooks take it, and a fork must never wait for leakguard's work or I/O.
@@ -280,6 +281,7 @@ class Watcher:
         churn = self.churn
         pre = churn.before() if churn is not None else None
         snap = take_snapshot(self._cache)
+        self.diagnoses.attach(snap.leaks)
         inherited = inherited_fds(snap)
         warnings = churn.observe(snap, pre) if churn is not None and pre is not None else []
         self.reporter.report(snap, inherited, warnings, routine=self.routine(snap, inherited))

@@ -359,3 +359,56 @@ class TestHostUnchanged:
             leak = leak_of(fd)
             assert leak.verdict == "forgotten", leak.verdict_reason
         assert state() == before
+
+
+class TestWatcherCache:
+    """The watcher walks the heap only for new or changed leak groups: an unchanged group keeps its diagnosis."""
+
+    def test_unchanged_group_is_not_walked_again(self, server: HangUpServer, app_module: types.ModuleType) -> None:
+        from structlog.testing import capture_logs
+
+        from leakguard import watcher
+
+        here = f"tests/{__name__.rsplit('.', 1)[-1]}.py"
+
+        def open_a(name: str) -> None:  # only the module global keeps them (no local here): verdict forgotten
+            app_module.REGISTRY[name] = app_module.Holder(socket.create_connection(server.address))
+
+        def open_b(name: str) -> None:
+            app_module.REGISTRY[name] = app_module.Holder(socket.create_connection(server.address))
+
+        site_a, site_b = f"{here}:{this_line() - 5}", f"{here}:{this_line() - 2}"
+        with capture_logs() as logs:
+            leakguard.install(report_interval=0.05, integrations="none")
+            try:
+                w = watcher.current()
+                assert w is not None
+                cache = w.diagnoses
+
+                def ticks(n: int) -> None:
+                    start = w.ticks
+                    assert wait_for(lambda: w.ticks >= start + n, timeout=30)
+
+                def reported(site: str, count: int) -> bool:
+                    return any(e.get("event") == "leakguard.leak" and e.get("site") == site and e.get("count") == count
+                               and e.get("verdict") == "forgotten" for e in list(logs))  # fmt: skip
+
+                open_a("a1")
+                assert wait_for(lambda: reported(site_a, 1), timeout=30), [e for e in logs if "site" in e]
+                reused = cache.reused
+                ticks(5)
+                assert cache.walks[site_a] == 1  # five more ticks took its verdict from the cache
+                assert cache.reused >= reused + 5
+
+                open_b("b1")
+                assert wait_for(lambda: reported(site_b, 1), timeout=30), [e for e in logs if "site" in e]
+                ticks(3)
+                assert (cache.walks[site_a], cache.walks[site_b]) == (1, 1)  # only the new group was walked
+
+                open_a("a2")  # group A changed: walked again (both its leaks), B still not
+                assert wait_for(lambda: cache.walks[site_a] == 2, timeout=30)
+                assert wait_for(lambda: reported(site_a, 2), timeout=30)
+                ticks(3)
+                assert (cache.walks[site_a], cache.walks[site_b]) == (2, 1)
+            finally:
+                leakguard.uninstall()
