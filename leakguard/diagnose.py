@@ -728,6 +728,8 @@ def _waits_on(frame: Any, awaited: Any, is_task: bool) -> str:
         if awaited is not None and type(awaited).__name__ not in ("FutureIter", "Future", "generator"):
             what += f" (awaiting a {type(awaited).__qualname__})"
         return what
+    if lib is not None:  # the standard library function it is in says what it waits for
+        return what
     return what + " (a wait in C is not visible from Python: this is the line the thread is on)"
 
 

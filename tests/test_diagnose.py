@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import socket
 import socketserver
 import sys
@@ -107,9 +108,43 @@ class TestVerdicts:
             assert (leak.in_use["function"], leak.in_use["line"]) == ("worker", line[0])
             assert leak.in_use["file"] == __file__
             assert "lock" in leak.in_use["waits_on"]
+            # lock.acquire() is C: the innermost frame of all is the application's own
+            assert leak.in_use["now_at"] == f"tests/{os.path.basename(__file__)}:{line[0]} in worker()"
             assert "thread 'worker-3' in worker() local conn" in leak.held_by
+            d = leak.to_dict()
+            assert d["in_use"] == leak.in_use and d["verdict_reason"] == leak.verdict_reason
+            assert set(d["in_use"]) == {"thread", "task", "file", "line", "function", "now_at", "waits_on"}
+            assert leak.in_use["now_at"] in d["verdict_reason"]
         finally:
             lock.release()
+            t.join(5)
+
+    def test_in_use_by_a_thread_waiting_inside_the_standard_library(self, server: HangUpServer) -> None:
+        """in_use's file/line is the innermost application frame (the line to read); now_at the innermost frame
+        of all, here in threading.py, where the thread really is; waits_on names what that frame waits for."""
+        done = threading.Event()
+        line: list[int] = []
+        fds: list[int] = []
+
+        def worker(conn: socket.socket) -> None:
+            fds.append(conn.fileno())
+            line.append(this_line() + 1)
+            done.wait()  # Event.wait -> Condition.wait, in threading.py
+            conn.close()
+
+        t = threading.Thread(target=worker, args=(hung_up(server),), name="worker-4", daemon=True)
+        t.start()
+        try:
+            assert wait_for(lambda: fds and line)
+            leak = leak_of(fds[0])
+            assert leak.verdict == "in_use", leak.verdict_reason
+            assert leak.in_use is not None
+            assert (leak.in_use["file"], leak.in_use["line"], leak.in_use["function"]) == (__file__, line[0], "worker")
+            path, _, func = leak.in_use["now_at"].rpartition(" in ")
+            assert func == "wait()" and path.rsplit(":", 1)[0] == threading.__file__, leak.in_use
+            assert leak.in_use["waits_on"] == "a threading.Condition or Event (wait)"
+        finally:
+            done.set()
             t.join(5)
 
     def test_in_use_by_a_task_awaiting_forever(self, server: HangUpServer) -> None:
@@ -142,6 +177,9 @@ class TestVerdicts:
             assert (leak.in_use["thread"], leak.in_use["task"]) == ("loop-thread", "session-7"), leak.held_by
             assert (leak.in_use["function"], leak.in_use["line"]) == ("handler", line[0])
             assert "Event" in leak.in_use["waits_on"]
+            # file/line: the handler's await; now_at: the innermost coroutine, asyncio.Event.wait in locks.py
+            path, _, func = leak.in_use["now_at"].rpartition(" in ")
+            assert func == "wait()" and path.rsplit(":", 1)[0] == asyncio.locks.__file__, leak.in_use
             # the shortest path may go through the reader or the writer (both hold the transport; 3.10 finds reader)
             here = ("task 'session-7' in handler() local writer", "task 'session-7' in handler() local reader")
             assert any(p.startswith(here) for p in leak.held_by), leak.held_by
