@@ -7,6 +7,7 @@ a real socketserver, real reference cycles with the collector disabled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import socket
@@ -71,6 +72,33 @@ def stash(mod: types.ModuleType, srv: HangUpServer) -> int:
     return int(mod.REGISTRY["eu"].conn.fileno())
 
 
+@contextlib.contextmanager
+def stuck_thread(
+    srv: HangUpServer, name: str, block: Callable[[], Any], release: Callable[[], Any]
+) -> Iterator[tuple[leakguard.SocketInfo, int]]:
+    """A thread named *name* holding a hung-up connection in its local ``conn`` while ``block()`` blocks it; its
+    leak (verdict in_use) and the line of the ``block()`` call in ``worker()``."""
+    line: list[int] = []
+    fds: list[int] = []
+
+    def worker(conn: socket.socket) -> None:
+        fds.append(conn.fileno())
+        line.append(this_line() + 1)
+        block()  # blocked here while its connection's peer hangs up
+        conn.close()
+
+    t = threading.Thread(target=worker, args=(hung_up(srv),), name=name, daemon=True)
+    t.start()
+    try:
+        assert wait_for(lambda: fds and line)
+        leak = leak_of(fds[0])
+        assert leak.verdict == "in_use", leak.verdict_reason
+        yield leak, line[0]
+    finally:
+        release()
+        t.join(5)
+
+
 @pytest.mark.usefixtures("installed")
 class TestVerdicts:
     """Each cause of a CLOSE_WAIT gets its verdict, its holders and, when code still uses it, where that code is."""
@@ -88,64 +116,30 @@ class TestVerdicts:
     def test_in_use_by_a_thread_blocked_on_a_lock(self, server: HangUpServer) -> None:
         lock = threading.Lock()
         lock.acquire()
-        line: list[int] = []
-        fds: list[int] = []
-
-        def worker(conn: socket.socket) -> None:
-            fds.append(conn.fileno())
-            line.append(this_line() + 1)
-            lock.acquire()  # blocked here while its connection's peer hangs up
-            conn.close()
-
-        t = threading.Thread(target=worker, args=(hung_up(server),), name="worker-3", daemon=True)
-        t.start()
-        try:
-            assert wait_for(lambda: fds and line)
-            leak = leak_of(fds[0])
-            assert leak.verdict == "in_use", leak.verdict_reason
+        with stuck_thread(server, "worker-3", lock.acquire, lock.release) as (leak, line):
             assert leak.in_use is not None
             assert leak.in_use["thread"] == "worker-3" and leak.in_use["task"] is None
-            assert (leak.in_use["function"], leak.in_use["line"]) == ("worker", line[0])
+            assert (leak.in_use["function"], leak.in_use["line"]) == ("worker", line)
             assert leak.in_use["file"] == __file__
             assert "lock" in leak.in_use["waits_on"]
             # lock.acquire() is C: the innermost frame of all is the application's own
-            assert leak.in_use["now_at"] == f"tests/{os.path.basename(__file__)}:{line[0]} in worker()"
+            assert leak.in_use["now_at"] == f"tests/{os.path.basename(__file__)}:{line} in worker()"
             assert "thread 'worker-3' in worker() local conn" in leak.held_by
             d = leak.to_dict()
             assert d["in_use"] == leak.in_use and d["verdict_reason"] == leak.verdict_reason
             assert set(d["in_use"]) == {"thread", "task", "file", "line", "function", "now_at", "waits_on"}
             assert leak.in_use["now_at"] in d["verdict_reason"]
-        finally:
-            lock.release()
-            t.join(5)
 
     def test_in_use_by_a_thread_waiting_inside_the_standard_library(self, server: HangUpServer) -> None:
         """in_use's file/line is the innermost application frame (the line to read); now_at the innermost frame
         of all, here in threading.py, where the thread really is; waits_on names what that frame waits for."""
         done = threading.Event()
-        line: list[int] = []
-        fds: list[int] = []
-
-        def worker(conn: socket.socket) -> None:
-            fds.append(conn.fileno())
-            line.append(this_line() + 1)
-            done.wait()  # Event.wait -> Condition.wait, in threading.py
-            conn.close()
-
-        t = threading.Thread(target=worker, args=(hung_up(server),), name="worker-4", daemon=True)
-        t.start()
-        try:
-            assert wait_for(lambda: fds and line)
-            leak = leak_of(fds[0])
-            assert leak.verdict == "in_use", leak.verdict_reason
+        with stuck_thread(server, "worker-4", done.wait, done.set) as (leak, line):  # Event -> Condition.wait
             assert leak.in_use is not None
-            assert (leak.in_use["file"], leak.in_use["line"], leak.in_use["function"]) == (__file__, line[0], "worker")
+            assert (leak.in_use["file"], leak.in_use["line"], leak.in_use["function"]) == (__file__, line, "worker")
             path, _, func = leak.in_use["now_at"].rpartition(" in ")
             assert func == "wait()" and path.rsplit(":", 1)[0] == threading.__file__, leak.in_use
             assert leak.in_use["waits_on"] == "a threading.Condition or Event (wait)"
-        finally:
-            done.set()
-            t.join(5)
 
     def test_in_use_by_a_task_awaiting_forever(self, server: HangUpServer) -> None:
         loop = asyncio.new_event_loop()
