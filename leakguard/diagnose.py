@@ -305,15 +305,18 @@ def _task_roots(out: list[tuple[_Root, Any]]) -> None:
 
 
 def _module_roots(out: list[tuple[_Root, Any]], own: set[int]) -> None:
+    """Each module's ``__dict__`` as a root; the module objects themselves into *own*, never walked: their dicts
+    are roots already, and an extension module's traverse can visit what is not a live object (3.12's
+    ``_asyncio`` visits its free list of future iterators: ``gc.get_referents`` runs out of memory)."""
     for name, mod in list(sys.modules.items()):
         if not isinstance(mod, types.ModuleType):
             continue
+        own.add(id(mod))
         try:
             d = object.__getattribute__(mod, "__dict__")
         except Exception:
             continue
         if name == "leakguard" or name.startswith("leakguard."):
-            own.add(id(mod))
             own.add(id(d))
             continue
         out.append((_Root(name, module=True), d))

@@ -107,7 +107,7 @@ class TestVerdicts:
         fd = stash(app_module, server)
         leak = leak_of(fd)
         assert leak.verdict == "forgotten"
-        assert leak.held_by[0] == "lg_app_cache.REGISTRY['eu'].conn"
+        assert leak.held_by[:1] == ["lg_app_cache.REGISTRY['eu'].conn"], leak.verdict_reason
         assert leak.in_use is None
         assert leak.verdict_reason is not None and "missing close()" in leak.verdict_reason
         d = leak.to_dict()
@@ -265,7 +265,7 @@ class TestUntracked:
         leak = leak_of(fd)
         assert leak.origin == "unknown" and leak.stack == []
         assert leak.verdict == "forgotten"
-        assert leak.held_by[0] == "lg_app_cache.REGISTRY['eu'].conn"
+        assert leak.held_by[:1] == ["lg_app_cache.REGISTRY['eu'].conn"], leak.verdict_reason
 
     def test_a_descriptor_without_a_python_object(self, server: HangUpServer) -> None:
         conn = hung_up(server)
