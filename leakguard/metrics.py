@@ -18,14 +18,18 @@ Exported (all gauges, no per-process labels):
 ==========================================  ================================================
 ``leakguard_tcp_sockets{state}``            TCP sockets of this process by state
 ``leakguard_sockets{tracking}``             all sockets: ``tracked``, ``unknown``, ``inherited``
-``leakguard_leaked_sockets{site}``          leaked sockets by creation site ``file.py:LINE``
+``leakguard_leaked_sockets{site,verdict}``  leaked sockets by creation site ``file.py:LINE`` and verdict
 ``leakguard_churn_closes_per_minute{site}`` connections closed first, per creation site (see churn)
 ``leakguard_open_fds`` / ``leakguard_fd_limit``  descriptors in use / RLIMIT_NOFILE soft limit
 ``leakguard_last_update_timestamp_seconds`` when the values were taken
 ==========================================  ================================================
 
 Label cardinality is bounded: the ``top_sites`` sites with the most leaks (or
-churn) get their own label, the rest are summed under ``site="other"``.
+churn) get their own label, the rest are summed under ``site="other"``; a
+leak's ``verdict`` is one of ``forgotten``, ``in_use``, ``idle_in_pool``,
+``unreachable`` (see :mod:`leakguard.diagnose`) or ``none`` (not diagnosed), so
+a site has at most five series (``sum by (site)`` gives the leaks of a site).
+``site="other", verdict="none"`` is always present (0 without leaks beyond the top sites).
 
 Prefork servers: after ``fork()`` a child does not serve the parent's port (the
 parent holds it); export per worker with :func:`register` on a registry of the
@@ -49,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from . import _threads, judge
+from .diagnose import VERDICTS
 from .snapshot import take
 
 if TYPE_CHECKING:
@@ -217,11 +222,19 @@ def _identity(fd: int) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def _verdict(info: Any) -> str:
+    v = info.verdict  # the snapshot's one diagnosis (the watcher's: only new or changed groups are walked)
+    return v if v in VERDICTS else "none"
+
+
 def _summarise(snap: Snapshot, inherited: frozenset[int] | set[int], churn: ChurnTracker | None) -> dict[str, Any]:
     by_site: dict[str, int] = {}
+    by_verdict: dict[tuple[str, str], int] = {}
     for info in judge.own_leaks(snap.leaks, inherited):
         site = info.site_str if info.stack else "<unknown>"
         by_site[site] = by_site.get(site, 0) + 1
+        sv = (site, _verdict(info))
+        by_verdict[sv] = by_verdict.get(sv, 0) + 1
     tally = judge.tally(snap, inherited)
     return {
         "counts": dict(snap.counts),
@@ -229,6 +242,7 @@ def _summarise(snap: Snapshot, inherited: frozenset[int] | set[int], churn: Chur
         "inherited": tally.inherited,
         "unknown": tally.unknown,
         "leaks": by_site,
+        "verdicts": by_verdict,
         "churn": dict(churn.site_rates()) if churn is not None else {},
         "fds_open": snap.fds_open,
         "fds_limit": snap.fds_limit,
@@ -303,8 +317,8 @@ class LeakguardCollector:
         )
         leaks = GaugeMetricFamily(
             "leakguard_leaked_sockets",
-            "Leaked sockets (CLOSE_WAIT) by creation site; sites beyond the top ones are summed in 'other'",
-            labels=["site"],
+            "Leaked sockets (CLOSE_WAIT) by creation site and verdict; sites beyond the top ones are summed in 'other'",
+            labels=["site", "verdict"],
         )
         churn = GaugeMetricFamily(
             "leakguard_churn_closes_per_minute",
@@ -319,8 +333,13 @@ class LeakguardCollector:
                 tcp.add_metric([state], n)
             for kind in ("tracked", "unknown", "inherited"):
                 socks.add_metric([kind], data[kind])
-            for site, n in _bounded(data["leaks"], _top[0]):
-                leaks.add_metric([site], n)
+            top = {site for site, _ in _bounded(data["leaks"], _top[0])}
+            split: dict[tuple[str, str], float] = {("other", "none"): 0.0}
+            for (site, verdict), n in data["verdicts"].items():
+                sv = (site if site in top else "other", verdict)
+                split[sv] = split.get(sv, 0.0) + n
+            for (site, verdict), n in sorted(split.items()):
+                leaks.add_metric([site, verdict], n)
             for site, n in _bounded(data["churn"], _top[0]):
                 churn.add_metric([site], n)
             if data["fds_open"] >= 0:

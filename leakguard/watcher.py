@@ -46,7 +46,7 @@ import time
 import weakref
 from typing import Any
 
-from . import _threads, fdlimit, judge, kernel, report
+from . import _threads, diagnose, fdlimit, judge, kernel, report
 from . import churn as _churn
 from ._log import log
 from .snapshot import Snapshot, take as take_snapshot
@@ -98,6 +98,7 @@ class Watcher(_threads.Restartable):
         self._cache = kernel.StateCache()  # steady sockets cost no syscall of their own per tick
         allocate = _threads.api()[2]
         super().__init__(allocate)  # _mu, _stopping, _parked, _running, _thread
+        self.diagnoses = diagnose.Cache()  # a tick walks the heap only for new or changed leak groups
         self._tick_lock = allocate()  # one tick or dump at a time (tests call tick() directly)
         self._wake = _threads.Wake(allocate)
         self._dump_requested = False
@@ -195,6 +196,7 @@ class Watcher(_threads.Restartable):
         churn = self.churn
         pre = churn.before() if churn is not None else None
         snap = take_snapshot(self._cache)
+        self.diagnoses.attach(snap.leaks)
         inherited = judge.inherited_fds(snap)
         self._step()
         warnings = churn.observe(snap, pre) if churn is not None and pre is not None else []

@@ -7,7 +7,9 @@ a real socketserver, real reference cycles with the collector disabled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import os
 import socket
 import socketserver
 import sys
@@ -70,6 +72,33 @@ def stash(mod: types.ModuleType, srv: HangUpServer) -> int:
     return int(mod.REGISTRY["eu"].conn.fileno())
 
 
+@contextlib.contextmanager
+def stuck_thread(
+    srv: HangUpServer, name: str, block: Callable[[], Any], release: Callable[[], Any]
+) -> Iterator[tuple[leakguard.SocketInfo, int]]:
+    """A thread named *name* holding a hung-up connection in its local ``conn`` while ``block()`` blocks it; its
+    leak (verdict in_use) and the line of the ``block()`` call in ``worker()``."""
+    line: list[int] = []
+    fds: list[int] = []
+
+    def worker(conn: socket.socket) -> None:
+        fds.append(conn.fileno())
+        line.append(this_line() + 1)
+        block()  # blocked here while its connection's peer hangs up
+        conn.close()
+
+    t = threading.Thread(target=worker, args=(hung_up(srv),), name=name, daemon=True)
+    t.start()
+    try:
+        assert wait_for(lambda: fds and line)
+        leak = leak_of(fds[0])
+        assert leak.verdict == "in_use", leak.verdict_reason
+        yield leak, line[0]
+    finally:
+        release()
+        t.join(5)
+
+
 @pytest.mark.usefixtures("installed")
 class TestVerdicts:
     """Each cause of a CLOSE_WAIT gets its verdict, its holders and, when code still uses it, where that code is."""
@@ -78,7 +107,7 @@ class TestVerdicts:
         fd = stash(app_module, server)
         leak = leak_of(fd)
         assert leak.verdict == "forgotten"
-        assert leak.held_by[0] == "lg_app_cache.REGISTRY['eu'].conn"
+        assert leak.held_by[:1] == ["lg_app_cache.REGISTRY['eu'].conn"], leak.verdict_reason
         assert leak.in_use is None
         assert leak.verdict_reason is not None and "missing close()" in leak.verdict_reason
         d = leak.to_dict()
@@ -87,30 +116,30 @@ class TestVerdicts:
     def test_in_use_by_a_thread_blocked_on_a_lock(self, server: HangUpServer) -> None:
         lock = threading.Lock()
         lock.acquire()
-        line: list[int] = []
-        fds: list[int] = []
-
-        def worker(conn: socket.socket) -> None:
-            fds.append(conn.fileno())
-            line.append(this_line() + 1)
-            lock.acquire()  # blocked here while its connection's peer hangs up
-            conn.close()
-
-        t = threading.Thread(target=worker, args=(hung_up(server),), name="worker-3", daemon=True)
-        t.start()
-        try:
-            assert wait_for(lambda: fds and line)
-            leak = leak_of(fds[0])
-            assert leak.verdict == "in_use", leak.verdict_reason
+        with stuck_thread(server, "worker-3", lock.acquire, lock.release) as (leak, line):
             assert leak.in_use is not None
             assert leak.in_use["thread"] == "worker-3" and leak.in_use["task"] is None
-            assert (leak.in_use["function"], leak.in_use["line"]) == ("worker", line[0])
+            assert (leak.in_use["function"], leak.in_use["line"]) == ("worker", line)
             assert leak.in_use["file"] == __file__
             assert "lock" in leak.in_use["waits_on"]
+            # lock.acquire() is C: the innermost frame of all is the application's own
+            assert leak.in_use["now_at"] == f"tests/{os.path.basename(__file__)}:{line} in worker()"
             assert "thread 'worker-3' in worker() local conn" in leak.held_by
-        finally:
-            lock.release()
-            t.join(5)
+            d = leak.to_dict()
+            assert d["in_use"] == leak.in_use and d["verdict_reason"] == leak.verdict_reason
+            assert set(d["in_use"]) == {"thread", "task", "file", "line", "function", "now_at", "waits_on"}
+            assert leak.in_use["now_at"] in d["verdict_reason"]
+
+    def test_in_use_by_a_thread_waiting_inside_the_standard_library(self, server: HangUpServer) -> None:
+        """in_use's file/line is the innermost application frame (the line to read); now_at the innermost frame
+        of all, here in threading.py, where the thread really is; waits_on names what that frame waits for."""
+        done = threading.Event()
+        with stuck_thread(server, "worker-4", done.wait, done.set) as (leak, line):  # Event -> Condition.wait
+            assert leak.in_use is not None
+            assert (leak.in_use["file"], leak.in_use["line"], leak.in_use["function"]) == (__file__, line, "worker")
+            path, _, func = leak.in_use["now_at"].rpartition(" in ")
+            assert func == "wait()" and path.rsplit(":", 1)[0] == threading.__file__, leak.in_use
+            assert leak.in_use["waits_on"] == "a threading.Condition or Event (wait)"
 
     def test_in_use_by_a_task_awaiting_forever(self, server: HangUpServer) -> None:
         loop = asyncio.new_event_loop()
@@ -142,6 +171,9 @@ class TestVerdicts:
             assert (leak.in_use["thread"], leak.in_use["task"]) == ("loop-thread", "session-7"), leak.held_by
             assert (leak.in_use["function"], leak.in_use["line"]) == ("handler", line[0])
             assert "Event" in leak.in_use["waits_on"]
+            # file/line: the handler's await; now_at: the innermost coroutine, asyncio.Event.wait in locks.py
+            path, _, func = leak.in_use["now_at"].rpartition(" in ")
+            assert func == "wait()" and path.rsplit(":", 1)[0] == asyncio.locks.__file__, leak.in_use
             # the shortest path may go through the reader or the writer (both hold the transport; 3.10 finds reader)
             here = ("task 'session-7' in handler() local writer", "task 'session-7' in handler() local reader")
             assert any(p.startswith(here) for p in leak.held_by), leak.held_by
@@ -233,7 +265,7 @@ class TestUntracked:
         leak = leak_of(fd)
         assert leak.origin == "unknown" and leak.stack == []
         assert leak.verdict == "forgotten"
-        assert leak.held_by[0] == "lg_app_cache.REGISTRY['eu'].conn"
+        assert leak.held_by[:1] == ["lg_app_cache.REGISTRY['eu'].conn"], leak.verdict_reason
 
     def test_a_descriptor_without_a_python_object(self, server: HangUpServer) -> None:
         conn = hung_up(server)
@@ -359,3 +391,56 @@ class TestHostUnchanged:
             leak = leak_of(fd)
             assert leak.verdict == "forgotten", leak.verdict_reason
         assert state() == before
+
+
+class TestWatcherCache:
+    """The watcher walks the heap only for new or changed leak groups: an unchanged group keeps its diagnosis."""
+
+    def test_unchanged_group_is_not_walked_again(self, server: HangUpServer, app_module: types.ModuleType) -> None:
+        from structlog.testing import capture_logs
+
+        from leakguard import watcher
+
+        here = f"tests/{__name__.rsplit('.', 1)[-1]}.py"
+
+        def open_a(name: str) -> None:  # only the module global keeps them (no local here): verdict forgotten
+            app_module.REGISTRY[name] = app_module.Holder(socket.create_connection(server.address))
+
+        def open_b(name: str) -> None:
+            app_module.REGISTRY[name] = app_module.Holder(socket.create_connection(server.address))
+
+        site_a, site_b = f"{here}:{this_line() - 5}", f"{here}:{this_line() - 2}"
+        with capture_logs() as logs:
+            leakguard.install(report_interval=0.05, integrations="none")
+            try:
+                w = watcher.current()
+                assert w is not None
+                cache = w.diagnoses
+
+                def ticks(n: int) -> None:
+                    start = w.ticks
+                    assert wait_for(lambda: w.ticks >= start + n, timeout=30)
+
+                def reported(site: str, count: int) -> bool:
+                    return any(e.get("event") == "leakguard.leak" and e.get("site") == site and e.get("count") == count
+                               and e.get("verdict") == "forgotten" for e in list(logs))  # fmt: skip
+
+                open_a("a1")
+                assert wait_for(lambda: reported(site_a, 1), timeout=30), [e for e in logs if "site" in e]
+                reused = cache.reused
+                ticks(5)
+                assert cache.walks[site_a] == 1  # five more ticks took its verdict from the cache
+                assert cache.reused >= reused + 5
+
+                open_b("b1")
+                assert wait_for(lambda: reported(site_b, 1), timeout=30), [e for e in logs if "site" in e]
+                ticks(3)
+                assert (cache.walks[site_a], cache.walks[site_b]) == (1, 1)  # only the new group was walked
+
+                open_a("a2")  # group A changed: walked again (both its leaks), B still not
+                assert wait_for(lambda: cache.walks[site_a] == 2, timeout=30)
+                assert wait_for(lambda: reported(site_a, 2), timeout=30)
+                ticks(3)
+                assert (cache.walks[site_a], cache.walks[site_b]) == (2, 1)
+            finally:
+                leakguard.uninstall()

@@ -41,6 +41,12 @@ def site_of(line: int) -> str:
     return f"tests/test_metrics.py:{line}"
 
 
+def leaked_at(samples: Samples, site: str) -> float | None:
+    """The leaks of *site* summed over verdicts (``sum by (site)``); None when it has no series."""
+    found = [v for (name, labels), v in samples.items() if name == "leakguard_leaked_sockets" and dict(labels)["site"] == site]
+    return sum(found) if found else None
+
+
 @pytest.fixture
 def uninstall_after() -> Iterator[None]:
     try:
@@ -59,21 +65,50 @@ class TestEndpoint:
         assert host == "127.0.0.1"
         kept = [socket.create_connection(hangup_server.address) for _ in range(3)]; line = this_line()  # noqa: E702
         try:
-            key = ("leakguard_leaked_sockets", (("site", site_of(line)),))
+            key = ("leakguard_leaked_sockets", (("site", site_of(line)), ("verdict", "in_use")))  # a local holds them
             samples = wait_for(lambda: (lambda s: s if s.get(key) == 3 else None)(scrape()), timeout=30)
             assert samples, scrape()
+            assert {dict(k[1])["verdict"] for k in samples if k[0] == "leakguard_leaked_sockets"} <= {
+                "forgotten", "in_use", "idle_in_pool", "unreachable", "none"}
             assert samples[("leakguard_tcp_sockets", (("state", "CLOSE_WAIT"),))] >= 3
             assert samples[("leakguard_tcp_sockets", (("state", "LISTEN"),))] >= 1
             assert samples[("leakguard_sockets", (("tracking", "tracked"),))] >= 3
             assert samples[("leakguard_open_fds", ())] > 3
             assert samples[("leakguard_fd_limit", ())] != 0
-            assert samples[("leakguard_leaked_sockets", (("site", "other"),))] == 0
+            assert samples[("leakguard_leaked_sockets", (("site", "other"), ("verdict", "none")))] == 0
             assert samples[("leakguard_last_update_timestamp_seconds", ())] > 0
         finally:
             for s in kept:
                 s.close()
         # and the gauge follows: closed sockets are no longer leaks
-        assert wait_for(lambda: scrape().get(("leakguard_leaked_sockets", (("site", site_of(line)),))) is None, 30)
+        assert wait_for(lambda: leaked_at(scrape(), site_of(line)) is None, 30)
+
+    def test_verdict_label(self, hangup_server: HangUpServer) -> None:
+        """One site's leaks split by verdict: one kept by a module global (forgotten), one by a live local."""
+        import sys
+        import types
+
+        mod = types.ModuleType("lg_metrics_app")
+        sys.modules[mod.__name__] = mod
+        leakguard.install(report_interval=0.05, metrics_port=0, integrations="none", log_format="json")
+
+        def connect() -> socket.socket:
+            return socket.create_connection(hangup_server.address)
+
+        line = this_line() - 2
+        mod.KEPT = [connect()]  # type: ignore[attr-defined]
+        mine = connect()
+        try:
+            def split() -> dict[str, float] | None:
+                s = {dict(k[1])["verdict"]: v for k, v in scrape().items()
+                     if k[0] == "leakguard_leaked_sockets" and dict(k[1])["site"] == site_of(line)}  # fmt: skip
+                return s if s == {"forgotten": 1, "in_use": 1} else None
+
+            assert wait_for(split, timeout=30), scrape()
+        finally:
+            mine.close()
+            mod.KEPT[0].close()  # type: ignore[attr-defined]
+            del sys.modules[mod.__name__]
 
     def test_bounded_site_labels(self, hangup_server: HangUpServer, tmp_path: Path) -> None:
         src = "import socket\n\n" + "".join(
@@ -94,7 +129,9 @@ class TestEndpoint:
 
             samples = wait_for(leaked, timeout=30)
             assert samples, scrape()
-            by_site = {dict(k[1])["site"]: v for k, v in samples.items()}
+            by_site: dict[str, float] = {}
+            for k, v in samples.items():
+                by_site[dict(k[1])["site"]] = by_site.get(dict(k[1])["site"], 0) + v
             assert len(by_site) == 4  # top 3 + other
             assert sorted(v for site, v in by_site.items() if site != "other") == [6, 7, 8]
             assert by_site["other"] == 1 + 2 + 3 + 4 + 5
@@ -131,7 +168,7 @@ class TestRegister:
 
             def leaked() -> float | None:
                 text = prometheus_client.generate_latest(registry).decode()
-                return parse(text).get(("leakguard_leaked_sockets", (("site", site_of(line)),)))
+                return leaked_at(parse(text), site_of(line))
 
             assert wait_for(leaked, timeout=30) == 1
         finally:
