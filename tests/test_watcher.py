@@ -199,7 +199,10 @@ class TestChurn:
         assert found, logs
         e = found[0]
         assert e["site"] == f"tests/{HERE}:{line}" and e["log_level"] == "warning"
-        assert e["closes_per_60s"] >= 100 and e["limit"] == 100
+        # the first warning comes when the last 60 s closed the limit, or earlier when the recent rate kept
+        # up for 60 s reaches it (a projection, from at least 20 closes)
+        assert e["limit"] == 100
+        assert e["closes_per_60s"] >= 100 or (e["closes_per_60s"] >= 20 and e["rate_per_s"] * 60 >= 100), e
         assert "pool or keep-alive" in e["message"] and "TIME_WAIT" in e["message"]
         assert e["local_ports"] > 0
 
