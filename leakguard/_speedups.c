@@ -739,6 +739,15 @@ inherit_impl(PyObject *sock)
             Py_DECREF(key);
             return PyErr_Occurred() ? -1 : 0;
         }
+        if (holds && Py_REFCNT(old) == 1 && PyTuple_CheckExact(old)) {
+            /* the handover in place: the table alone holds the entry (no view, no scan), so
+             * nobody sees it change; the plain socket's weak reference is kept for the next one */
+            PyObject *prev = PyTuple_GET_ITEM(old, 0);
+            PyTuple_SET_ITEM(old, 0, ref);
+            Py_DECREF(key);
+            drop_ref(prev);
+            return 1;
+        }
         if (holds) { /* the handover: the same entry with the new socket's weak reference */
             Py_ssize_t size = PyTuple_GET_SIZE(old);
             PyObject *entry = PyTuple_New(size);
@@ -831,7 +840,7 @@ hook_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
     for (Py_ssize_t i = 0; i < nkw; i++) {
         PyObject *name = PyTuple_GET_ITEM(kwnames, i);
         /* Keyword names are mostly the interned string itself: a pointer compare. */
-        if (name == fileno_str || PyUnicode_CompareWithASCIIString(name, "fileno") == 0)
+        if (name == fileno_str || (PyUnicode_GET_LENGTH(name) == 6 && PyUnicode_CompareWithASCIIString(name, "fileno") == 0))
             fileno = args[nargs + i];
     }
     int inherit = fileno != NULL && fileno != Py_None;
