@@ -9,7 +9,11 @@ creating stack once and leaves it in the context the task copies (a
 continuation scope, :class:`leakguard.registry.Scope`).  A capture inside that
 task whose own frames (down to the task's coroutine or the loop's driver) hold
 no application frame goes on with it.  A task running an application coroutine
-costs one cache lookup: its own frames already name the application.
+costs one cache lookup: its own frames already name the application.  A task
+given its caller's own context (``create_task(coro, context=ctx)``, as
+``asyncio.Runner`` and ``uvloop.run`` do) may share it with other tasks: that
+context gets a :class:`leakguard.stacks.PerTask` once, in which each such task
+finds its own continuation by its coroutine.
 
 Accepted connections name the handler that got them (innermost) and the stack
 of the ``create_server`` call (the ``start_server`` line; else the listening socket's record).
@@ -52,7 +56,9 @@ _is_app_code = stacks._is_app_code
 def _create_task(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     """``loop.create_task``: the new task continues with the creating stack (see the module doc)."""
     try:
-        if kwargs.get("context") is not None:  # the caller's own context: nothing of ours goes in it
+        ctx = kwargs.get("context")
+        if ctx is not None:
+            _continue_in(ctx, args, kwargs)
             return wrapped(*args, **kwargs)
         coro = args[0] if args else kwargs.get("coro")
         code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
@@ -70,6 +76,35 @@ def _create_task(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         registry.count_error()
         return wrapped(*args, **kwargs)
     return call_then_reset(_scope.reset, token, wrapped, args, kwargs)
+
+
+def _continue_in(ctx: Any, args: Any, kwargs: Any) -> None:
+    """A task about to run in the caller's own context *ctx*: that context may be shared by other
+    tasks, so it gets a :class:`stacks.PerTask` (once) and this task's continuation goes in there,
+    keyed by its coroutine.  A context that already carries a scope of ours keeps it."""
+    try:
+        coro = args[0] if args else kwargs.get("coro")
+        code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
+        if code is not None and _is_app_code(code):
+            return  # its own frames name the application
+        sc = ctx.get(_scope)
+        if sc is not None and (sc.origin is not None or type(sc.cont) is not stacks.PerTask):
+            return
+        cont = registry.continuation(2, code)
+        if cont is None:
+            return
+        if sc is None:
+            sc = registry.Scope(None, None, None, stacks.PerTask())
+            try:
+                ctx.run(_scope.set, sc)
+            except RuntimeError:  # ctx is entered: the running one (tasks sharing it), or another thread's
+                token = _scope.set(sc)
+                if ctx.get(_scope) is not sc:
+                    _scope.reset(token)
+                    return
+        sc.cont.conts[coro] = cont
+    except Exception:
+        registry.count_error()
 
 
 _MISSING = object()
