@@ -7,7 +7,7 @@ from typing import Any
 
 from ._log import log
 
-__all__ = ["Patches", "contained"]
+__all__ = ["Patches"]
 
 _ABSENT = object()
 
@@ -53,21 +53,3 @@ class Patches:
             else:  # someone wrapped over us: leave their wrapper, ours turns into a pass-through
                 log.debug("leakguard: %s.%s was re-patched by someone else; left in place", owner, attribute)
 
-
-def contained(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run leakguard-side bookkeeping, swallowing (and counting) any failure of ours."""
-    from . import registry
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except Exception:
-            registry.count_error()
-            log.debug("leakguard: contained failure in %s", getattr(fn, "__qualname__", fn), exc_info=True)
-            return None
-
-    run.__wrapped__ = fn  # type: ignore[attr-defined]
-    run.__name__ = getattr(fn, "__name__", "contained")
-    run.__qualname__ = getattr(fn, "__qualname__", run.__name__)
-    run.__doc__ = fn.__doc__
-    return run

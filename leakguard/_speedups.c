@@ -1,13 +1,20 @@
-/* Optional compiled hot path of leakguard's socket hook.
+/* Optional compiled hot paths of leakguard: without a compiler the pure-Python code does
+ * the same, more slowly.  Three jobs:
  *
- * record(sock) does what registry.record_socket() does for a new socket
- * outside any integration scope: walk the caller's frames up to the first
- * application frame plus CONTEXT callers, and store the entry tuple
- * (weakref, created, seq, None, None, *frames) under the socket's descriptor
- * (registry.Entry: the frames inline, so one tuple per socket).
- * It returns False, recording nothing, when an integration scope is active,
- * so the Python path handles that case.  Everything else about records lives
- * in registry.py; this file only makes the common case cheap.
+ * - The socket hook (make_init): the compiled socket.socket.__init__ of _sockets.py.
+ *   record(sock) does what registry.record_socket() does for a new socket outside any
+ *   integration scope: walk the caller's frames up to the first application frame plus
+ *   CONTEXT callers, and store the entry tuple (weakref, created, seq, None, None,
+ *   *frames) under the socket's descriptor (registry.Entry: the frames inline, so one
+ *   tuple per socket).  It returns False, recording nothing, when an integration scope
+ *   is active, so the Python path handles that case.
+ * - capture(): stacks.capture, the same frame walk for the integrations' own records.
+ * - The kernel scanner (scan): kernel.read_sockets' loop over /proc/self/fd, the state
+ *   of each tracked socket from getsockopt(TCP_INFO), with an epoll set so that steady
+ *   sockets cost no syscall (see the comment above scan()).
+ *
+ * Everything else about records lives in registry.py and about kernel state in
+ * kernel.py; this file only makes the common cases cheap.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -97,20 +104,44 @@ clear_app_cache(PyObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* Byte offsets as ints, made once: most are above the small-int cache. */
+/* Byte offsets as ints, made once and kept: most are above the small-int cache. */
 #define OFFSETS 4096
 static PyObject *offsets[OFFSETS]; /* offsets[i] = i * 2 */
 
+/* The offset as an int: a borrowed reference, held by the table or, for an offset beyond
+ * it, by *fresh* (a list made on first need, released with the walk).  NULL on error. */
 static inline PyObject *
-offset_obj(long off)
+offset_obj(long off, PyObject **fresh)
 {
     if (off >= 0 && off < 2 * OFFSETS && (off & 1) == 0) {
         PyObject *o = offsets[off >> 1];
         if (o == NULL)
             o = offsets[off >> 1] = PyLong_FromLong(off);
-        return Py_XNewRef(o);
+        return o;
     }
-    return PyLong_FromLong(off);
+    if (*fresh == NULL && (*fresh = PyList_New(0)) == NULL)
+        return NULL;
+    PyObject *o = PyLong_FromLong(off);
+    int rc = o == NULL ? -1 : PyList_Append(*fresh, o);
+    Py_XDECREF(o);
+    return rc < 0 ? NULL : o;
+}
+
+/* Descriptor numbers as ints, made once and kept: the table's keys, above 256 a new int
+ * per socket otherwise. */
+#define FD_KEYS 4096
+static PyObject *fd_keys[FD_KEYS];
+
+static inline PyObject *
+fd_key(long fd) /* a new reference */
+{
+    if (fd >= 0 && fd < FD_KEYS) {
+        PyObject *k = fd_keys[fd];
+        if (k == NULL)
+            k = fd_keys[fd] = PyLong_FromLong(fd);
+        return Py_XNewRef(k);
+    }
+    return PyLong_FromLong(fd);
 }
 
 static int
@@ -157,8 +188,9 @@ sock_fd(PyObject *sock)
 #define MAX_DEPTH 1024  /* stack_depth's upper bound (leakguard._config) */
 
 /* A cursor over the calling Python frames, innermost first, skipping frames that
- * have not started (as PyFrame_GetBack does).  frame_code() returns a new
- * reference, or NULL for a frame that runs no code object. */
+ * have not started (as PyFrame_GetBack does).  frame_code() returns a borrowed
+ * reference (the running frame holds its code object for as long as the caller runs),
+ * or NULL for a frame that runs no code object. */
 #ifdef LG_IFRAMES
 typedef _PyInterpreterFrame *frame_t;
 
@@ -201,7 +233,7 @@ frame_code(frame_t f)
 #else
     PyObject *code = (PyObject *)f->f_code;
 #endif
-    return PyCode_Check(code) ? Py_NewRef(code) : NULL;
+    return PyCode_Check(code) ? code : NULL;
 }
 
 static inline long
@@ -238,7 +270,9 @@ frame_done(frame_t f)
 static inline PyObject *
 frame_code(frame_t f)
 {
-    return (PyObject *)PyFrame_GetCode(f);
+    PyObject *code = (PyObject *)PyFrame_GetCode(f);
+    Py_XDECREF(code); /* the frame keeps it: borrowed, as on the other path */
+    return code;
 }
 
 static inline long
@@ -253,21 +287,23 @@ frame_offset(frame_t f)
 #endif
 
 /* The stack from the current Python frame's skip-th caller: see stacks.capture.
- * walk() puts (code, offset) pairs, new references, into w->buf: a buffer on the
- * C stack for the default depth, so no list grows and nothing is allocated. */
+ * walk() puts (code, offset) pairs into w->buf: a buffer on the C stack for the default
+ * depth, so no list grows and nothing is allocated.  They are borrowed references, valid
+ * until walk_release: each code object is held by its frame, which runs until the caller
+ * returns (garbage collection or other Python code run meanwhile cannot end it), and
+ * each offset by the offsets table or w->fresh.  Whoever keeps one takes a reference. */
 typedef struct {
     PyObject *small[128];
     PyObject **buf;
     Py_ssize_t n;
+    PyObject *fresh; /* offsets beyond the table made for this walk, or NULL */
 } walk_t;
 
 static void
-walk_release(walk_t *w, int decref) /* decref: the items were not moved out */
+walk_release(walk_t *w)
 {
-    if (decref)
-        for (Py_ssize_t i = 0; i < w->n; i++)
-            Py_DECREF(w->buf[i]);
     w->n = 0;
+    Py_CLEAR(w->fresh);
     if (w->buf != w->small)
         PyMem_Free(w->buf);
     w->buf = w->small;
@@ -278,6 +314,7 @@ walk(walk_t *w, int skip, int left)
 {
     w->buf = w->small;
     w->n = 0;
+    w->fresh = NULL;
     if (left > MAX_DEPTH)
         left = MAX_DEPTH;
     if (2 * left > 128) {
@@ -301,7 +338,7 @@ walk(walk_t *w, int skip, int left)
             continue;
         }
         buf[n++] = code;
-        PyObject *off = offset_obj(frame_offset(f));
+        PyObject *off = offset_obj(frame_offset(f), &w->fresh);
         if (off == NULL)
             goto error;
         buf[n++] = off;
@@ -323,8 +360,7 @@ walk(walk_t *w, int skip, int left)
     return 0;
 error:
     frame_done(f);
-    w->n = n;
-    walk_release(w, 1);
+    walk_release(w);
     return -1;
 }
 
@@ -332,14 +368,11 @@ error:
 static PyObject *
 walk_tuple(walk_t *w, Py_ssize_t head)
 {
-    PyObject *t = PyTuple_New(head + w->n);
-    if (t == NULL) {
-        walk_release(w, 1);
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < w->n; i++)
-        PyTuple_SET_ITEM(t, head + i, w->buf[i]); /* steals */
-    walk_release(w, 0);
+    PyObject *t = PyTuple_New(head + w->n); /* may collect garbage: w->buf stays valid (see walk_t) */
+    if (t != NULL)
+        for (Py_ssize_t i = 0; i < w->n; i++)
+            PyTuple_SET_ITEM(t, head + i, Py_NewRef(w->buf[i]));
+    walk_release(w);
     return t;
 }
 
@@ -388,14 +421,15 @@ long_reuse(PyObject *o, unsigned long long v, int write)
 #else
     return 0;
 #endif
-    Py_ssize_t need = 0;
-    for (unsigned long long t = v; t != 0; t >>= PyLong_SHIFT)
-        need++;
+    unsigned long long t1 = v >> PyLong_SHIFT, t2 = t1 >> PyLong_SHIFT, t3 = t2 >> PyLong_SHIFT;
+    Py_ssize_t need = v == 0 ? 0 : t1 == 0 ? 1 : t2 == 0 ? 2 : t3 == 0 ? 3 : 4;
     if (need != size || need > 3)
         return 0;
-    if (write)
-        for (Py_ssize_t i = 0; i < need; i++, v >>= PyLong_SHIFT)
-            d[i] = (digit)(v & PyLong_MASK);
+    if (write) {
+        unsigned long long parts[3] = {v, t1, t2};
+        for (Py_ssize_t i = 0; i < need; i++)
+            d[i] = (digit)(parts[i] & PyLong_MASK);
+    }
     return 1;
 }
 #endif
@@ -412,14 +446,98 @@ scoped(void)
     return r;
 }
 
+/* The first subclass of _socket.socket seen (socket.socket, mostly), kept for the
+ * process's lifetime: the common case's type check is a compare, not an MRO walk. */
+static PyTypeObject *raw_sub;
+
+static inline int
+is_raw_socket(PyObject *o)
+{
+    PyTypeObject *tp = Py_TYPE(o);
+    if (tp == raw_sub || tp == raw_socket)
+        return 1;
+    if (!PyType_IsSubtype(tp, raw_socket))
+        return 0;
+    if (raw_sub == NULL)
+        raw_sub = (PyTypeObject *)Py_NewRef((PyObject *)tp);
+    return 1;
+}
+
 /* The descriptor of a new socket, or -1 (none), or -2 with an exception set. */
 static inline long
 new_fd(PyObject *sock)
 {
-    if (PyObject_TypeCheck(sock, raw_socket))
+    if (is_raw_socket(sock))
         return sock_fd(sock);
     long fd = PyObject_AsFileDescriptor(sock); /* a socket class of another lineage (gevent's): ask it */
     return fd < 0 ? -2 : fd;
+}
+
+/* A socket's weak reference, as PyWeakref_NewRef(obj, NULL) makes it.  Where the layout of
+ * a weak reference is known (up to 3.13, with the GIL) an entry's weak reference held by
+ * nothing but that entry, when the entry is rewritten for the next socket on its
+ * descriptor, is kept (drop_ref) instead of freed, and pointed at the next new socket
+ * here, linked as the weakref module links a new one: no allocation and no garbage
+ * collection per socket.  Nothing else can reach it, so nobody sees it change. */
+#if PY_VERSION_HEX < 0x030E0000 && !defined(Py_GIL_DISABLED)
+#define LG_RELINK 1
+static PyObject *spare_ref; /* one dead weak reference, or NULL */
+#endif
+
+static inline PyObject *
+weak_ref(PyObject *obj)
+{
+#ifdef LG_RELINK
+    PyWeakReference *r = (PyWeakReference *)spare_ref;
+    Py_ssize_t off = Py_TYPE(obj)->tp_weaklistoffset;
+    if (r != NULL && off > 0 && !PyType_Check(obj)) {
+        PyWeakReference **list = (PyWeakReference **)((char *)obj + off);
+        if (*list == NULL) { /* nothing refers to it weakly yet: this becomes its first */
+            spare_ref = NULL;
+            r->wr_object = obj;
+            r->hash = -1;
+            r->wr_prev = NULL;
+            r->wr_next = NULL;
+            *list = r;
+            return (PyObject *)r;
+        }
+    }
+#endif
+    return PyWeakref_NewRef(obj, NULL);
+}
+
+/* Release an entry's old weak reference (a reference the caller owned).  When it is the
+ * last reference, what freeing it would do to its referent (if that is still alive: a
+ * closed socket still bound to a variable) is done here, as weakref_dealloc's
+ * clear_weakref does it: unlinked from the referent's list of weak references, then
+ * dead (wr_object None); the memory is kept for the next socket. */
+static inline void
+drop_ref(PyObject *ref)
+{
+#ifdef LG_RELINK
+    if (spare_ref == NULL && Py_REFCNT(ref) == 1 && PyWeakref_CheckRefExact(ref)) {
+        PyWeakReference *r = (PyWeakReference *)ref;
+        PyObject *obj = r->wr_object;
+        if (r->wr_callback == NULL
+            && (obj == Py_None || (Py_TYPE(obj)->tp_weaklistoffset > 0 && !PyType_Check(obj)))) {
+            if (obj != Py_None) {
+                PyWeakReference **list = (PyWeakReference **)((char *)obj + Py_TYPE(obj)->tp_weaklistoffset);
+                if (*list == r)
+                    *list = r->wr_next;
+                if (r->wr_prev != NULL)
+                    r->wr_prev->wr_next = r->wr_next;
+                if (r->wr_next != NULL)
+                    r->wr_next->wr_prev = r->wr_prev;
+                r->wr_object = Py_None;
+                r->wr_prev = NULL;
+                r->wr_next = NULL;
+            }
+            spare_ref = ref;
+            return;
+        }
+    }
+#endif
+    Py_DECREF(ref);
 }
 
 /* Store a new entry for *sock*, with *ref* its weak reference and *key* its descriptor
@@ -444,7 +562,7 @@ store(PyObject *sock, PyObject *key, PyObject *ref, PyObject *old, int skip)
         if (old == NULL && PyErr_Occurred()) {
             Py_DECREF(ref);
             Py_DECREF(key);
-            walk_release(&w, 1);
+            walk_release(&w);
             return -1;
         }
     }
@@ -455,9 +573,10 @@ store(PyObject *sock, PyObject *key, PyObject *ref, PyObject *old, int skip)
      * referenced by the dict alone (a Record view, a scan or a list of items holds its
      * own reference): when it has the same size, the new values go into it in place, as
      * zip() and enumerate() reuse their result tuple, and so do its time and sequence
-     * number when nothing else holds them either.  Nothing between the check and the swap
-     * can run Python code (the allocations here are not of collected types); the old
-     * values are released after, when the entry is whole again. */
+     * number when nothing else holds them either, and each frame item that is the same
+     * object as before (the same call site: mostly all) stays as it is.  Nothing between
+     * the check and the swap can run Python code (the allocations here are not of
+     * collected types); the old values are released after, when the entry is whole again. */
 #ifndef Py_GIL_DISABLED
     if (old != NULL && Py_REFCNT(old) == 1 && PyTuple_CheckExact(old)
         && PyTuple_GET_SIZE(old) == ENTRY_HEAD + w.n && compiled_entry(old)) {
@@ -471,7 +590,7 @@ store(PyObject *sock, PyObject *key, PyObject *ref, PyObject *old, int skip)
             Py_XDECREF(s);
             Py_DECREF(ref);
             Py_DECREF(key);
-            walk_release(&w, 1);
+            walk_release(&w);
             return -1;
         }
         if (c_here)
@@ -485,15 +604,21 @@ store(PyObject *sock, PyObject *key, PyObject *ref, PyObject *old, int skip)
             items[1] = c;
         if (s != NULL)
             items[2] = s;
-        for (Py_ssize_t i = 0; i < w.n; i++) {
-            PyObject *t = items[ENTRY_HEAD + i];
-            items[ENTRY_HEAD + i] = w.buf[i];
-            w.buf[i] = t;
-        }
-        Py_DECREF(prev[0]);
+        Py_ssize_t gone = 0; /* the replaced frame items, collected at the front of w.buf */
+        if (memcmp(w.buf, items + ENTRY_HEAD, sizeof(PyObject *) * (size_t)w.n) != 0)
+            for (Py_ssize_t i = 0; i < w.n; i++) {
+                PyObject *v = w.buf[i], *t = items[ENTRY_HEAD + i];
+                if (v != t) {
+                    items[ENTRY_HEAD + i] = Py_NewRef(v);
+                    w.buf[gone++] = t;
+                }
+            }
+        drop_ref(prev[0]);
         Py_XDECREF(prev[1]);
         Py_XDECREF(prev[2]);
-        walk_release(&w, 1);
+        for (Py_ssize_t i = 0; i < gone; i++)
+            Py_DECREF(w.buf[i]);
+        walk_release(&w);
         return 1;
     }
 #endif
@@ -517,11 +642,12 @@ store(PyObject *sock, PyObject *key, PyObject *ref, PyObject *old, int skip)
 }
 
 
-/* The table's entry for *key* (borrowed), NULL if none, or NULL with an exception set. */
+/* The table's entry for *key*, the int *fd* (borrowed), NULL if none, or NULL with an
+ * exception set.  A non-negative int's hash is itself (below the hash modulus). */
 static inline PyObject *
-lookup(PyObject *key)
+lookup(PyObject *key, long fd)
 {
-    return PyDict_GetItemWithError(records, key);
+    return _PyDict_GetItem_KnownHash(records, key, (Py_hash_t)fd);
 }
 
 /* What every record starts with: outside a scope, a socket holding a descriptor gets its
@@ -538,11 +664,11 @@ begin(PyObject *sock, long *fd, PyObject **ref, PyObject **key, PyObject **old)
     *fd = new_fd(sock);
     if (*fd < 0)
         return *fd == -2 ? -1 : 1; /* no descriptor: nothing to record */
-    *ref = PyWeakref_NewRef(sock, NULL);
+    *ref = weak_ref(sock);
     if (*ref == NULL)
         return -1;
-    *key = PyLong_FromLong(*fd);
-    *old = *key != NULL ? lookup(*key) : NULL;
+    *key = fd_key(*fd);
+    *old = *key != NULL ? lookup(*key, *fd) : NULL;
     if (*old == NULL && (*key == NULL || PyErr_Occurred())) {
         Py_DECREF(*ref);
         Py_XDECREF(*key);
@@ -605,7 +731,7 @@ inherit_impl(PyObject *sock)
         return r;
     PyObject *other = old != NULL && PyTuple_Check(old) && PyTuple_GET_SIZE(old) >= ENTRY_HEAD ? referent(old) : NULL;
     if (other != NULL && other != sock) {
-        int holds = PyObject_TypeCheck(other, raw_socket) ? sock_fd(other) == fd : -1;
+        int holds = is_raw_socket(other) ? sock_fd(other) == fd : -1;
         Py_DECREF(other);
         PyObject *view = holds == 1 && views != NULL ? PyDict_GetItemWithError(views, key) : NULL;
         if (holds < 0 || view != NULL || PyErr_Occurred()) {

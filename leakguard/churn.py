@@ -41,7 +41,6 @@ from __future__ import annotations
 import collections
 import socket
 import time
-from collections.abc import Iterable
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
@@ -517,7 +516,3 @@ class ChurnTracker:
             self._warned = {k: t for k, t in self._warned.items() if now - t < WINDOW_S}
         out.sort(key=lambda w: -w.closes_per_60s)
         return out
-
-
-def warnings_to_dicts(warnings: Iterable[ChurnWarning]) -> list[dict[str, Any]]:
-    return [w.to_dict() for w in warnings]

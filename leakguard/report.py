@@ -661,7 +661,6 @@ class Reporter:
         self._groups: dict[tuple[str, str | None], _Seen] = {}  # (site, verdict) of each group still leaking
         self._tokens = float(config.max_events_per_minute)
         self._refilled = time.monotonic()
-        self.reports = 0
 
     # -- logger ---------------------------------------------------------------
 
@@ -830,9 +829,4 @@ class Reporter:
                     seen.last_count = len(g.infos)
             for key in [k for k in self._groups if k not in groups]:
                 del self._groups[key]
-            self.reports += 1
         return (0 if routine and not kept else 1) + len(kept)
-
-    def emit(self, snap: Snapshot) -> None:
-        """Periodic report of *snap* (no fork or churn information)."""
-        self.report(snap)

@@ -187,7 +187,6 @@ class Watcher:
         self.reporter = reporter
         self.churn = churn
         self.ticks = 0  # completed ticks (tests and benchmarks wait on this)
-        self.dumps = 0
         self.pid = os.getpid()
         self._cache = kernel.StateCache()  # steady sockets cost no syscall of their own per tick
         allocate = _thread_api()[2]
@@ -310,8 +309,6 @@ class Watcher:
                 self.reporter.report(snap, inherited_fds(snap), dump=True)
         except Exception:
             log.debug("leakguard: dump failed", exc_info=True)
-        finally:
-            self.dumps += 1
 
     def _run(self) -> None:
         try:

@@ -220,3 +220,89 @@ def test_init_introspection_unchanged(hot_path: str) -> None:  # noqa: F811
     finally:
         leakguard.install(integrations="none")
     assert installed == plain
+
+
+def _weak_views(rounds: int) -> list[object]:
+    """What code holding weak references to sockets sees while new sockets reuse descriptors."""
+    import gc
+    import weakref
+
+    seen: list[object] = []
+    fired: list[int] = []
+    dead: list[Any] = []  # weak references to closed sockets, held on: they must stay dead
+    for i in range(rounds):
+        s = socket.socket()
+        r = weakref.ref(s)
+        cb = weakref.ref(s, lambda _r, i=i: fired.append(i))
+        ws: weakref.WeakSet[socket.socket] = weakref.WeakSet([s])
+        seen.append((r() is s, cb() is s, r is weakref.ref(s), s in ws, weakref.getweakrefcount(s)))
+        seen.append([x() for x in dead])
+        s.close()
+        del s
+        gc.collect()
+        seen.append((r(), cb(), len(ws), fired[-1:] == [i]))
+        if i % 2:
+            dead.append(r)  # every other round's reference outlives its socket
+        del r, cb, ws
+        for _ in range(3):  # sockets whose weak references nobody but leakguard holds
+            socket.socket().close()
+        before = socket.socket()  # closed but still bound while the next one takes its descriptor
+        before.close()
+        after = socket.socket()
+        seen.append((weakref.getweakrefcount(before), weakref.ref(before)() is before))
+        r_after = weakref.ref(after)
+        del before
+        gc.collect()
+        seen.append((r_after() is after, weakref.getweakrefcount(after) - (r_after is not None)))
+        after.close()
+        del after
+        seen.append(r_after())
+    return seen
+
+
+@pytest.mark.usefixtures("installed_quiet", "hot_path")
+class TestReusedDescriptor:
+    """A descriptor reused by socket after socket: the compiled hook rewrites the old entry in
+    place and points the dead socket's weak reference at the new one; nobody may see that."""
+
+    def test_weak_references_behave_as_without_leakguard(self) -> None:
+        installed = _weak_views(12)
+        leakguard.uninstall()
+        try:
+            plain = _weak_views(12)
+        finally:
+            leakguard.install(integrations="none")
+        assert installed == plain
+
+    def test_record_follows_each_new_socket(self) -> None:
+        def here() -> tuple[socket.socket, int]:
+            return socket.socket(), this_line()
+
+        def there() -> tuple[socket.socket, int]:
+            return socket.socket(), this_line()
+
+        for i in range(8):
+            s, line = (here if i % 2 else there)()  # same depth, another site: frame items replaced
+            with s:
+                fd = s.fileno()
+                rec = registry.get(fd)
+                assert rec is not None and [f.line for f in rec.stack() if os.path.abspath(f.file) == HERE][-1] == line
+                del rec
+                e = registry.entry(fd)
+                assert e is not None and e[0]() is s
+                del e
+            del s  # gone before the next one: its weak reference is the one pointed at that
+            assert registry.get(fd) is None  # stale once closed: nothing reports it
+
+    def test_site_far_into_a_long_function(self) -> None:
+        """A creation site whose bytecode offset is beyond the hook's table of offset ints."""
+        body = "".join(f"    x{i} = {i}\n" for i in range(3000))
+        src = f"def far():\n{body}    return socket.socket(), this_line()\n"
+        ns: dict[str, Any] = {"socket": socket, "this_line": this_line}
+        exec(compile(src, HERE, "exec"), ns)
+        for _ in range(3):
+            s, line = ns["far"]()
+            with s:
+                rec = registry.get(s.fileno())
+                assert rec is not None
+                assert [f.line for f in rec.stack() if os.path.abspath(f.file) == HERE][-1] == line
