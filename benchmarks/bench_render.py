@@ -131,9 +131,9 @@ def _ops(with_pytest: bool = True) -> dict[str, Callable[[], Any]]:
         "report": periodic,
     }
     if with_pytest:  # importing pytest costs more than everything else here: not under callgrind
-        from leakguard import pytest_plugin
+        from leakguard.pytest_plugin import _terminal
 
-        ops["pytest"] = lambda: pytest_plugin._leak_text("leakguard: this test left", leakguard.snapshot().leaks)
+        ops["pytest"] = lambda: _terminal.leak_text("leakguard: this test left", leakguard.snapshot().leaks)
     return ops
 
 

@@ -34,14 +34,14 @@ from typing import Any
 
 from leakguard import _state, registry, report, stacks
 
+from ._attribution import contained
+
 __all__ = [
     "attach",
     "capture",
     "check_thresholds",
     "checked_in",
     "checked_out",
-    "enter_scope",
-    "exit_scope",
     "fd_of",
     "info_of",
     "mark_in",
@@ -75,46 +75,25 @@ def capture() -> stacks.Frames:
         return ()
 
 
-def enter_scope(origin: str, frames: stacks.Frames | None) -> Any:
-    """:func:`registry.push_scope` for a pool's own connect, contained: the token, or None."""
-    try:
-        return registry.push_scope(origin, None, frames)
-    except Exception:
-        registry.count_error()
-        return None
-
-
-def exit_scope(token: Any) -> None:
-    """Close what :func:`enter_scope` opened (nothing for None), contained."""
-    if token is None:
-        return
-    try:
-        registry.pop_scope(token)
-    except Exception:
-        registry.count_error()
-
-
 def mark_pooled(
     conn: Any, name: str, origin: str, frames: stacks.Frames, target: Callable[[Any], str | None]
 ) -> None:
     """*conn* was just opened by pool *name* and sits idle in it (from a pool's connect
     wrapper; contained).  Without the driver's own integration the socket is adopted
     here, with *frames*, and its target is ``target(conn)``."""
-    try:
+    with contained:
         info, rec = _link(conn, name, origin, None, frames)
         if not info.checked_out and info.idle_since is None:
             info.idle_since = time.monotonic()  # opened into the pool: idle from now
         if rec is not None and rec.target is None:
             rec.target = target(conn)
-    except Exception:
-        registry.count_error()
 
 
 def attach(conn: Any, origin: str, source: Any) -> None:
     """*conn*, already known to a pool, just opened its socket (*source*): link that
     socket's record to the pool slot (from a connect wrapper; contained, and a dict
     lookup for a connection no pool knows)."""
-    try:
+    with contained:
         link = _links.get(conn)
         if link is not None:
             info, rec = _link(conn, link[0].name, origin, source)
@@ -122,8 +101,6 @@ def attach(conn: Any, origin: str, source: Any) -> None:
                 with _lock:
                     if id(info) in _watched:
                         _watched[id(info)] = (info, rec)
-    except Exception:
-        registry.count_error()
 
 
 def mark_out(conn: Any, name: str, origin: str, frames: stacks.Frames) -> None:

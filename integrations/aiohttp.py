@@ -16,7 +16,8 @@ from typing import Any
 
 from leakguard._patch import Patches
 
-from . import _common
+from ._attribution import app_scope, contained, register_package, unregister_package
+from ._redact import http_target
 
 REQUIRES = "aiohttp >= 3.8"
 
@@ -25,31 +26,26 @@ _patches = Patches()
 
 def _target(req: Any) -> str | None:
     url = req.url  # yarl.URL: keep scheme, host and port only
-    return _common.http_target(url.scheme, url.host, url.port)
+    return http_target(url.scheme, url.host, url.port)
 
 
 async def _create_connection(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     # An async wrapper: the scope must be open while the coroutine runs, not when it is made.
-    try:
-        req = args[0] if args else kwargs["req"]
-        target = _target(req)
-    except Exception:
-        target = None
-    entered = _common.enter("aiohttp", target)
-    try:
+    target = None
+    with contained:
+        target = _target(args[0] if args else kwargs["req"])
+    with app_scope("aiohttp", target):
         return await wrapped(*args, **kwargs)
-    finally:
-        _common.leave(entered)
 
 
 def instrument() -> None:
     import aiohttp
     import aiohttp.connector
 
-    _common.register_package("aiohttp", aiohttp)
+    register_package("aiohttp", aiohttp)
     _patches.wrap(aiohttp.connector, "TCPConnector._create_connection", _create_connection)
 
 
 def uninstrument() -> None:
     _patches.undo()
-    _common.unregister_package("aiohttp")
+    unregister_package("aiohttp")

@@ -39,7 +39,7 @@ from typing import Any
 from leakguard import registry, stacks
 from leakguard._patch import Patches
 
-from ._common import call_then_reset, callable_code
+from ._attribution import call_then_reset, callable_code, contained
 
 __all__ = ["REQUIRES", "instrument", "uninstrument", "wrap_loop_class"]
 
@@ -221,7 +221,7 @@ def _listening_frames(factory: Any, server: Any) -> stacks.Frames:
 def _accept_connection2(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     """``BaseSelectorEventLoop._accept_connection2(protocol_factory, conn, extra, sslcontext, server, ...)``:
     the accepted socket's record names the handler and the line that started the server."""
-    try:
+    with contained:
         factory = args[0] if args else kwargs["protocol_factory"]
         conn = args[1] if len(args) > 1 else kwargs["conn"]
         server = args[4] if len(args) > 4 else kwargs.get("server")
@@ -230,8 +230,6 @@ def _accept_connection2(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> 
         server_frames = _listening_frames(factory, server)
         if rec is not None and server_frames:
             registry.adopt(fd, rec.origin, target=rec.target, frames=accept_frames(factory, server_frames), owner=conn)
-    except Exception:
-        registry.count_error()
     return wrapped(*args, **kwargs)
 
 
@@ -247,15 +245,13 @@ def _sock_accept(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 
 async def _readopt_accepted(coro: Any, frames: stacks.Frames) -> Any:
     result = await coro
-    try:
+    with contained:
         conn = result[0]
         fd = conn.fileno()
         rec = registry.get(fd)
         registry.adopt(
             fd, rec.origin if rec is not None else "socket", target=rec.target if rec else None, frames=frames, owner=conn
         )
-    except Exception:
-        registry.count_error()
     return result
 
 
@@ -312,10 +308,8 @@ def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 
 async def _adopt_connected(coro: Any, frames: stacks.Frames, sc: registry.Scope | None, after: int) -> Any:
     result = await coro
-    try:
+    with contained:
         adopt_transport(result[0], frames, sc, after)
-    except Exception:
-        registry.count_error()
     return result
 
 
@@ -331,21 +325,17 @@ class _AcceptingFactory:
 
     def __call__(self) -> Any:
         protocol = self.factory()
-        try:
+        with contained:
             # The loop makes the transport after the factory returns and schedules connection_made
             # next: two turns later the protocol holds its transport.
             self.loop.call_soon(self.loop.call_soon, self._adopt, protocol)
-        except Exception:
-            registry.count_error()
         return protocol
 
     def _adopt(self, protocol: Any) -> None:
-        try:
+        with contained:
             transport = getattr(protocol, "transport", None) or getattr(protocol, "_transport", None)
             if transport is not None and hasattr(transport, "get_extra_info"):
                 adopt_transport(transport, self.frames, None, 0)
-        except Exception:
-            registry.count_error()
 
 
 def _serve(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
@@ -367,11 +357,9 @@ def _serve(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 
 async def _adopt_listening(coro: Any, frames: stacks.Frames, after: int) -> Any:
     server = await coro
-    try:
+    with contained:
         for sock in server.sockets:
             adopt_socket(server, sock, frames, None, after)
-    except Exception:
-        registry.count_error()
     return server
 
 
@@ -406,7 +394,7 @@ def instrument() -> None:
     loop_class = asyncio.base_events.BaseEventLoop
     if not getattr(vars(loop_class)["create_task"], "_leakguard", False):
         hook = task_hook(vars(loop_class)["create_task"])
-        hook._leakguard = True  # type: ignore[attr-defined]
+        hook._leakguard = True
         _patches.set(loop_class, "create_task", hook)
     _patches.wrap(asyncio.base_events, "BaseEventLoop.create_server", _create_server)
     if hasattr(asyncio.unix_events, "_UnixSelectorEventLoop"):

@@ -16,8 +16,9 @@ from typing import Any
 from leakguard import registry, stacks
 from leakguard._patch import Patches
 
-from ._common import redact_dsn
+from ._attribution import contained, scope
 from ._pools import capture, fd_of
+from ._redact import redact_dsn
 
 __all__ = ["REQUIRES", "instrument", "resolved_target", "uninstrument"]
 
@@ -62,30 +63,26 @@ async def _run(
     frames: stacks.Frames,
     refine: bool,
 ) -> Any:
-    with registry.scope(origin, target, frames):
+    with scope(origin, target, frames):
         conn = await wrapped(*args, **kwargs)
     if refine:
-        try:
+        with contained:
             fd = fd_of(conn)
             if fd is not None:
                 registry.annotate(fd, target=resolved_target(conn))
-        except Exception:
-            registry.count_error()
     return conn
 
 
 def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     frames = capture()
     origin, target, refine = ORIGIN, None, False
-    try:
+    with contained:
         sc = registry.current_scope()
         if sc is not None:  # SQLAlchemy's greenlet bridge: the scope is visible here only
-            origin, target = sc.origin, sc.target
+            origin, target = sc.origin or origin, sc.target
             frames = sc.frames if sc.frames is not None else frames
         if target is None:
             target, refine = _target(args, kwargs), True
-    except Exception:
-        registry.count_error()
     return _run(wrapped, args, kwargs, origin, target, frames, refine)
 
 

@@ -32,6 +32,7 @@ from leakguard import registry, stacks
 from leakguard._patch import Patches
 
 from . import _pools
+from ._attribution import contained, scope
 from ._pools import capture
 from .asyncpg import resolved_target
 
@@ -52,15 +53,13 @@ def _name(pool: Any) -> str:
 
 
 def _init(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    try:
+    with contained:
         frames = capture()
         key = id(instance)
         _pool_frames.pop(key, None)  # a dead pool's entry under a reused id: this one is the newest
         _pool_frames[key] = frames
         while len(_pool_frames) > _MAX_POOLS:
             _pool_frames.pop(next(iter(_pool_frames)), None)
-    except Exception:
-        registry.count_error()
     try:
         return wrapped(*args, **kwargs)
     except BaseException:
@@ -70,11 +69,8 @@ def _init(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 
 async def _new_connection_run(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     frames = _pool_frames.get(id(instance))
-    token = _pools.enter_scope(ORIGIN, frames)  # inside the coroutine: the scope belongs to the task that connects
-    try:
+    with scope(ORIGIN, None, frames):  # inside the coroutine: the scope belongs to the task that connects
         conn = await wrapped(*args, **kwargs)
-    finally:
-        _pools.exit_scope(token)
     _pools.mark_pooled(conn, _name(instance), ORIGIN, frames or (), resolved_target)
     return conn
 

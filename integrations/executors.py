@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextvars
 import functools
+from collections.abc import Callable
 from typing import Any
 
 from leakguard import registry, stacks
 from leakguard._patch import Patches
 
-from ._common import call_then_reset, callable_code
+from ._attribution import call_then_reset, callable_code, contained
 
 __all__ = ["REQUIRES", "instrument", "uninstrument"]
 
@@ -41,7 +42,7 @@ def _job_context(fn: Any) -> contextvars.Context | None:
 
 def _note_job(item: Any) -> None:
     """In the submitting thread: the scope the job will run in, when its function is not application code."""
-    try:
+    with contained:
         fn = item.fn
         ctx = _job_context(fn)
         code = callable_code(fn.args[0] if ctx is not None and fn.args else fn)
@@ -49,8 +50,6 @@ def _note_job(item: Any) -> None:
             cont = registry.continuation(2, None, inherits=False)
             if cont is not None:  # made here: run() only sets it
                 setattr(item, _ATTR, registry.Scope(None, None, None, cont))
-    except Exception:
-        registry.count_error()
 
 
 def _init_hook(original: Any) -> Any:
@@ -62,6 +61,13 @@ def _init_hook(original: Any) -> Any:
     return functools.update_wrapper(__init__, original)
 
 
+def _reset_in(ctx: contextvars.Context) -> Callable[[contextvars.Token[registry.Scope | None]], None]:
+    def reset(token: contextvars.Token[registry.Scope | None]) -> None:
+        ctx.run(_scope.reset, token)
+
+    return reset
+
+
 def _run_hook(original: Any) -> Any:
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
         sc = vars(self).pop(_ATTR, None)
@@ -71,7 +77,7 @@ def _run_hook(original: Any) -> Any:
             ctx = _job_context(self.fn)
             if ctx is not None:  # to_thread: the continuation goes into its private copy of the context
                 token = ctx.run(_scope.set, sc)
-                reset: Any = functools.partial(ctx.run, _scope.reset)
+                reset = _reset_in(ctx)
             else:
                 token, reset = _scope.set(sc), _scope.reset
         except Exception:

@@ -20,7 +20,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from leakguard import _sockets, registry
+from leakguard import _sockets
+
+from ._attribution import contained
 
 __all__ = ["REQUIRES", "instrument", "uninstrument"]
 
@@ -35,13 +37,11 @@ def _hook_patched_socket() -> None:
 
 
 def _on_event(event: Any) -> None:
-    try:
+    with contained:  # gevent's patching goes on exactly as without us
         from gevent import events
 
         if isinstance(event, events.GeventDidPatchModuleEvent) and event.module_name == "socket":
             _hook_patched_socket()
-    except Exception:  # contained: gevent's patching goes on exactly as without us
-        registry.count_error()
 
 
 def instrument() -> None:

@@ -11,7 +11,8 @@ from typing import Any
 
 from leakguard._patch import Patches
 
-from . import _common
+from ._attribution import app_scope, contained, register_package, unregister_package
+from ._redact import http_target
 
 REQUIRES = None  # standard library
 
@@ -24,29 +25,25 @@ def _target(conn: Any) -> str | None:
     scheme = "https" if isinstance(conn, http.client.HTTPSConnection) else "http"
     host = getattr(conn, "_tunnel_host", None)  # through a proxy: where the app is going
     if host:
-        return _common.http_target(scheme, host, getattr(conn, "_tunnel_port", None))
-    return _common.http_target(scheme, conn.host, conn.port)
+        return http_target(scheme, host, getattr(conn, "_tunnel_port", None))
+    return http_target(scheme, conn.host, conn.port)
 
 
 def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    try:
+    target = None
+    with contained:
         target = _target(instance)
-    except Exception:
-        target = None
-    entered = _common.enter("http.client", target)
-    try:
+    with app_scope("http.client", target):
         return wrapped(*args, **kwargs)
-    finally:
-        _common.leave(entered)
 
 
 def instrument() -> None:
     import http.client
 
-    _common.register_package("http.client", http.client)
+    register_package("http.client", http.client)
     _patches.wrap(http.client, "HTTPConnection.connect", _connect)
 
 
 def uninstrument() -> None:
     _patches.undo()
-    _common.unregister_package("http.client")
+    unregister_package("http.client")

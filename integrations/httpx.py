@@ -14,7 +14,8 @@ from typing import Any
 
 from leakguard._patch import Patches
 
-from . import _common
+from ._attribution import app_scope, contained, register_package, unregister_package
+from ._redact import http_target
 
 REQUIRES = "httpx >= 0.18"
 
@@ -25,8 +26,8 @@ def _target(conn: Any) -> str | None:
     origin = getattr(conn, "_origin", None)  # httpcore.Origin(scheme=b"https", host=b"...", port=443)
     if origin is None:  # httpcore < 0.14: conn.origin is a (scheme, host, port) tuple
         scheme, host, port = conn.origin
-        return _common.http_target(scheme, host, port)
-    return _common.http_target(origin.scheme, origin.host, origin.port)
+        return http_target(scheme, host, port)
+    return http_target(origin.scheme, origin.host, origin.port)
 
 
 # Where each httpcore opens a connection's socket, newest first: (sync class, async class, method).
@@ -37,28 +38,20 @@ _OPENERS = (
 
 
 def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    try:
+    target = None
+    with contained:
         target = _target(instance)
-    except Exception:
-        target = None
-    entered = _common.enter("httpx", target)
-    try:
+    with app_scope("httpx", target):
         return wrapped(*args, **kwargs)
-    finally:
-        _common.leave(entered)
 
 
 async def _aconnect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     # An async wrapper: the scope must be open while the coroutine runs, not when it is made.
-    try:
+    target = None
+    with contained:
         target = _target(instance)
-    except Exception:
-        target = None
-    entered = _common.enter("httpx", target)
-    try:
+    with app_scope("httpx", target):
         return await wrapped(*args, **kwargs)
-    finally:
-        _common.leave(entered)
 
 
 def instrument() -> None:
@@ -66,7 +59,7 @@ def instrument() -> None:
     import httpcore._sync.connection
     import httpx
 
-    _common.register_package("httpx", httpx)
+    register_package("httpx", httpx)
     sync, async_ = httpcore._sync.connection, httpcore._async.connection
     for sync_class, async_class, method in _OPENERS:
         if method in vars(getattr(sync, sync_class, object)):
@@ -78,4 +71,4 @@ def instrument() -> None:
 
 def uninstrument() -> None:
     _patches.undo()
-    _common.unregister_package("httpx")
+    unregister_package("httpx")

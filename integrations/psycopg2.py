@@ -22,8 +22,9 @@ from typing import Any
 from leakguard import registry, stacks
 from leakguard._patch import Patches
 
-from ._common import redact_dsn
+from ._attribution import contained
 from ._pools import capture
+from ._redact import redact_dsn
 
 __all__ = ["REQUIRES", "adopt_connection", "instrument", "pg_target", "uninstrument"]
 
@@ -55,7 +56,7 @@ def adopt_connection(
 
     *sc* is the scope in effect when connect() was called (default: the current one).
     """
-    try:
+    with contained:
         fd = conn.fileno()
         if not isinstance(fd, int) or fd < 0:
             return
@@ -63,12 +64,10 @@ def adopt_connection(
             sc = registry.current_scope()
         target = sc.target if sc is not None and sc.target else pg_target(conn)
         if sc is not None:
-            origin = sc.origin
+            origin = sc.origin or origin
             if sc.frames is not None:
                 frames = sc.frames
         registry.adopt(fd, origin, target=target, frames=frames, owner=conn)
-    except Exception:
-        registry.count_error()
 
 
 def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:

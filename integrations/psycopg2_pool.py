@@ -27,10 +27,11 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-from leakguard import registry, stacks
+from leakguard import stacks
 from leakguard._patch import Patches
 
 from . import _pools
+from ._attribution import contained, scope
 from ._pools import capture
 from .psycopg2 import pg_target
 
@@ -52,10 +53,8 @@ def _name(pool: Any) -> str:
 
 
 def _init(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    try:
+    with contained:
         _pool_frames[instance] = capture()  # before the call: __init__ opens minconn connections
-    except Exception:
-        registry.count_error()
     return wrapped(*args, **kwargs)
 
 
@@ -63,11 +62,8 @@ def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     frames = _pool_frames.get(instance)
     if frames is None:  # a pool made before install(): the line that made it open one
         frames = capture()
-    token = _pools.enter_scope(ORIGIN, frames)
-    try:
+    with scope(ORIGIN, None, frames):
         conn = wrapped(*args, **kwargs)
-    finally:
-        _pools.exit_scope(token)
     _pools.mark_pooled(conn, _name(instance), ORIGIN, frames, pg_target)
     return conn
 
@@ -87,11 +83,9 @@ def _putconn(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 
 
 def _closeall(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    try:
+    held: list[Any] = []
+    with contained:
         held = list(instance._used.values())
-    except Exception:
-        registry.count_error()
-        held = []
     result = wrapped(*args, **kwargs)
     for conn in held:
         _pools.mark_in(conn)  # closed by the pool: nothing is out any more

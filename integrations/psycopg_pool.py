@@ -22,6 +22,7 @@ from leakguard import registry, stacks
 from leakguard._patch import Patches
 
 from . import _pools
+from ._attribution import contained, scope
 from ._pools import capture
 from .psycopg2 import pg_target
 
@@ -39,10 +40,8 @@ def _name(pool: Any) -> str:
 
 
 def _init(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    try:
+    with contained:
         _pool_frames[instance] = capture()
-    except Exception:
-        registry.count_error()
     return wrapped(*args, **kwargs)
 
 
@@ -54,11 +53,8 @@ def _pooled(conn: Any, pool: Any) -> None:
 
 
 def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    token = _pools.enter_scope(ORIGIN, _pool_frames.get(instance))
-    try:
+    with scope(ORIGIN, None, _pool_frames.get(instance)):
         conn = wrapped(*args, **kwargs)
-    finally:
-        _pools.exit_scope(token)
     _pooled(conn, instance)
     return conn
 
@@ -79,11 +75,8 @@ def _putconn(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 
 
 async def _aconnect_run(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    token = _pools.enter_scope(ORIGIN, _pool_frames.get(instance))  # inside the coroutine: the task's scope
-    try:
+    with scope(ORIGIN, None, _pool_frames.get(instance)):  # inside the coroutine: the task's scope
         conn = await wrapped(*args, **kwargs)
-    finally:
-        _pools.exit_scope(token)
     _pooled(conn, instance)
     return conn
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from leakguard import registry
 from leakguard._patch import Patches
 
-from ._common import call_in_scope, redact_dsn
+from ._attribution import contained, scope
 from ._pools import capture
+from ._redact import redact_dsn
 
 __all__ = ["REQUIRES", "instrument", "mysql_target", "uninstrument"]
 
@@ -47,12 +47,11 @@ def mysql_target(conn: Any) -> str | None:
 
 def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     frames = capture()
-    try:
+    target = None
+    with contained:
         target = mysql_target(instance)
-    except Exception:
-        registry.count_error()
-        target = None
-    return call_in_scope(ORIGIN, target, frames, wrapped, args, kwargs)
+    with scope(ORIGIN, target, frames):
+        return wrapped(*args, **kwargs)
 
 
 def instrument() -> None:

@@ -23,8 +23,9 @@ from leakguard import registry, stacks
 from leakguard._patch import Patches
 
 from . import _pools
-from ._common import redact_dsn
+from ._attribution import contained, scope
 from ._pools import capture
+from ._redact import redact_dsn
 
 __all__ = ["REQUIRES", "instrument", "redis_target", "uninstrument"]
 
@@ -56,32 +57,16 @@ def redis_target(conn: Any) -> str | None:
     )
 
 
-def _enter(instance: Any) -> Any:
-    try:
-        cm = registry.scope(ORIGIN, redis_target(instance), capture_outer())
-        cm.__enter__()
-        return cm
-    except Exception:
-        registry.count_error()
-        return None
-
-
-def capture_outer() -> stacks.Frames:
-    """The application's stack from inside a wrapper (3 = this, _enter, the wrapper)."""
-    try:
-        return stacks.capture(3, registry.depth[0])
-    except Exception:
-        registry.count_error()
-        return ()
+def _scope(instance: Any, frames: stacks.Frames) -> scope:
+    target = None
+    with contained:
+        target = redis_target(instance)
+    return scope(ORIGIN, target, frames)
 
 
 def _connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    cm = _enter(instance)
-    try:
+    with _scope(instance, capture()):
         return wrapped(*args, **kwargs)
-    finally:
-        if cm is not None:
-            cm.__exit__(None, None, None)
 
 
 def _aconnect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
@@ -90,16 +75,8 @@ def _aconnect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 
 
 async def _aconnect_scoped(wrapped: Any, instance: Any, args: Any, kwargs: Any, frames: stacks.Frames) -> Any:
-    try:
-        cm: Any = registry.scope(ORIGIN, redis_target(instance), frames)
-        cm.__enter__()
-    except Exception:
-        registry.count_error()
+    with _scope(instance, frames):
         return await wrapped(*args, **kwargs)
-    try:
-        return await wrapped(*args, **kwargs)
-    finally:
-        cm.__exit__(None, None, None)
 
 
 def _pool_name(pool: Any) -> str:

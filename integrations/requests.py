@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from leakguard import registry
 from leakguard._patch import Patches
 
-from . import _common, _pools
+from . import _pools
+from ._attribution import contained, register_package, unregister_package
 from . import urllib3 as _urllib3
 
 REQUIRES = "requests >= 2.26"
@@ -28,14 +28,12 @@ _patches = Patches()
 
 def _mount(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     result = wrapped(*args, **kwargs)
-    try:
+    with contained:
         adapter = args[1] if len(args) > 1 else kwargs.get("adapter")
         manager = getattr(adapter, "poolmanager", None)
         if manager is not None:
             label = f"{type(instance).__module__.partition('.')[0]}.{type(instance).__name__} {id(instance):#x}"
             _urllib3.set_owner(manager, instance, label, _pools.capture())
-    except Exception:
-        registry.count_error()
     return result
 
 
@@ -43,7 +41,7 @@ def instrument() -> None:
     import requests
     import requests.sessions
 
-    _common.register_package("requests", requests)
+    register_package("requests", requests)
     _urllib3.acquire("requests")
     _patches.wrap(requests.sessions, "Session.mount", _mount)
 
@@ -51,4 +49,4 @@ def instrument() -> None:
 def uninstrument() -> None:
     _patches.undo()
     _urllib3.release("requests")
-    _common.unregister_package("requests")
+    unregister_package("requests")

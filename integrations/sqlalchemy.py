@@ -34,7 +34,8 @@ from leakguard import registry, stacks
 from leakguard._patch import Patches
 
 from . import _pools
-from ._common import DEFAULT_PORTS, call_in_scope, redact_dsn
+from ._attribution import contained, scope
+from ._redact import DEFAULT_PORTS, redact_dsn
 
 __all__ = ["REQUIRES", "instrument", "uninstrument"]
 
@@ -101,29 +102,24 @@ def app_stack(skip: int = 1) -> stacks.Frames:
 
 def _record_connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     """``_ConnectionRecord.__connect``: origin and the application's stack for the new connection."""
-    return call_in_scope(ORIGIN, None, app_stack(1), wrapped, args, kwargs)
+    with scope(ORIGIN, None, app_stack(1)):
+        return wrapped(*args, **kwargs)
 
 
 def _dialect_connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     """``DefaultDialect.connect``: the target; adopts a C-level socket no driver integration took."""
-    try:
-        frames = app_stack(1)
-        cm: Any = registry.scope(ORIGIN, dialect_target(instance, args, kwargs), frames)
-        sc = cm.__enter__()
-    except Exception:
-        registry.count_error()
-        return wrapped(*args, **kwargs)
-    try:
+    target = None
+    with contained:
+        target = dialect_target(instance, args, kwargs)
+    with scope(ORIGIN, target, app_stack(1)) as sc:
         conn = wrapped(*args, **kwargs)
-    finally:
-        cm.__exit__(None, None, None)
-    try:
+    if sc is None:
+        return conn
+    with contained:
         fd = _pools.fd_of(conn)
         if fd is not None and registry.get(fd) is None:
             # libpq & co. without their own integration (turned off, or an unknown driver)
-            registry.adopt(fd, sc.origin, target=sc.target, frames=sc.frames, owner=conn)
-    except Exception:
-        registry.count_error()
+            registry.adopt(fd, sc.origin or ORIGIN, target=sc.target, frames=sc.frames, owner=conn)
     return conn
 
 
@@ -173,10 +169,8 @@ def uninstrument() -> None:
 
     while _listeners:
         target, name, fn = _listeners.pop()
-        try:
+        with contained:
             if event.contains(target, name, fn):
                 event.remove(target, name, fn)
-        except Exception:
-            registry.count_error()
     _patches.undo()
     _pools.stop()

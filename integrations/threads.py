@@ -16,7 +16,7 @@ from typing import Any
 from leakguard import registry, stacks
 from leakguard._patch import Patches
 
-from ._common import callable_code
+from ._attribution import callable_code, contained
 
 __all__ = ["REQUIRES", "instrument", "uninstrument"]
 
@@ -28,7 +28,7 @@ _pending: dict[int, stacks.Continuation] = {}  # id(thread) -> its continuation,
 
 def _start(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     key = None
-    try:
+    with contained:
         target = getattr(instance, "_target", None)
         code = callable_code(target if target is not None else type(instance).run)
         if code is None or not stacks._is_app_code(code):
@@ -36,8 +36,6 @@ def _start(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
             if cont is not None:
                 key = id(instance)
                 _pending[key] = cont
-    except Exception:
-        registry.count_error()
     try:
         return wrapped(*args, **kwargs)
     except BaseException:
@@ -47,12 +45,10 @@ def _start(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 
 
 def _bootstrap_inner(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    try:
+    with contained:
         cont = _pending.pop(id(instance), None)
         if cont is not None:
             registry.enter_continuation(cont)  # the thread's own context: nothing to reset at its end
-    except Exception:
-        registry.count_error()
     return wrapped(*args, **kwargs)
 
 

@@ -28,8 +28,10 @@ from typing import Any, NamedTuple
 from leakguard import registry, stacks
 from leakguard._patch import Patches
 
-from . import _common, _pools
+from . import _pools
+from ._attribution import app_scope, contained, register_package, unregister_package
 from ._pools import capture
+from ._redact import http_target
 
 REQUIRES = "urllib3 >= 1.25, < 3"
 ORIGIN = "urllib3"
@@ -57,20 +59,16 @@ def _target(conn: Any) -> str | None:
     scheme = "https" if getattr(conn, "default_port", 80) == 443 else "http"
     host = getattr(conn, "_tunnel_host", None)  # through a proxy: where the app is going
     if host:
-        return _common.http_target(scheme, host, getattr(conn, "_tunnel_port", None))
-    return _common.http_target(scheme, conn.host, conn.port)
+        return http_target(scheme, host, getattr(conn, "_tunnel_port", None))
+    return http_target(scheme, conn.host, conn.port)
 
 
 def _new_conn(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    try:
+    target = None
+    with contained:
         target = _target(instance)
-    except Exception:
-        target = None
-    entered = _common.enter("urllib3", target)
-    try:
+    with app_scope("urllib3", target):
         sock = wrapped(*args, **kwargs)
-    finally:
-        _common.leave(entered)
     _pools.attach(instance, ORIGIN, sock)  # checked out of its pool before it had a socket
     return sock
 
@@ -85,7 +83,7 @@ def set_owner(manager: Any, owner: Any, label: str, frames: stacks.Frames) -> No
 
 def pool_name(pool: Any) -> str:
     """``urllib3 HTTPConnectionPool(http://127.0.0.1:8080, maxsize=10)``."""
-    target = _common.http_target(getattr(pool, "scheme", "http"), pool.host, pool.port)
+    target = http_target(getattr(pool, "scheme", "http"), pool.host, pool.port)
     queue = getattr(pool, "pool", None)
     size = getattr(queue, "maxsize", None)
     return f"urllib3 {type(pool).__name__}({target}" + (f", maxsize={size})" if size is not None else ")")
@@ -141,10 +139,8 @@ def _close(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 
 def _new_pool(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     pool = wrapped(*args, **kwargs)
-    try:
+    with contained:
         _managers[pool] = weakref.ref(instance)
-    except Exception:
-        registry.count_error()
     return pool
 
 
@@ -177,10 +173,10 @@ def release(user: str) -> None:
 def instrument() -> None:
     import urllib3
 
-    _common.register_package("urllib3", urllib3)
+    register_package("urllib3", urllib3)
     acquire("urllib3")
 
 
 def uninstrument() -> None:
     release("urllib3")
-    _common.unregister_package("urllib3")
+    unregister_package("urllib3")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from ._value import Value
 
-__all__ = ["Config", "OPTIONS", "parse"]
+__all__ = ["Config", "OPTIONS", "Option", "TABLE", "parse"]
 
 
 def _show(value: Any) -> str:
@@ -77,6 +77,16 @@ def _int_range(lo: int, hi: int) -> Callable[[str, Any], int]:
         out = _to_int(value)
         if out is None or not lo <= out <= hi:
             raise ValueError(f"{name} must be an integer from {lo} to {hi}, not {_show(value)}")
+        return out
+
+    return check
+
+
+def _seconds_from(lo: int, hi: int) -> Callable[[str, Any], float]:
+    def check(name: str, value: Any) -> float:
+        out = _to_float(value)
+        if out is None or not lo <= out <= hi:  # NaN fails both comparisons
+            raise ValueError(f"{name} must be a number of seconds from {lo} to {hi}, not {_show(value)}")
         return out
 
     return check
@@ -215,55 +225,120 @@ def _host(name: str, value: Any) -> str:
     return text
 
 
+T = TypeVar("T")
+
+
+class Option:
+    """One ``install()`` option: the one place its name, type, check, default and help are written.
+
+    ``Config``'s fields, ``leakguard run``'s flags and help, the ``install()`` docstring
+    and the README's options table are all made from :data:`TABLE`.
+    """
+
+    __slots__ = ("check", "default", "help", "name", "shown")
+
+    def __init__(self, default: Any, check: Callable[[str, Any], Any], help: str, shown: str) -> None:
+        self.name = ""  # the Config field it is assigned to
+        self.default = default
+        self.check = check  # check(name, value) -> the value, or ValueError naming the option
+        self.help = help  # what it does and what it accepts, one sentence
+        self.shown = shown  # the default as the docs print it
+
+    @property
+    def env(self) -> str:
+        """The environment variable it is read from when install() is not given it."""
+        return f"LEAKGUARD_{self.name.upper()}"
+
+    @property
+    def flag(self) -> str:
+        """Its ``leakguard run`` flag."""
+        return "--" + self.name.replace("_", "-")
+
+
+def option(default: T, check: Callable[[str, Any], T], help: str, shown: str | None = None) -> T:
+    """A field of :class:`Config` (typed as its value, as ``dataclasses.field`` is)."""
+    return Option(default, check, help, str(default) if shown is None else shown)  # type: ignore[return-value]
+
+
 class Config(Value):
     """The effective configuration of an install(): immutable, compared and hashed by
-    value, as ``@dataclass(frozen=True)`` made it (see :class:`Value`)."""
+    value, as ``@dataclass(frozen=True)`` made it (see :class:`Value`).
 
-    report_interval: float | None
-    stack_depth: int
-    integrations: tuple[str, ...] | None
-    checkout_threshold: float | None
-    log_format: str
-    dump_signal: int | None
-    top_sites: int
-    max_events_per_report: int
-    churn_warning: bool
-    churn_limit: int | None  # closes per site per 60 s; None = half of ip_local_port_range
-    max_events_per_minute: int
-    metrics_port: int | None
-    metrics_addr: str
+    The class body is the table of options (:data:`TABLE`): each field's type, default,
+    check and help, in the order ``leakguard run --help`` and the docs list them.
+    """
 
-    def __init__(
-        self,
-        report_interval: float | None = None,
-        stack_depth: int = 48,
-        integrations: tuple[str, ...] | None = None,
-        checkout_threshold: float | None = None,
-        log_format: str = "auto",
-        dump_signal: int | None = None,
-        top_sites: int = 10,
-        max_events_per_report: int = 50,
-        churn_warning: bool = True,
-        churn_limit: int | None = None,
-        max_events_per_minute: int = 120,
-        metrics_port: int | None = None,
-        metrics_addr: str = "127.0.0.1",
-    ) -> None:
-        vars(self).update(
-            report_interval=report_interval,
-            stack_depth=stack_depth,
-            integrations=integrations,
-            checkout_threshold=checkout_threshold,
-            log_format=log_format,
-            dump_signal=dump_signal,
-            top_sites=top_sites,
-            max_events_per_report=max_events_per_report,
-            churn_warning=churn_warning,
-            churn_limit=churn_limit,
-            max_events_per_minute=max_events_per_minute,
-            metrics_port=metrics_port,
-            metrics_addr=metrics_addr,
-        )
+    report_interval: float | None = option(
+        None,
+        _seconds_or_none,
+        "seconds between periodic structlog reports, 0.01 to 31,536,000 (365 days); unset = no watcher thread"
+        " (`leakguard run`: 60)",
+        "unset",
+    )
+    stack_depth: int = option(
+        48,
+        _int_range(1, 1024),
+        "most frames captured per socket, 1 to 1,024 (the capture stops three frames past the application's frame)",
+    )
+    integrations: tuple[str, ...] | None = option(
+        None,
+        _integrations,
+        "`all`, `none`, or a comma-separated list of integration names (`leakguard doctor` lists them)",
+        "`all`",
+    )
+    checkout_threshold: float | None = option(
+        None,
+        _seconds_or_none,
+        "report pooled connections checked out longer than this many seconds, with the checkout stack, and again"
+        " when returned (HikariCP's `leakDetectionThreshold`); 0.01 s to 365 days",
+        "unset",
+    )
+    log_format: str = option(
+        "auto",
+        _choice("auto", "console", "json"),
+        "`auto` (the host's structlog configuration, else readable lines on stderr), `console` or `json`",
+        "`auto`",
+    )
+    dump_signal: int | None = option(
+        None,
+        _signal,
+        "a signal (e.g. `SIGUSR1`) that writes a report at once; not " + ", ".join(REFUSED_SIGNALS),
+        "unset",
+    )
+    top_sites: int = option(10, _int_range(1, 10_000), "most leak sites per report, 1 to 10,000")
+    max_events_per_report: int = option(
+        50, _int_range(1, 100_000), "most events per report, 1 to 100,000: a leak storm cannot flood the logs"
+    )
+    churn_warning: bool = option(
+        True,
+        _bool,
+        "warn when one creation site closes connections to one peer fast enough to exhaust ephemeral ports"
+        " (TIME_WAIT)",
+        "on",
+    )
+    churn_limit: int | None = option(
+        None,
+        _int_or_none(1, 10_000_000),
+        "closes per site and peer per 60 s that trigger the churn warning, 1 to 10,000,000",
+        "half the ephemeral port range",
+    )
+    max_events_per_minute: int = option(120, _int_range(1, 1_000_000), "rate limit on report events, 1 to 1,000,000")
+    metrics_port: int | None = option(
+        None,
+        _port_or_none,
+        "serve Prometheus metrics on this port (0 = any free port; extra `leakguard[prometheus]`), or call"
+        " `leakguard.metrics.register(registry)`",
+        "unset",
+    )
+    metrics_addr: str = option(
+        "127.0.0.1", _host, "address the metrics server binds: an IP address of this host, or `localhost`", "`127.0.0.1`"
+    )
+
+    def __init__(self, **values: Any) -> None:
+        unknown = [name for name in values if name not in OPTIONS]
+        if unknown:
+            raise TypeError(f"Config() got an unexpected keyword argument {unknown[0]!r}")
+        vars(self).update({o.name: values.get(o.name, o.default) for o in TABLE})
 
     def replace(self, **changes: Any) -> Config:
         """A copy with *changes* applied (``dataclasses.replace``)."""
@@ -283,22 +358,33 @@ class Config(Value):
         raise FrozenInstanceError(f"cannot delete field {name!r}")
 
 
+def _table(cls: type) -> tuple[Option, ...]:
+    out = []
+    for name in Config._fields:
+        opt = vars(cls)[name]
+        opt.name = name
+        delattr(cls, name)  # an instance always has its own value
+        out.append(opt)
+    return tuple(out)
+
+
+#: Every install() option, in order.
+TABLE: tuple[Option, ...] = _table(Config)
+
 #: option name -> validator(name, value)
-OPTIONS: dict[str, Callable[[str, Any], Any]] = {
-    "report_interval": _seconds_or_none,
-    "stack_depth": _int_range(1, 1024),
-    "integrations": _integrations,
-    "checkout_threshold": _seconds_or_none,
-    "log_format": _choice("auto", "console", "json"),
-    "dump_signal": _signal,
-    "top_sites": _int_range(1, 10_000),
-    "max_events_per_report": _int_range(1, 100_000),
-    "churn_warning": _bool,
-    "churn_limit": _int_or_none(1, 10_000_000),
-    "max_events_per_minute": _int_range(1, 1_000_000),
-    "metrics_port": _port_or_none,
-    "metrics_addr": _host,
-}
+OPTIONS: dict[str, Callable[[str, Any], Any]] = {o.name: o.check for o in TABLE}
+
+
+def docstring_lines() -> list[str]:
+    """The options as the ``install()`` docstring lists them (reST)."""
+    return [f"- ``{o.name}`` (default {o.shown.strip('`')}): {o.help.replace('`', '``')}." for o in TABLE]
+
+
+def readme_table() -> str:
+    """The README's options table (Markdown); tests/test_options.py checks the README shows it."""
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{o.name}` | {o.shown} | {o.help} |" for o in TABLE]
+    return "\n".join(rows)
 
 
 def parse(options: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
@@ -310,11 +396,11 @@ def parse(options: Mapping[str, Any], environ: Mapping[str, str] | None = None) 
             f"unknown leakguard option(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(sorted(OPTIONS))}"
         )
     values: dict[str, Any] = {}
-    for name, check in OPTIONS.items():
+    for opt in TABLE:
+        name, check, env = opt.name, opt.check, opt.env
         if name in options:
             values[name] = check(name, options[name])
             continue
-        env = f"LEAKGUARD_{name.upper()}"
         if env in environ:
             try:
                 values[name] = check(name, environ[env])

@@ -163,14 +163,7 @@ def install(**options: Any) -> None:
 
     Options (each also read from ``LEAKGUARD_<OPTION>`` when not given):
 
-    - ``report_interval``: seconds between periodic structlog reports; unset = no watcher thread.
-    - ``stack_depth``: most frames captured per socket (default 48).
-    - ``integrations``: ``"all"`` (default), ``"none"`` or a list of names from
-      :data:`leakguard.integrations.INTEGRATIONS`.
-    - ``checkout_threshold``: report pooled connections checked out longer than this (seconds).
-    - ``log_format``: ``auto`` (host's structlog configuration, else readable lines), ``console`` or ``json``.
-    - ``dump_signal``: a signal (``SIGUSR1``) that writes a report at once.
-    - ``top_sites``, ``max_events_per_report``: bounds on report volume.
+    {options}
 
     A bad value raises ``ValueError`` naming the option and what it accepts.
     """
@@ -190,6 +183,10 @@ def install(**options: Any) -> None:
             _state.pid = os.getpid()
         _sync_integrations()
         watcher.configure(_state)
+
+
+if install.__doc__ is not None:  # None under python -OO
+    install.__doc__ = install.__doc__.replace("{options}", "\n    ".join(_config.docstring_lines()))
 
 
 def uninstall() -> None:

@@ -15,29 +15,8 @@ from . import _config
 __all__ = ["main"]
 
 
-#: What each option does, for ``leakguard run --help``.
-_HELP = {
-    "report_interval": "seconds between periodic structlog reports (default for 'run': 60; 'none' = off)",
-    "stack_depth": "most frames captured per socket",
-    "integrations": "'all', 'none' or a comma-separated list of integrations",
-    "checkout_threshold": "report pooled connections checked out longer than this many seconds",
-    "log_format": "auto (the program's structlog configuration, else readable lines), console or json",
-    "dump_signal": "a signal (e.g. SIGUSR1) that writes a report at once",
-    "top_sites": "most leak sites reported per report",
-    "max_events_per_report": "most events per report",
-    "max_events_per_minute": "rate limit on report events",
-    "churn_warning": "warn about sites that open and close connections fast enough to exhaust local ports",
-    "churn_limit": "closes per site and peer per 60 s that trigger the churn warning (default: half the port range)",
-    "metrics_port": "serve Prometheus metrics on this port (0 = any free port; needs prometheus_client)",
-    "metrics_addr": "address the metrics server binds (default 127.0.0.1)",
-}
-
 #: ``leakguard run`` turns the watcher on unless told otherwise: nobody calls snapshot() in production.
 RUN_DEFAULTS = {"report_interval": "60"}
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,10 +35,9 @@ def _parser() -> argparse.ArgumentParser:
             "process: its exit code and the signals sent to it are its own."
         ),
     )
-    for name in _config.OPTIONS:
-        run.add_argument(
-            _flag(name), dest=name, metavar="VALUE", help=f"{_HELP.get(name, name)} [LEAKGUARD_{name.upper()}]"
-        )
+    for opt in _config.TABLE:
+        text = f"{opt.help} (default {RUN_DEFAULTS.get(opt.name, opt.shown.strip('`'))}) [{opt.env}]"
+        run.add_argument(opt.flag, dest=opt.name, metavar="VALUE", help=text.replace("`", "").replace("%", "%%"))
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command to run, after --")
     snap = sub.add_parser("snapshot", help="print this process's sockets (mostly useful under 'run')")
     snap.add_argument("--json", action="store_true")
@@ -140,14 +118,16 @@ def run_environment(options: dict[str, str], environ: dict[str, str]) -> dict[st
     Raises ValueError naming the option (``--report-interval``) or variable at fault.
     """
     env = dict(environ)
+    table = {o.name: o for o in _config.TABLE}
     for name, value in options.items():
+        opt = table[name]
         try:
-            _config.OPTIONS[name](name, value)
+            opt.check(name, value)
         except ValueError as exc:
-            raise ValueError(f"{_flag(name)}: {exc}") from None
-        env[f"LEAKGUARD_{name.upper()}"] = value
+            raise ValueError(f"{opt.flag}: {exc}") from None
+        env[opt.env] = value
     for name, value in RUN_DEFAULTS.items():
-        env.setdefault(f"LEAKGUARD_{name.upper()}", value)
+        env.setdefault(table[name].env, value)
     _config.parse({}, env)  # the variables the program will see: a bad one is an error here
     boot = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bootstrap")
     old = env.get("PYTHONPATH")

@@ -17,10 +17,12 @@ For every leak this module answers:
 Cost: nothing for a snapshot without leaks, and nothing until a diagnosis is
 read (:class:`Batch`); then one walk for all the snapshot's leaks.  The walk
 goes breadth first from the roots one level at a time, each level's referents
-taken by one ``gc.get_referents`` call and checked against the targets by
-identity in C (``map``/``compress`` over ids: no Python loop per object, no
-``gc.get_referrers``), and stops as soon as every target is found.  The paths are
-rebuilt afterwards from the few parents needed.  A budget of objects and of
+taken by ``gc.get_referents`` a chunk of objects at a time and checked against
+the targets by identity in C (``map``/``compress`` over ids: no Python loop per
+object, no ``gc.get_referrers``), built-in containers of more than ``BIG`` items
+last, and stops as soon as every target is found: a million-item list beside
+the global that holds the leaks is never read.  The paths are rebuilt
+afterwards from the few parents needed.  A budget of objects and of
 seconds bounds it; past it the diagnosis says "gave up after N objects".
 Sockets leakguard never saw created are found among the collector's objects
 by their C-level descriptor (no ``fileno()`` of arbitrary objects is called).
@@ -278,31 +280,86 @@ _NOT = bytes([1, 0]) + bytes(254)  # bytes.translate table: 0 <-> 1
 _is_tracked = gc.is_tracked
 
 
+#: Objects per ``gc.get_referents`` call in a level, and the size from which a container is read last in its
+#: level (only when targets remain once the rest of the level is read: a list of a million objects beside the
+#: module global that holds the leaks costs nothing).
+CHUNK = 2048
+BIG = 16_384
+_CONTAINERS = frozenset({list, tuple, dict, set, frozenset})
+_BIG_LT = BIG.__lt__
+
+
+def _big_positions(chunk: list[Any]) -> list[int]:
+    """Indices in *chunk* of built-in containers of more than BIG items (their exact type: len() runs no Python)."""
+    cand = list(itertools.compress(itertools.count(), map(_CONTAINERS.__contains__, map(type, chunk))))
+    if not cand:
+        return []
+    return list(itertools.compress(cand, map(_BIG_LT, map(len, map(chunk.__getitem__, cand)))))
+
+
+def _spans(level: list[Any]) -> Iterator[tuple[int, int, list[Any] | None]]:
+    """(lo, hi, referents of level[lo:hi]) covering *level* in order, chunks of at most CHUNK objects, each big
+    container alone and not read yet (None)."""
+    for start in range(0, len(level), CHUNK):
+        chunk = level[start : start + CHUNK]
+        lo = 0
+        for b in [*_big_positions(chunk), len(chunk)]:
+            if lo < b:
+                yield start + lo, start + b, _get_referents(*chunk[lo:b])
+            if b < len(chunk):
+                yield start + b, start + b + 1, None
+            lo = b + 1
+
+
+class _Part:
+    """``level[lo:hi]`` and their referents in one list (``gc.get_referents(*level[lo:hi])``); ``first``: the
+    index in the next level of the first object met here (the parts of a level fill the next one in order)."""
+
+    __slots__ = ("cum", "first", "flat", "hi", "lo")
+
+    def __init__(self, lo: int, hi: int, flat: list[Any] | None) -> None:
+        self.lo, self.hi, self.flat = lo, hi, flat
+        self.cum: list[int] | None = None
+        self.first = 0
+
+
 class _Walk:
     """Breadth-first levels from the roots; ``hits`` maps a target's id to up to MAX_PATHS (level, parent, offset).
 
-    ``levels[k]`` holds the objects first met k steps from the roots, ``flats[k]`` the referents of
-    ``levels[k]`` in one list (``gc.get_referents(*levels[k])``, so each object's referents in turn).
-    Nothing per object is done in Python: ids, the seen set and the target check are ``map``, ``compress``
-    and set operations.  A target's parent is the object whose run of ``flats[k]`` holds it, found by
-    bisecting the cumulative referent counts, made only for the levels on a path.
+    ``levels[k]`` holds the objects first met k steps from the roots, ``parts[k]`` their referents, a chunk of
+    ``levels[k]`` at a time (each object's referents in turn).  Nothing per object is done in Python: ids, the
+    seen set and the target check are ``map``, ``compress`` and set operations.  A level is read for targets
+    first, big containers last, and ends the walk when they are all found, before any of it is recorded as
+    seen; only a level that does not is taken into the seen set and makes the next one (tracked objects only:
+    atoms refer to nothing).  A target's parent is the object whose run of referents holds it, found by
+    bisecting the cumulative referent counts of its chunk, made only for the chunks on a path.
     """
 
     def __init__(self, starts: list[Any], seen: set[int], budget: _Budget) -> None:
         self.levels: list[list[Any]] = [starts]
-        self.flats: list[list[Any]] = []
-        self.cums: dict[int, list[int]] = {}
+        self.parts: list[list[_Part]] = []
         self.seen = seen
         self.seen.update(map(id, starts))
         self.budget = budget
         self.hits: dict[int, list[tuple[int, int, int]]] = {}
         self.complete = False  # every object reachable from the starts was examined
-        self._last: tuple[tuple[int, int], list[Any]] = ((-1, -1), [])  # the referents _locate read last
+        self._last: tuple[Any, list[Any]] = (None, [])  # the object whose referents _locate read last, and those
 
     def _hit(self, tid: int, hit: tuple[int, int, int]) -> None:
         found = self.hits.setdefault(tid, [])
         if len(found) < MAX_PATHS:
             found.append(hit)
+
+    def _scan(self, k: int, part: _Part, remaining: set[int]) -> None:
+        """Record the targets among *part*'s referents (a mask of bytes and find(), i.e. memchr: no object per
+        position, no ids kept)."""
+        flat = part.flat
+        assert flat is not None
+        mask = bytes(map(remaining.__contains__, map(id, flat)))
+        p = mask.find(1)
+        while p >= 0:
+            self._hit(id(flat[p]), (k, *self._locate(k, part, p)))
+            p = mask.find(1, p + 1)
 
     def search(self, targets: set[int], max_level: int | None = None) -> None:
         """Walk until every id in *targets* is found, the reachable heap is exhausted, or the budget ends."""
@@ -319,53 +376,74 @@ class _Walk:
             if not level:
                 self.complete = True
                 return
-            if not self.budget.spend(len(level)):
-                return
-            flat = _get_referents(*level)
-            self.flats.append(flat)
-            if not self.budget.spend(len(flat)):
-                return
-            # The targets first, without keeping the ids: when they are all here, the level ends the walk.
-            # A mask of bytes (no object per position) and find() (memchr) give their positions.
-            mask = bytes(map(remaining.__contains__, map(id, flat)))
-            p = mask.find(1)
-            while p >= 0:
-                self._hit(id(flat[p]), (k, *self._locate(k, p)))
-                p = mask.find(1, p + 1)
+            parts: list[_Part] = []
+            later: list[_Part] = []
+            self.parts.append(parts)
+            for lo, hi, flat in _spans(level):
+                if not self.budget.spend(hi - lo):
+                    return
+                part = _Part(lo, hi, flat)
+                del flat
+                parts.append(part)
+                if part.flat is None or len(part.flat) > BIG:
+                    later.append(part)
+                    continue
+                if not self.budget.spend(len(part.flat)):
+                    return
+                self._scan(k, part, remaining)
             remaining.difference_update(self.hits)
+            for part in later:
+                if not remaining:
+                    return
+                if part.flat is None:
+                    part.flat = _get_referents(level[part.lo])
+                if not self.budget.spend(len(part.flat)):
+                    return
+                self._scan(k, part, remaining)
+                remaining.difference_update(self.hits)
             if not remaining:
                 return
-            ids = list(map(id, flat))
-            fresh = bytes(map(self.seen.__contains__, ids)).translate(_NOT)
-            nxt = dict(zip(itertools.compress(ids, fresh), itertools.compress(flat, fresh)))
-            del ids, fresh
-            self.seen.update(nxt)
-            # Untracked objects (atoms, and containers of atoms only) refer to nothing the walk needs.
-            self.levels.append(list(filter(_is_tracked, nxt.values())))
+            nxt: list[Any] = []
+            seen = self.seen
+            for part in parts:
+                part.first = len(nxt)
+                flat = list(filter(_is_tracked, part.flat or ()))  # untracked objects refer to nothing the walk needs
+                ids = list(map(id, flat))
+                fresh = bytes(map(seen.__contains__, ids)).translate(_NOT)
+                new_ids = list(itertools.compress(ids, fresh))
+                unique = set(new_ids)
+                if len(unique) == len(new_ids):  # no tuple per object (dict(zip()) makes one: collections run)
+                    nxt += itertools.compress(flat, fresh)
+                else:  # an object met twice in this part: once in the level
+                    nxt += dict(zip(new_ids, itertools.compress(flat, fresh))).values()
+                del ids, fresh, flat, new_ids
+                seen.update(unique)
+            self.levels.append(nxt)
             k += 1
 
-    def _cum(self, k: int) -> list[int]:
-        cum = self.cums.get(k)
+    def _locate(self, k: int, part: _Part, p: int) -> tuple[int, int]:
+        """Position *p* of *part* (of level k) as (index of its object in levels[k], offset among its referents)."""
+        level, flat = self.levels[k], part.flat
+        assert flat is not None
+        child = flat[p]
+        if part.hi - part.lo == 1:
+            return part.lo, p
+        cum = part.cum
         if cum is None:
-            cum = self.cums[k] = list(itertools.accumulate(map(len, map(_get_referents, self.levels[k]))))
-        return cum
-
-    def _locate(self, k: int, p: int) -> tuple[int, int]:
-        """Position *p* of flats[k] as (index of its object in levels[k], offset among that object's referents)."""
-        cum = self._cum(k)
-        parent = bisect.bisect_right(cum, p)
-        child = self.flats[k][p]
-        offset = p - (cum[parent - 1] if parent else 0)
-        if parent < len(cum):
+            cum = part.cum = list(itertools.accumulate(map(len, map(_get_referents, level[part.lo : part.hi]))))
+        at = bisect.bisect_right(cum, p)
+        offset = p - (cum[at - 1] if at else 0)
+        if at < len(cum):
+            parent = level[part.lo + at]
             last = self._last
-            if last[0] != (k, parent):
-                last = self._last = ((k, parent), _get_referents(self.levels[k][parent]))
+            if last[0] is not parent:
+                last = self._last = (parent, _get_referents(parent))
             refs = last[1]
             if offset < len(refs) and refs[offset] is child:
-                return parent, offset
+                return part.lo + at, offset
         # Another thread changed a container since the level was read: look for a parent one by one.
-        for i, obj in enumerate(self.levels[k]):
-            for j, r in enumerate(_get_referents(obj)):
+        for i in range(part.lo, part.hi):
+            for j, r in enumerate(_get_referents(level[i])):
                 if r is child:
                     return i, j
         raise LookupError("the path changed during the diagnosis")
@@ -373,7 +451,8 @@ class _Walk:
     def chains(self, hits: list[tuple[int, int, int]]) -> list[tuple[int, list[tuple[Any, int]]] | None]:
         """For each hit: the root index and the path below it, [(object, offset of the next one), ...]; or None.
 
-        All hits at once, one level at a time: one pass over a level's referents finds every parent needed there.
+        All hits at once, one level at a time: each object's parent is in the part of the level above that met it
+        first (found by bisecting the parts' ``first``), so only those parts' referents are read.
         """
         cur: list[tuple[int, int] | None] = []
         paths: list[list[tuple[Any, int]]] = []
@@ -381,15 +460,20 @@ class _Walk:
             cur.append((k, index))
             paths.append([(self.levels[k][index], offset)] if k >= 0 else [])
         for k in range(max((h[0] for h in hits), default=0), 0, -1):
-            need = {id(self.levels[k][c[1]]) for c in cur if c is not None and c[0] == k}
-            if not need:
+            # The object at index i of level k was met in the last part of level k-1 whose first is <= i.
+            parts = self.parts[k - 1]
+            firsts = [part.first for part in parts]
+            by_part: dict[int, set[int]] = {}
+            for c in cur:
+                if c is not None and c[0] == k:
+                    by_part.setdefault(bisect.bisect_right(firsts, c[1]) - 1, set()).add(id(self.levels[k][c[1]]))
+            if not by_part:
                 continue
-            pos: dict[int, int] = {}
-            flat = self.flats[k - 1]
-            for p in itertools.compress(itertools.count(), map(need.__contains__, map(id, flat))):
-                pos.setdefault(id(flat[p]), p)
-                if len(pos) == len(need):
-                    break
+            pos: dict[int, tuple[_Part, int]] = {}
+            for j, ids in by_part.items():
+                flat = parts[j].flat or ()
+                for p in itertools.compress(itertools.count(), map(ids.__contains__, map(id, flat))):
+                    pos.setdefault(id(flat[p]), (parts[j], p))
             for j, c in enumerate(cur):
                 if c is None or c[0] != k:
                     continue
@@ -397,7 +481,7 @@ class _Walk:
                 try:
                     if at is None:
                         raise LookupError
-                    parent, offset = self._locate(k - 1, at)
+                    parent, offset = self._locate(k - 1, *at)
                 except LookupError:
                     cur[j] = None
                     continue

@@ -38,6 +38,7 @@ __all__ = [
     "ignored",
     "is_leak",
     "leak_reason",
+    "matching",
     "settle",
     "was_connected",
 ]
@@ -205,3 +206,13 @@ def diagnosed(
         batch.add(info.fd, info.state, info.record)
         out.append(tuple.__new__(type(info), (*info[:10], batch)))
     return out
+
+
+def matching(names: Iterable[str], globs: Iterable[str]) -> list[str]:
+    """Those of *globs* (``fnmatch`` patterns, case-sensitive) that match one of *names* (empty names never match).
+
+    The ignore rule of the pytest plugin: a socket is ignored when a glob matches its
+    creation site, peer or target.
+    """
+    found = [n for n in names if n]
+    return [g for g in globs if any(fnmatch.fnmatchcase(n, g) for n in found)]

@@ -40,7 +40,7 @@ import wrapt
 
 import leakguard
 from leakguard import registry, stacks
-from leakguard.integrations import _common
+from leakguard.integrations import _attribution
 
 from .helpers import this_line, wait_for
 
@@ -534,7 +534,7 @@ class TestTls:
 
 _LEAKGUARD_DIRS = tuple(
     os.path.join(os.path.dirname(os.path.abspath(m.__file__)), "")  # type: ignore[arg-type]
-    for m in (leakguard, _common)
+    for m in (leakguard, _attribution)
 )
 
 
@@ -649,7 +649,7 @@ class TestInstallUninstall:
         after = _patched_now()
         for name, obj in after.items():
             assert obj is before[name], name
-        assert not _common._packages
+        assert not _attribution._packages
 
     def test_round_trips(self) -> None:
         before = _patched_now()

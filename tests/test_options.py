@@ -9,6 +9,7 @@ The values the hostile review found (``report_interval=1e10`` killing the watche
 from __future__ import annotations
 
 import math
+import os
 import signal
 import socket
 import threading
@@ -161,3 +162,39 @@ class TestAcceptedValuesWork:
         finally:
             leakguard.uninstall()
         assert signal.getsignal(sig) is before
+
+
+class TestOneTable:
+    """Every place an option is written is made from the one table, ``_config.TABLE``."""
+
+    def test_config_fields_are_the_table(self) -> None:
+        assert [o.name for o in _config.TABLE] == list(_config.Config._fields) == list(_config.OPTIONS)
+        assert vars(_config.Config()) == {o.name: o.default for o in _config.TABLE}
+        for o in _config.TABLE:  # each default passes its own check
+            assert o.check(o.name, o.default) == o.default, o.name
+            assert o.env == f"LEAKGUARD_{o.name.upper()}"
+
+    def test_readme_shows_the_table(self) -> None:
+        # The README's options table is _config.readme_table(), verbatim (regenerate it from there).
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        assert _config.readme_table() in readme
+
+    def test_install_docstring_lists_every_option(self) -> None:
+        doc = leakguard.install.__doc__ or ""
+        for o in _config.TABLE:
+            assert f"``{o.name}`` (default " in doc, o.name
+        assert "{options}" not in doc
+
+    def test_run_flags_and_help(self, capsys: pytest.CaptureFixture[str]) -> None:
+        from leakguard import cli
+
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["run", "--help"])
+        assert exc.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        for o in _config.TABLE:
+            assert f"{o.flag} VALUE" in text and f"[{o.env}]" in text, o.name
+        assert cli.main(["run", "--stack-depth", "0", "--", "true"]) == 2  # a flag's value goes through its check
+        assert "--stack-depth: stack_depth must be an integer from 1 to 1024" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Targets never carry credentials: URL and DSN redaction (integrations/_common.py)."""
+"""Targets never carry credentials: URL and DSN redaction (integrations/_redact.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from leakguard.integrations._common import http_target, redact_dsn, redact_url
+from leakguard.integrations._redact import http_target, redact_dsn, redact_url
 
 
 class TestRedactUrl:

@@ -1,44 +1,21 @@
-"""Helpers shared by the integrations: redaction and the connection-creation scope.
+"""Redaction: a connection's ``target`` without its secrets.
 
-Redaction: a ``target`` is stored in memory, printed in reports and shipped to
-log pipelines, so it never carries a secret.  :func:`redact_url` keeps only
+A ``target`` is stored in memory, printed in reports and shipped to log
+pipelines, so it never carries a secret.  :func:`redact_url` keeps only
 ``scheme://host:port``; :func:`redact_dsn` keeps the database address and
 user and replaces any password with ``***``.  Both return ``None`` rather
 than raise or guess when the input makes no sense: a missing target is better
 than a leaked credential.
-
-Attribution: each HTTP integration wraps the one place where its library
-opens a connection (never the per-request path, so keep-alive requests cost
-nothing) and calls :func:`enter` there.  That captures the application's stack
-once and names the *outermost* instrumented library on it as the origin: a
-socket urllib3 opens for requests belongs to ``requests``.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 import re
 from collections.abc import Mapping
-from types import BuiltinFunctionType, CodeType, FunctionType, MethodType, ModuleType
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from leakguard import registry, stacks
-
-__all__ = [
-    "DEFAULT_PORTS",
-    "Entered",
-    "callable_code",
-    "call_then_reset",
-    "enter",
-    "http_target",
-    "leave",
-    "redact_dsn",
-    "redact_url",
-    "register_package",
-    "unregister_package",
-]
+__all__ = ["DEFAULT_PORTS", "http_target", "redact_dsn", "redact_url"]
 
 #: Ports implied by a scheme when a URL or DSN names none.
 DEFAULT_PORTS: dict[str, int] = {
@@ -55,7 +32,6 @@ DEFAULT_PORTS: dict[str, int] = {
 }
 
 
-# --------------------------------------------------------------------------- redaction
 
 
 def _text(value: Any) -> str:
@@ -220,9 +196,9 @@ def redact_dsn(
         db = _first(params, _DB_KEYS)
         port = default_port if default_port is not None else DEFAULT_PORTS.get(s)
 
-        hostinfo = params.get("_hostinfo")
-        if hostinfo is not None and _first(params, _HOST_KEYS) is None:
-            addr = _hostinfo(hostinfo, port)
+        multi = params.get("_hostinfo")
+        if multi is not None and _first(params, _HOST_KEYS) is None:
+            addr = _hostinfo(multi, port)
         else:
             host = _first(params, _HOST_KEYS)
             p = params.get("port")
@@ -274,172 +250,3 @@ def _addresses(hosts: str, ports: Any, default: int | None) -> str:
         h = _host(h) if not h.startswith("/") else h  # a unix-socket directory stays readable
         out.append(f"{h}:{p}" if p not in (None, "") else h)
     return ",".join(out)
-
-
-# --------------------------------------------------------------------------- attribution
-
-_APP = "\0app"  # label of application code in the per-code cache
-_packages: dict[str, str] = {}  # package directory (with trailing sep) -> origin
-# Keyed by filename, not code object: a str caches its hash, a code object
-# rehashes its bytecode, consts and names on every lookup (~0.5 µs per frame).
-_labels: dict[str, str | None] = {}  # per code filename: origin, _APP or None
-
-
-def register_package(origin: str, module: ModuleType) -> None:
-    """Sockets opened with *module*'s package on the stack belong to *origin*.
-
-    Called by an integration's ``instrument()``; the outermost registered
-    package between the application and the socket names the origin.
-    """
-    global _packages
-    # Copy on write: _label() may be iterating the old dict in another thread.
-    _packages = {**_packages, **{d: origin for d in _module_dirs(module)}}
-    _labels.clear()
-
-
-def unregister_package(origin: str) -> None:
-    global _packages
-    _packages = {d: o for d, o in _packages.items() if o != origin}
-    _labels.clear()
-
-
-def _module_dirs(module: ModuleType) -> list[str]:
-    paths = list(getattr(module, "__path__", None) or ())
-    if not paths and getattr(module, "__file__", None):
-        paths = [module.__file__]  # a plain module such as http/client.py
-    out = []
-    for p in paths:
-        for q in {os.path.abspath(p), os.path.realpath(p)}:
-            out.append(q if q.endswith(".py") else os.path.join(q, ""))
-    return out
-
-
-def _label(filename: str) -> str | None:
-    if stacks.is_app_file(filename):
-        label: str | None = _APP
-    else:
-        label = None
-        for d, origin in _packages.items():
-            if filename == d or filename.startswith(d):
-                label = origin
-                break
-    if len(_labels) > 20_000:  # exec()'d code with made-up filenames: stay bounded
-        _labels.clear()
-    _labels[filename] = label
-    return label
-
-
-def _origin(frames: stacks.Frames, default: str) -> str:
-    """The outermost registered library below the first application frame."""
-    origin = default
-    get = _labels.get
-    for i in range(0, len(frames), 2):
-        filename = frames[i].co_filename
-        label = get(filename, 0)
-        if label == 0:
-            label = _label(filename)
-        if label is None:
-            continue
-        if label is _APP:
-            break
-        origin = label  # type: ignore[assignment]
-    return origin
-
-
-class Entered:
-    """The scope :func:`enter` opened; close it with :func:`leave`."""
-
-    __slots__ = ("token",)
-
-    def __init__(self, token: Any) -> None:
-        self.token = token
-
-
-def enter(default_origin: str, target: str | None, skip: int = 2) -> Entered | None:
-    """Open a scope (:func:`registry.push_scope`) for the connection a library is about to open.
-
-    Captures the stack once (*skip* frames are left out: 2 = ``enter`` and the
-    wrapper that calls it; wrapt adds no Python frame), names the origin and
-    returns a handle for :func:`leave`, or ``None`` if anything of ours failed
-    (the caller then just calls through).  Inside an enclosing scope that already
-    has the application's stack, nothing is captured: the outer scope wins.
-    """
-    try:
-        outer = registry.current_scope()
-        if outer is not None and outer.frames is not None:
-            return Entered(registry.push_scope(outer.origin, target, None))
-        frames = stacks.capture(skip, registry.depth[0])
-        origin = outer.origin if outer is not None else _origin(frames, default_origin)
-        return Entered(registry.push_scope(origin, target, frames))
-    except Exception:
-        registry.count_error()
-        return None
-
-
-def call_in_scope(
-    origin: str, target: str | None, frames: stacks.Frames | None, wrapped: Any, args: Any, kwargs: Any
-) -> Any:
-    """``wrapped(*args, **kwargs)`` with the sockets it opens attributed to *origin*, *target*, *frames*.
-
-    leakguard's own failures are contained; the wrapped call's result and
-    exceptions pass through untouched.
-    """
-    try:
-        token = registry.push_scope(origin, target, frames)
-    except Exception:
-        registry.count_error()
-        return wrapped(*args, **kwargs)
-    return call_then_reset(registry.pop_scope, token, wrapped, args, kwargs)
-
-
-def call_then_reset(reset: Any, token: Any, wrapped: Any, args: Any, kwargs: Any) -> Any:
-    """``wrapped(*args, **kwargs)``, then ``reset(token)`` (contained: never raises, never hides the call's exception)."""
-    try:
-        return wrapped(*args, **kwargs)
-    finally:
-        try:
-            reset(token)
-        except Exception:  # a token from another context: nothing of the host's to disturb
-            registry.count_error()
-
-
-def leave(entered: Entered | None) -> None:
-    """Close what :func:`enter` opened.  Never raises.
-
-    The wrapped call's exception (if any) is never passed in: it propagates
-    from the wrapper untouched, with its own traceback.
-    """
-    if entered is None:
-        return
-    try:
-        registry.pop_scope(entered.token)
-    except Exception:  # e.g. a coroutine closed from another context
-        registry.count_error()
-
-
-def callable_code(f: Any) -> CodeType | None:
-    """The code object a callable runs (through partials, bound methods, callable objects), or None
-    (a builtin, a class, anything else without Python code)."""
-    kind = type(f)
-    if kind is FunctionType:  # the common cases first, without a failed attribute lookup
-        return f.__code__  # type: ignore[no-any-return]
-    if kind is BuiltinFunctionType or kind is MethodType and type(f.__func__) is BuiltinFunctionType:
-        return None
-    for _ in range(4):  # bounded: partials of partials
-        code = getattr(f, "__code__", None)
-        if isinstance(code, CodeType):
-            return code
-        if isinstance(f, functools.partial):
-            f = f.func
-            continue
-        func = getattr(f, "__func__", None)
-        if func is not None:  # a bound method
-            f = func
-            continue
-        if isinstance(f, type):
-            return None
-        call = getattr(type(f), "__call__", None)
-        if not isinstance(call, FunctionType):  # builtins, method wrappers: no Python code
-            return None
-        f = call
-    return None
