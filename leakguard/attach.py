@@ -10,9 +10,14 @@ How the code gets in
   says it is in the kernel; ``PyGILState_Check()`` says it does not hold the GIL;
   its innermost frames are not in the GIL's own code).  Such a thread is inside
   ``Py_BEGIN_ALLOW_THREADS``: it holds no interpreter state and is not inside
-  ``malloc``, so calling ``PyGILState_Ensure()`` + ``PyRun_SimpleString()`` +
-  ``PyGILState_Release()`` on it is what that thread would do anyway when its
-  system call returns: take the GIL, run Python, give it back.  The main thread
+  ``malloc``, so calling ``PyGILState_Ensure()``, then ``Py_CompileString()`` +
+  ``PyEval_EvalCode()`` in a fresh namespace, then ``PyGILState_Release()`` on it
+  is what that thread would do anyway when its system call returns: take the
+  GIL, run Python, give it back.  The code is compiled under the file name
+  :data:`PAYLOAD_FILE` (inside leakguard's package; no such file): its frames on
+  that thread's stack are leakguard's, so a diagnosis never names them as where
+  the thread is now (``PyRun_SimpleString`` would run it as ``<string>`` in
+  ``__main__``, which also kept its names there).  The main thread
   is preferred.  Afterwards the thread's registers are restored and its system
   call restarts (or returns EINTR, which Python retries: PEP 475): the program
   sees nothing.  When every thread is running Python code (or holds the GIL),
@@ -208,6 +213,9 @@ def _leakguard_attach(result, package, extra, install, options):
         snap = leakguard.snapshot()
         out = snap.to_dict()
         out["text"] = snap.format()
+        outlook = getattr(sys.modules.get("leakguard.fdlimit"), "outlook", None)  # an older leakguard: none
+        projection = outlook(snap) if outlook is not None else None  # the watcher's, when one runs here
+        out["fd_projection"] = projection.to_dict() if projection is not None else None
         out["ok"] = True
         out["attach"] = {
             "python": sys.version.split()[0],
@@ -255,7 +263,14 @@ try:
         _leakguard_attach(*_ARGS)
 except BaseException:
     pass
+globals().clear()  # the function and its arguments: no reference cycle left for the collector
 '''
+
+
+#: The file name the injected code runs under: inside leakguard's package, so that its frames are
+#: leakguard's (a diagnosis never takes them for the application's code, nor says a thread is "now at"
+#: them); no such file exists.
+PAYLOAD_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__leakguard_attach__.py")
 
 
 def _payload(result: str, install: bool, options: dict[str, Any]) -> str:
@@ -276,7 +291,7 @@ def _payload(result: str, install: bool, options: dict[str, Any]) -> str:
 _GDB_SCRIPT = r'''
 import gdb, json, os, time
 
-PID, CODE, REPORT = {pid!r}, {code!r}, {report!r}
+PID, CODE, FILE, REPORT = {pid!r}, {code!r}, {file!r}, {report!r}
 t0 = time.monotonic()
 # Frames that mean "this thread is inside the GIL's own code": never call in there.
 GIL_CODE = ("take_gil", "drop_gil", "PyEval_RestoreThread", "PyEval_AcquireThread", "PyEval_SaveThread",
@@ -356,20 +371,34 @@ try:
         chosen.switch()
         out["tid"] = chosen.ptid[1]
         code = CODE.encode() + b"\0"
-        buf = call("(void*)PyMem_RawMalloc(%d)" % len(code))
+        name = FILE.encode() + b"\0"
+        buf = call("(void*)PyMem_RawMalloc(%d)" % (len(code) + len(name)))
         if buf == 0:
             out["reason"] = "PyMem_RawMalloc failed"
         else:
-            gdb.selected_inferior().write_memory(buf, code)
+            gdb.selected_inferior().write_memory(buf, code + name)
             t1 = time.monotonic()
             state = call("(int)PyGILState_Ensure()")
-            rc = call("(int)PyRun_SimpleString((const char*)%d)" % buf)
+            # Compiled under leakguard's own file name (not PyRun_SimpleString's "<string>" in __main__):
+            # its frames are leakguard's, never taken for the application's, and __main__ gains no name.
+            co = call("(void*)Py_CompileString((const char*)%d, (const char*)%d, 257)" % (buf, buf + len(code)))
+            res = 0
+            if co != 0:
+                glob = call("(void*)PyDict_New()")
+                if glob != 0:
+                    res = call("(void*)PyEval_EvalCode((void*)%d, (void*)%d, (void*)%d)" % (co, glob, glob))
+                    if res != 0:
+                        gdb.execute("call (void)Py_DecRef((void*)%d)" % res)
+                    gdb.execute("call (void)Py_DecRef((void*)%d)" % glob)
+                gdb.execute("call (void)Py_DecRef((void*)%d)" % co)
+            if res == 0:
+                gdb.execute("call (void)PyErr_Clear()")  # our own failure only: the thread had none pending
             gdb.execute("call (void)PyGILState_Release(%d)" % state)
             out["run_s"] = time.monotonic() - t1
             gdb.execute("call (void)PyMem_RawFree((void*)%d)" % buf)
-            out["ok"] = rc == 0
-            if rc != 0:
-                out["reason"] = "PyRun_SimpleString returned %d" % rc
+            out["ok"] = res != 0
+            if res == 0:
+                out["reason"] = "the injected code failed to " + ("run" if co else "compile")
 except SystemExit:
     pass
 except Exception as exc:
@@ -392,7 +421,7 @@ def _gdb_once(pid: int, tmp: str, code: str, timeout: float) -> dict[str, Any]:
         pass
     script = os.path.join(tmp, "inject.py")
     with open(script, "w") as f:
-        f.write(_GDB_SCRIPT.format(pid=pid, code=code, report=report))
+        f.write(_GDB_SCRIPT.format(pid=pid, code=code, file=PAYLOAD_FILE, report=report))
     cmd = [
         gdb, "-nx", "-batch", "-q",
         "-iex", "set auto-load off",
@@ -447,8 +476,8 @@ def _run_gdb(pid: int, tmp: str, code: str, timeout: float) -> dict[str, Any]:
 
 def _run_remote_exec(pid: int, tmp: str, code: str, result: str, timeout: float) -> dict[str, Any]:
     script = os.path.join(tmp, "inject.py")
-    with open(script, "w") as f:
-        f.write(code)
+    with open(script, "w") as f:  # run under leakguard's file name, as through gdb (see PAYLOAD_FILE)
+        f.write(f"exec(compile({code!r}, {PAYLOAD_FILE!r}, 'exec'), {{}})\n")
     os.chmod(script, 0o644)
     try:
         sys.remote_exec(pid, script)  # type: ignore[attr-defined]
@@ -468,10 +497,20 @@ def _run_remote_exec(pid: int, tmp: str, code: str, result: str, timeout: float)
 # -- entry point -------------------------------------------------------------------------------------
 
 
-def attach(pid: int, install: bool = False, report_interval: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
-    """Take a snapshot inside live process *pid*; returns its ``to_dict()`` plus ``text`` and ``attach``.
+def attach(
+    pid: int,
+    install: bool = False,
+    report_interval: str | None = None,
+    timeout: float = 30.0,
+    sample_s: float = 0.0,
+) -> dict[str, Any]:
+    """Take a snapshot inside live process *pid*; returns its ``to_dict()`` plus ``text``, ``attach``
+    and ``fd_projection`` (when the fd limit is reached; see :mod:`leakguard.fdlimit`).
 
-    Raises :class:`AttachError` with a one-line reason when refused.
+    The projection is the target's own watcher's when one runs there (by creation site), else
+    measured from outside between a reading *sample_s* seconds before the snapshot and the snapshot
+    (by state and peer; None with *sample_s* 0).  Raises :class:`AttachError` with a one-line reason
+    when refused.
     """
     if pid <= 0 or not os.path.isdir(f"/proc/{pid}"):
         raise AttachError(f"no such process: {pid}")
@@ -507,6 +546,7 @@ def attach(pid: int, install: bool = False, report_interval: str | None = None, 
             os.chown(tmp, uid, gid)  # the target writes its result here, as its own user
         result = os.path.join(tmp, "result.json")
         code = _payload(result, install, options)
+        before = _outside_sample(pid, sample_s)
         if remote_exec:
             how = _run_remote_exec(pid, tmp, code, result, timeout)
         else:
@@ -530,6 +570,8 @@ def attach(pid: int, install: bool = False, report_interval: str | None = None, 
             info["tries"] = how.get("tries")
             info["threads_checked"] = how.get("checked")  # [tid, why not safe | "safe"] in the order tried
         data.pop("ok", None)
+        if data.get("fd_projection") is None and before is not None:
+            data["fd_projection"] = _outside_projection(before, data)
         return data
     except ProcessError as exc:
         raise AttachError(str(exc)) from None
@@ -538,6 +580,24 @@ def attach(pid: int, install: bool = False, report_interval: str | None = None, 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         lock.release()
+
+
+def _outside_sample(pid: int, sample_s: float) -> Any:
+    """A reading of *pid*'s descriptors from outside, *sample_s* seconds before the snapshot (None: 0)."""
+    if sample_s <= 0:
+        return None
+    from . import fdlimit, procview
+
+    first = fdlimit.sample_of_dict(procview.read_process(pid), time.time())
+    time.sleep(sample_s)
+    return first
+
+
+def _outside_projection(before: Any, data: dict[str, Any]) -> dict[str, Any] | None:
+    from . import fdlimit
+
+    p = fdlimit.project([before, fdlimit.sample_of_dict(data, data["taken_at"])], data["fds"]["limit"], by="peer")
+    return p.to_dict() if p is not None else None
 
 
 def _exe_name(pid: int) -> str:
@@ -561,4 +621,9 @@ def format_result(data: dict[str, Any]) -> str:
         + (", leakguard stays installed" if info.get("installed") else ", nothing left behind")
         + ")"
     )
-    return head + "\n" + str(data.get("text", ""))
+    text = str(data.get("text", ""))
+    p = data.get("fd_projection")
+    if p and p["message"] not in text:  # measured from outside: the target's own report could not say it
+        first, _, rest = text.partition("\n")
+        text = f"{first}\n{p['message']}" + (f"\n{rest}" if rest else "")
+    return head + "\n" + text

@@ -25,12 +25,31 @@ counted.  Nothing is added to the socket hot path.  At each watcher tick
   is a listening port (a server's side) or outside the ephemeral range are
   ignored.
 
-The table is read only at ticks that saw a client connection closed (a
-short-lived one made since the previous tick, or one ESTABLISHED then): a
-steady process, or a server accepting connections, never reads it.  Exact when this process is alone in
-its network namespace (a container); with other processes in it, their
-short-lived connections to the same peers can be counted too, at most as many
-as this process created sockets meanwhile.  Rates: ``closes_per_60s`` is what
+The cap is the number of sockets created up to a mark taken right after the
+read (every entry found belongs to a socket created before it).  When no record
+of a client socket made since the previous tick is left (a server thread in the
+same process accepted on the descriptors the client just closed), the sites last
+seen live with those peers get them; with none, they wait up to three reads for
+a site and are then counted under ``<unknown>``: every close is counted.
+
+The table is read only at ticks where a socket may have closed since the
+previous one (a client one made since and closed, one ESTABLISHED then, or
+sockets made since whose records were replaced already): a steady process never
+reads it.
+
+Exact only in the process's own network namespace: the table is the
+namespace's, so with other processes in it (the host's namespace, a pod's
+sidecars) their short-lived connections to the same peers can be counted too,
+at most as many as this process created sockets meanwhile.  Each warning says
+whether it is exact (``exact``, ``shared_namespace_with``: the other processes
+found in this namespace through ``/proc/*/ns/net``; those not readable without
+root are not counted) and its message says "not exact" when it is not.  A
+TIME_WAIT entry the kernel removes early is not counted either: with
+``net.ipv4.tcp_rfc1337=0`` (the default) a RST received in TIME_WAIT removes it
+(under load a peer's FIN is retransmitted before the ACK is processed, the
+TIME_WAIT acknowledges it again and the peer, already closed, answers RST;
+``TcpExtTW`` counts the entries made, ``Tcp: OutRsts`` the RSTs); the port is
+free again then, so the projection of the ports held stays right.  Rates: ``closes_per_60s`` is what
 the last 60 s actually closed (ports now held in TIME_WAIT), ``rate_per_s`` the
 rate over the last few seconds, from which the exhaustion of the port range to
 the peer is projected.
@@ -65,6 +84,10 @@ _MIN_PROJECTED = 20
 _BOUND = 4096  # most sites remembered (peers, origins); code objects of recompiled sites must not pile up
 
 SiteKey = tuple[Any, int]  # (code, lasti) of the creation site, or ("<unknown>", 0)
+#: The site of closes no record could be found for.
+UNKNOWN_SITE: SiteKey = ("<unknown>", 0)
+#: Table reads that keep closes with no known site aside, waiting for one, before counting them unknown.
+_DEFER_READS = 3
 Pair = tuple[SiteKey, "str | None"]
 
 
@@ -165,6 +188,7 @@ class ChurnWarning(Value):
     origin: str
     rate_per_s: float
     exhausted_in_s: float | None
+    shared_with: int | None
 
     def __init__(
         self,
@@ -176,6 +200,7 @@ class ChurnWarning(Value):
         origin: str,
         rate_per_s: float = 0.0,
         exhausted_in_s: float | None = None,
+        shared_with: int | None = 0,
     ) -> None:
         self.site = site
         self.peer = peer
@@ -185,6 +210,8 @@ class ChurnWarning(Value):
         self.origin = origin
         self.rate_per_s = rate_per_s
         self.exhausted_in_s = exhausted_in_s
+        #: other processes in this network namespace (0: alone, counts exact; None: could not tell)
+        self.shared_with = shared_with
 
     @property
     def message(self) -> str:
@@ -198,6 +225,7 @@ class ChurnWarning(Value):
             f"(this process closed first: each waits 60 s in TIME_WAIT); {self.ports:,} ports to {to}; {outlook}. "
             "Reuse connections (a pool or keep-alive: one requests.Session / httpx.Client, a DB pool), "
             "set net.ipv4.tcp_tw_reuse=1 for outbound connections, or spread them over more source addresses"
+            + _exactness(self.shared_with)
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,11 +238,58 @@ class ChurnWarning(Value):
             "limit": self.limit,
             "local_ports": self.ports,
             "origin": self.origin,
+            "exact": self.shared_with == 0,
+            "shared_namespace_with": self.shared_with,
             "suggestion": "use a connection pool or keep-alive; tcp_tw_reuse=1 for outbound; more source addresses",
         }
 
 
-def _site_key(frames: stacks.Frames) -> tuple[SiteKey, bool]:
+def _exactness(shared: int | None) -> str:
+    if shared == 0:
+        return ""
+    who = "other processes" if shared is None else f"{shared} other process{'es' if shared > 1 else ''}"
+    return (
+        f" (not exact: this network namespace is {'possibly ' if shared is None else ''}shared with {who}, whose "
+        "connections to the same peer closed first count too: only a process alone in its namespace, a "
+        "container's, is counted exactly)"
+    )
+
+
+_ns_cache: list[tuple[float, int | None]] = []
+
+
+def namespace_sharers(now: float | None = None) -> int | None:
+    """How many other processes share this process's network namespace (its TCP table); None if unknown.
+
+    Reads ``/proc/*/ns/net`` (a few ms with hundreds of processes), so at most once a minute: only
+    when a churn warning goes out.  Processes whose namespace cannot be read (another user's, without
+    root) are not counted; None when this process's own cannot be read (no /proc).
+    """
+    import os
+
+    now = time.monotonic() if now is None else now
+    if _ns_cache and now - _ns_cache[0][0] < WINDOW_S:
+        return _ns_cache[0][1]
+    try:
+        mine = os.stat("/proc/self/ns/net").st_ino
+        me = os.getpid()
+        n = 0
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) == me:
+                continue
+            try:
+                if os.stat(f"/proc/{name}/ns/net").st_ino == mine:
+                    n += 1
+            except OSError:
+                continue  # exited meanwhile, or not ours to read (another user's without root): not counted
+    except OSError:
+        _ns_cache[:] = [(now, None)]
+        return None
+    _ns_cache[:] = [(now, n)]
+    return n
+
+
+def site_key(frames: stacks.Frames) -> tuple[SiteKey, bool]:
     """(creation site key, is it possibly a client connection) from raw captured frames."""
     client = True
     if len(frames) >= 2:
@@ -229,6 +304,21 @@ def _site_key(frames: stacks.Frames) -> tuple[SiteKey, bool]:
     if len(frames) >= 2:
         return (frames[0], frames[1]), client
     return ("<unknown>", 0), client
+
+
+def site_name(key: SiteKey, names: dict[Any, str]) -> str:
+    """``file.py:LINE`` of a :func:`site_key`, remembered in *names* (bounded)."""
+    name = names.get(key)
+    if name is None:
+        code, lasti = key
+        if isinstance(code, CodeType):
+            name = stacks.format_site(stacks.frames((code, lasti))[0])
+        else:
+            name = str(code)
+        if len(names) > 2 * _BOUND:
+            names.clear()
+        names[key] = name
+    return name
 
 
 class ChurnTracker:
@@ -257,7 +347,13 @@ class ChurnTracker:
         self._names: dict[SiteKey, str] = {}
         # closed-first entries at the last tick that read them
         self._tw: dict[tuple[str, str], tuple[str, int]] | None = None
-        self._made: collections.deque[tuple[float, int]] = collections.deque()  # (tick, sockets created)
+        # (time of a table read, sockets created since the read before it): the cap on what the new entries
+        # of that read can count (see _count)
+        self._made: collections.deque[tuple[float, int]] = collections.deque()
+        self._read_seq: int | None = None  # registry.mark() taken right after the last table read
+        self._marks = 0  # marks before() took since then (each consumes a sequence number)
+        self._read_marked = 0  # 1 when the last tick took a mark after its table read
+        self._deferred = 0  # reads that found new entries and no client site to give them to
         self._share: dict[SiteKey, float] = {}  # client sites' shares of the last ticks that made any
 
     # -- tick ---------------------------------------------------------------
@@ -265,6 +361,7 @@ class ChurnTracker:
     def before(self) -> tuple[int, list[registry.Record]]:
         """The registry's sequence number and every record, live or not, before the snapshot prunes them."""
         # observe() looks only at records created since the last tick; on the first, at none
+        self._marks += 1
         last = self._last_seq
         return registry.mark(), registry.all_records(last) if last is not None else []
 
@@ -283,7 +380,7 @@ class ChurnTracker:
             seq = rec.seq
             kc = known.get(seq)  # one stack walk per record, not per tick
             if kc is None:
-                kc = _site_key(rec.frames)
+                kc = site_key(rec.frames)
             keys[seq] = kc
             if kc[1]:
                 remote = info[5]
@@ -295,11 +392,9 @@ class ChurnTracker:
         if self._last_seq is not None:
             last = self._last_seq
             gone = [v for seq, v in self._prev.items() if seq not in current and not v[2].alive()]
-            created = seq_now - last - 1  # minus the number before() consumed itself
-            made = self._made
-            made.append((now, created))
-            while made and made[0][0] < now - WINDOW_S:
-                made.popleft()
+            # minus the number before() consumed itself, and the mark of the table read of the last tick
+            created = seq_now - last - 1 - self._read_marked
+            self._read_marked = 0
             present = 0
             samples: dict[SiteKey, int] = {}
             closed = False
@@ -308,20 +403,23 @@ class ChurnTracker:
                     continue
                 present += 1
                 kc = keys.get(rec.seq)
-                key, client = kc if kc is not None else _site_key(rec.frames)
+                key, client = kc if kc is not None else site_key(rec.frames)
                 if client:  # the sites that made client sockets since the last tick, open or closed
                     samples[key] = samples.get(key, 0) + 1
                     self._remember_origin(key, rec.origin)
                     if kc is None and not closed and not rec.alive():
                         closed = True
-            # The table is read only when a client socket was seen closed: a short-lived one made since
-            # the last tick, or one ESTABLISHED then (what the reads in between missed, this one finds).
-            if gone or closed:
+            # The table is read only when a socket may have closed: a client one made since the last tick
+            # and closed, one ESTABLISHED then, or sockets made since whose records are gone already (their
+            # descriptors were reused: under load a server thread's accept() takes the fd a client just
+            # closed, and a burst can leave no client record at any tick; issue 16: 1 of 600 counted).
+            if gone or closed or created > present or self._deferred:
                 self._count(closes, gone, samples, created, max(0, created - present), now)
             self._window.append((now, closes))
         else:
             self._window_start = now
             self._tw = time_wait(self.range)  # the baseline: entries older than leakguard are not its closes
+            self._read_seq, self._marks, self._read_marked = registry.mark(), 0, 1
         self._last_seq = seq_now
         self._prev = current
         return self._judge(now)
@@ -347,23 +445,44 @@ class ChurnTracker:
             return
         prev = self._tw if self._tw is not None else {}
         self._tw = tw
+        # Sockets created up to this read, counted by a mark taken after it: every entry the read found
+        # belongs to a socket created before the mark.  (The tick's own mark, taken before the snapshot,
+        # missed those made between it and the read: under load hundreds in a burst, whose entries then
+        # went over the cap and were never counted; issue 16: 526 of 600 counted.)
+        seq = registry.mark()
+        self._read_marked = 1
+        made = self._made
+        if self._read_seq is not None:
+            made.append((now, seq - self._read_seq - 1 - self._marks))
+        self._read_seq, self._marks = seq, 0
+        while made and made[0][0] < now - WINDOW_S:
+            made.popleft()
         new = {(decode(local), decode(remote)): (local, remote) for local, remote in _new_entries(tw, prev)}
         for key, peer, rec in gone:
             addrs = rec.addrs
             if addrs is not None and addrs[0] and addrs[1] and new.pop((addrs[0], addrs[1]), None) is not None:
                 closes[(key, peer)] = closes.get((key, peer), 0.0) + 1
         # At most as many as this process created sockets in the last 60 s, minus those counted already.
-        made = self._made
         if not new:
             return
         total = sum(samples.values())
         if total:
             self._share = {key: n / total for key, n in samples.items()}
         share = self._share
-        if not share:  # no client site known yet: these entries count at the next tick that knows one
+        if not share:  # the sites last seen live with these peers
+            peers = {remote for _local, remote in new}
+            sites = [key for key, peer in self._peers.items() if peer in peers]
+            share = {key: 1.0 / len(sites) for key in sites}
+        if share:
+            self._deferred = 0
+        elif self._deferred < _DEFER_READS:  # no client site known yet: the next reads may know one
+            self._deferred += 1
             for raw in new.values():
                 del tw[raw]
             return
+        else:  # still none (every client record was replaced before a tick saw it): counted, site unknown
+            self._deferred = 0
+            share = {UNKNOWN_SITE: 1.0}
         by_peer: dict[str, int] = {}
         for _local, remote in new:
             by_peer[remote] = by_peer.get(remote, 0) + 1
@@ -461,17 +580,7 @@ class ChurnTracker:
         return sorted(by_site.items(), key=lambda kv: -kv[1])
 
     def name(self, key: SiteKey) -> str:
-        name = self._names.get(key)
-        if name is None:
-            code, lasti = key
-            if isinstance(code, CodeType):
-                name = stacks.format_site(stacks.frames((code, lasti))[0])
-            else:
-                name = str(code)
-            if len(self._names) > 2 * _BOUND:
-                self._names.clear()
-            self._names[key] = name
-        return name
+        return site_name(key, self._names)
 
     def held(self, peer: str | None) -> int:
         """Client TIME_WAIT entries to *peer* at the last read of the table (ports it holds)."""
@@ -509,7 +618,7 @@ class ChurnTracker:
             out.append(
                 ChurnWarning(
                     self.name(key), peer, count, self.limit, self.ports, self._origins.get(key, "socket"),
-                    rate, exhausted,
+                    rate, exhausted, namespace_sharers(now),
                 )  # fmt: skip
             )
         if len(self._warned) > _BOUND:

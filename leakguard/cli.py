@@ -58,6 +58,7 @@ def _live_parsers(sub: Any) -> None:
     )
     ins.add_argument("pid", type=int)
     ins.add_argument("--json", action="store_true", help="print the snapshot().to_dict() shape")
+    _sample_option(ins)
     att = sub.add_parser(
         "attach",
         help="run leakguard inside a live Python process (no restart) and print who holds its leaks",
@@ -78,8 +79,33 @@ def _live_parsers(sub: Any) -> None:
         "--report-interval", metavar="S", default=None, help="with --install: start the periodic watcher every S seconds"
     )
     att.add_argument("--timeout", metavar="S", type=float, default=30.0, help="give up after S seconds (default 30)")
+    _sample_option(att)
     doc = sub.add_parser("doctor", help="what is active and why; the limits and kernel settings that matter")
     doc.add_argument("--json", action="store_true")
+
+
+def _sample_option(parser: Any) -> None:
+    parser.add_argument(
+        "--sample",
+        metavar="S",
+        type=_seconds("--sample"),
+        default=1.0,
+        help="read the descriptors twice, S seconds apart, and say when RLIMIT_NOFILE is reached at that rate "
+        "(default 1; a slow leak needs longer; 0: one reading)",
+    )
+
+
+def _seconds(option: str) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not 0.0 <= value <= 3600.0:
+            raise argparse.ArgumentTypeError(f"{option} takes seconds from 0 to 3600, not {text!r}")
+        return value
+
+    return parse
 
 
 def _live(args: argparse.Namespace) -> int:
@@ -87,7 +113,7 @@ def _live(args: argparse.Namespace) -> int:
         from . import procview
 
         try:
-            view = procview.read_process(args.pid)
+            view = procview.read_sampled(args.pid, args.sample)
         except procview.ProcessError as exc:
             print(f"leakguard inspect: {exc}", file=sys.stderr)
             return 1
@@ -98,7 +124,11 @@ def _live(args: argparse.Namespace) -> int:
 
         try:
             result = attach.attach(
-                args.pid, install=args.install, report_interval=args.report_interval, timeout=args.timeout
+                args.pid,
+                install=args.install,
+                report_interval=args.report_interval,
+                timeout=args.timeout,
+                sample_s=args.sample,
             )
         except attach.AttachError as exc:
             print(f"leakguard attach: {exc}", file=sys.stderr)

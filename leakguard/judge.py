@@ -110,8 +110,13 @@ def close_seen_update(seen: dict[tuple[Any, ...], float]) -> None:
     _close_seen = seen
 
 
-def format_age(seconds: float) -> str:
-    """*seconds* as a person reads an age: '4.2 s', '3.5 min', '2.0 h'."""
+def format_age(seconds: float, approx: bool = False) -> str:
+    """*seconds* as a person reads an age: '4.2 s', '3.5 min', '2.0 h'; *approx*: '~47 s', '~12 min', '~5 h', '~3 d'."""
+    if approx:
+        for unit, size, below in (("s", 1, 120), ("min", 60, 7200), ("h", 3600, 172800)):
+            if seconds < below:
+                return f"~{seconds / size:,.0f} {unit}"
+        return f"~{seconds / 86400:,.0f} d"
     if seconds < 120:
         return f"{seconds:.1f} s"
     if seconds < 7200:

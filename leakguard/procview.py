@@ -24,7 +24,7 @@ from typing import Any
 from .kernel import TCP_STATES
 from .snapshot import _family_name, _type_name
 
-__all__ = ["ProcessError", "format_view", "fd_limit", "read_process"]
+__all__ = ["ProcessError", "format_view", "fd_limit", "read_process", "read_sampled"]
 
 _PROC = "/proc"
 
@@ -232,6 +232,26 @@ def read_process(pid: int) -> dict[str, Any]:
     return _assemble(pid, sockets, open_fds, fd_limit(pid))
 
 
+def read_sampled(pid: int, sample_s: float) -> dict[str, Any]:
+    """:func:`read_process` twice, *sample_s* seconds apart, with ``"fd_projection"``: when the
+    process reaches its ``RLIMIT_NOFILE`` at the rate its descriptors grew in between (by state and
+    peer: from outside there are no creation sites), or None (not growing; see :mod:`leakguard.fdlimit`).
+    *sample_s* 0: one reading, no projection.
+    """
+    from . import fdlimit
+
+    first = read_process(pid)
+    if sample_s <= 0:
+        return first
+    t0 = time.monotonic()
+    time.sleep(sample_s)
+    view = read_process(pid)
+    samples = [fdlimit.sample_of_dict(first, t0), fdlimit.sample_of_dict(view, time.monotonic())]
+    p = fdlimit.project(samples, view["fds"]["limit"], by="peer")
+    view["fd_projection"] = p.to_dict() if p is not None else None
+    return view
+
+
 def _assemble(pid: int, sockets: list[dict[str, Any]], open_fds: int, limit: int) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for s in sockets:
@@ -291,6 +311,8 @@ def format_view(view: dict[str, Any], title: str = "") -> str:
         pct = 100.0 * fds["open"] / limit
         if pct >= 80:
             lines[-1] += f" ({pct:.0f}% of RLIMIT_NOFILE: new sockets and files will soon fail with EMFILE)"
+    if view.get("fd_projection"):
+        lines.append(view["fd_projection"]["message"])
     counts = view["counts"]
     if counts:
         lines.append("TCP by state: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))

@@ -23,12 +23,14 @@ from .judge import format_age as _age
 
 if TYPE_CHECKING:
     from . import registry
+    from .fdlimit import Projection
     from .snapshot import Snapshot, SocketInfo
 
 __all__ = [
     "LeakGroup",
     "Reporter",
     "describe",
+    "fd_outlook_line",
     "fix_hint",
     "format_group",
     "format_leak",
@@ -222,6 +224,21 @@ class LeakGroup:
     def in_use(self) -> dict[str, Any] | None:
         return next((u for _, u in self._diag if u is not None), None)
 
+    def in_uses(self, most: int = 3) -> list[dict[str, Any]]:
+        """Up to *most* distinct places (thread, task, line) where code holding members is now."""
+        out: list[dict[str, Any]] = []
+        seen = set()
+        for _, u in self._diag:
+            if u is None:
+                continue
+            k = (u.get("thread"), u.get("task"), u.get("file"), u.get("line"))
+            if k not in seen:
+                seen.add(k)
+                out.append(u)
+                if len(out) >= most:
+                    break
+        return out
+
     def hint(self) -> str:
         o = self.oldest
         pool = o.record.pool if o.record is not None else None
@@ -359,9 +376,9 @@ def format_group(
     held = g.held_by()
     if held:
         lines.append("  held by: " + "; ".join(held))
-    used = g.in_use()
+    used = g.in_uses()
     if used:
-        lines.append("  in use at: " + _in_use_text(used))
+        lines.append("  in use at: " + "; ".join(_in_use_text(u) for u in used))
     lines.append("  fix: " + g.hint())
     stack: Sequence[stacks.Frame] = g.stack()
     if trim_outer:
@@ -426,11 +443,47 @@ def summary_line(snap: Snapshot, groups: int | None = None) -> str:
     )
 
 
-def format_snapshot(snap: Snapshot, stack_limit: int = STACK_LIMIT) -> str:
-    """The readable report: one summary line, then one block per group of leaks (largest first)."""
+def _per(rate: float, unit: str) -> str:
+    """A growth rate as a person reads it: '+1 socket/s', '+12 sockets/min', '+2.5 descriptors/h'."""
+    for size, per in ((1, "s"), (60, "min"), (3600, "h")):
+        v = rate * size
+        if v >= 0.95 or per == "h":
+            break
+    text = f"{v:,.0f}" if v >= 9.5 else f"{v:.1f}".rstrip("0").rstrip(".")
+    return f"+{text} {unit}{'' if text == '1' else 's'}/{per}"
+
+
+def fd_outlook_line(p: Projection) -> str:
+    """When the descriptors run out (see :mod:`leakguard.fdlimit`):
+    ``fd limit reached in ~5 h at +1 socket/s from shop.py:66 (2,000/20,000 open)``."""
+    head = f"fd limit reached in {_age(p.seconds, approx=True)}" if p.seconds > 0 else "fd limit reached"
+    top = p.sources[:2]
+    where = "from" if p.by == "site" else "in"
+    if top and sum(r for _, r in top) >= 0.5 * p.fds_per_s:
+        rates = " and ".join(f"{_per(r, 'socket')} {where} {name}" for name, r in top)
+        text = f"{head} at {rates}"
+    else:  # descriptors other than these sockets grow too (files, pipes, sockets of many sites)
+        text = f"{head} at {_per(p.fds_per_s, 'descriptor')}"
+        if top:
+            text += f" ({_per(top[0][1], 'socket')} {where} {top[0][0]})"
+    return text + f" ({p.fds_open:,}/{p.limit:,} open)"
+
+
+def format_snapshot(snap: Snapshot, stack_limit: int = STACK_LIMIT, outlook: Projection | None = None) -> str:
+    """The readable report: one summary line, then one block per group of leaks (largest first).
+
+    *outlook*: when the descriptors run out; by default the running watcher's projection
+    (:func:`leakguard.fdlimit.outlook`), none without a watcher.
+    """
+    if outlook is None:
+        from . import fdlimit
+
+        outlook = fdlimit.outlook(snap)
     with stacks.rendering():
         groups = group(snap.leaks)
         out = [summary_line(snap, len(groups))]
+        if outlook is not None:
+            out.append(outlook.message)
         for g in groups:
             out.append("")
             out.append(format_group(g, stack_limit))
@@ -527,6 +580,8 @@ def _socket_dict(
 REPEAT_S = 60.0
 #: Share of RLIMIT_NOFILE in use above which a warning event is emitted.
 FD_WARN_RATIO = 0.8
+#: A projected fd limit closer than this many seconds is a warning event too (once per REPEAT_S).
+FD_OUTLOOK_WARN_S = 3600.0
 
 
 def get_logger(log_format: str = "auto") -> Any:
@@ -661,6 +716,7 @@ class Reporter:
         self._groups: dict[tuple[str, str | None], _Seen] = {}  # (site, verdict) of each group still leaking
         self._tokens = float(config.max_events_per_minute)
         self._refilled = time.monotonic()
+        self._outlook_warned = -REPEAT_S  # time.monotonic() of the last fd_limit warning from the projection
 
     # -- logger ---------------------------------------------------------------
 
@@ -698,13 +754,17 @@ class Reporter:
         churn: list[Any] | None = None,
         dump: bool = False,
         routine: bool = False,
+        outlook: Projection | None = None,
     ) -> int:
         """Emit the events for *snap*; returns how many events were emitted (summary included).
 
         With *dump* (on-demand, e.g. a signal) the rate limit does not apply and the
         state between periodic reports is left untouched.  With *routine* (the
         watcher saw nothing change, see ``watcher.Watcher.routine``) the summary
-        is left out unless another event goes out with it.
+        is left out unless another event goes out with it.  *outlook*: when the
+        descriptors run out at the rate the watcher measured (:mod:`leakguard.fdlimit`):
+        in the summary, in the leak events of the sites it names, and a
+        ``leakguard.fd_limit`` warning once it is less than :data:`FD_OUTLOOK_WARN_S` away.
         """
         now = time.monotonic()
         cfg = self.config
@@ -721,20 +781,30 @@ class Reporter:
         groups = {(g.site, g.verdict) for g in ranked}
 
         events: list[tuple[str, str, dict[str, Any]]] = []  # (level, event, fields)
-        if snap.fds_limit > 0 and snap.fds_open >= FD_WARN_RATIO * snap.fds_limit:
-            events.append(
-                (
-                    "warning",
-                    "leakguard.fd_limit",
-                    {
-                        "fds_open": snap.fds_open,
-                        "fds_limit": snap.fds_limit,
-                        "used_pct": round(100.0 * snap.fds_open / snap.fds_limit, 1),
-                        "message": "open file descriptors are close to RLIMIT_NOFILE; "
-                        "new sockets and files will fail with 'Too many open files'",
-                    },
+        near = snap.fds_limit > 0 and snap.fds_open >= FD_WARN_RATIO * snap.fds_limit
+        soon = (
+            outlook is not None
+            and outlook.seconds < FD_OUTLOOK_WARN_S
+            and (dump or now - self._outlook_warned >= REPEAT_S)
+        )
+        if near or soon:
+            fields: dict[str, Any] = {
+                "fds_open": snap.fds_open,
+                "fds_limit": snap.fds_limit,
+                "used_pct": round(100.0 * snap.fds_open / snap.fds_limit, 1),
+                "message": "open file descriptors are close to RLIMIT_NOFILE; "
+                "new sockets and files will fail with 'Too many open files'",
+            }
+            if outlook is not None:
+                fields["message"] = (
+                    f"{outlook.message}; then new sockets and files fail with 'Too many open files'"
                 )
-            )
+                fields["reached_in_s"] = round(outlook.seconds, 1)
+                fields["fd_projection"] = outlook.to_dict()
+                if not dump:
+                    self._outlook_warned = now
+            events.append(("warning", "leakguard.fd_limit", fields))
+        outlook_sites = {name for name, _ in outlook.sources} if outlook is not None and outlook.by == "site" else ()
         for w in churn or ():
             events.append(("warning", "leakguard.churn", {**w.to_dict(), "message": w.message}))
 
@@ -746,6 +816,8 @@ class Reporter:
             if seen is None or seen.last_emit is None:  # a new group suppressed last time is still new
                 fields = g.fields()
                 fields["status"] = "new"
+                if g.site in outlook_sites:
+                    fields["fd_outlook"] = outlook.message  # type: ignore[union-attr]
                 new.append(("warning", "leakguard.leak", fields))
                 continue
             if dump or len(g.infos) != seen.last_count:
@@ -756,6 +828,8 @@ class Reporter:
                 continue
             fields = g.fields()
             fields["status"] = "still_leaking"
+            if g.site in outlook_sites:
+                fields["fd_outlook"] = outlook.message  # type: ignore[union-attr]
             fields["leaking_for_s"] = round(now - seen.first, 1)
             into.append(("warning", "leakguard.leak", fields))
         resolved: list[tuple[str, str, dict[str, Any]]] = []
@@ -806,6 +880,9 @@ class Reporter:
             "fds_limit": snap.fds_limit,
             "suppressed": suppressed,
         }
+        if outlook is not None:
+            summary["fd_outlook"] = outlook.message
+            summary["fd_limit_in_s"] = round(outlook.seconds, 1)
         if dump:
             summary["trigger"] = "dump"
         log = self.logger

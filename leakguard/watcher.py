@@ -48,7 +48,7 @@ import weakref
 from typing import Any
 
 from . import churn as _churn
-from . import kernel, report
+from . import fdlimit, kernel, report
 from ._log import log
 from .snapshot import Snapshot, take as take_snapshot
 
@@ -205,10 +205,12 @@ class Watcher:
         _instances.add(self)
         self._summary_key: tuple[int, ...] | None = None
         self._summary_at = 0.0
+        self.fd_history = fdlimit.History()  # descriptors and sockets per site at each tick: the fd projection
 
     def start(self) -> None:
         if self.interval is not None:
             self._due = time.monotonic() + self.interval
+            fdlimit.register(self.fd_history)
         with self._mu:
             self._spawn()
 
@@ -225,6 +227,8 @@ class Watcher:
         with self._mu:
             self._stopping = True
             t = self._thread
+        if fdlimit._registered and fdlimit._registered[0] is self.fd_history:
+            fdlimit.register(None)
         self._wake.set()
         if t is not None and t.ident != _thread_api()[3]():
             t.join(timeout)
@@ -282,7 +286,8 @@ class Watcher:
         snap = take_snapshot(self._cache)
         inherited = inherited_fds(snap)
         warnings = churn.observe(snap, pre) if churn is not None and pre is not None else []
-        self.reporter.report(snap, inherited, warnings, routine=self.routine(snap, inherited))
+        outlook = self.fd_history.add_snapshot(snap, time.monotonic())
+        self.reporter.report(snap, inherited, warnings, routine=self.routine(snap, inherited), outlook=outlook)
         metrics = sys.modules.get("leakguard.metrics")
         if metrics is not None:
             metrics.update(snap, inherited, churn)
@@ -306,7 +311,7 @@ class Watcher:
         try:
             with self._tick_lock:
                 snap = take_snapshot()
-                self.reporter.report(snap, inherited_fds(snap), dump=True)
+                self.reporter.report(snap, inherited_fds(snap), dump=True, outlook=fdlimit.outlook(snap))
         except Exception:
             log.debug("leakguard: dump failed", exc_info=True)
 

@@ -132,8 +132,12 @@ class Target:
         self.proc.stdin.flush()
         assert self.proc.stdout.readline().strip() == expect
 
-    def finish(self, later: int = 0) -> None:
+    def finish(self, later: int = 0, reports: bool = False) -> None:
+        """*reports*: leakguard's watcher runs there and writes its reports on stderr (nothing else may)."""
         out, err = self.proc.communicate("quit\n", timeout=20)
+        if reports:
+            assert err and all(" leakguard." in ln for ln in err.splitlines()), err
+            err = ""
         assert (self.proc.returncode, out, err) == (3, f"DONE 1 {later}\n", "")
 
     def kill(self) -> None:
@@ -173,7 +177,8 @@ class TestInspect:
         assert all(s["origin"] == "unknown" and s["stack"] == [] for s in view["sockets"])
         assert view["fds"]["open"] == psutil.Process(target.pid).num_fds()
         assert view["fds"]["limit"] == psutil.Process(target.pid).rlimit(psutil.RLIMIT_NOFILE)[0]
-        assert set(view) == {"pid", "taken_at", "counts", "fds", "sockets", "leaks"}
+        assert set(view) == {"pid", "taken_at", "counts", "fds", "sockets", "leaks", "fd_projection"}
+        assert view["fd_projection"] is None  # nothing grows in this target
         target.finish()
 
     def test_text_groups_close_wait_by_peer(self, target: Target) -> None:
@@ -269,17 +274,21 @@ def _need_gdb() -> None:
         pytest.skip("3.14+ attaches through sys.remote_exec")
 
 
-@pytest.fixture(params=["current", "3.10", "3.12", "3.13"])
-def any_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
+def _versioned_target(version: str, tmp_path: Path, source: str = TARGET) -> Iterator[Target]:
     _need_gdb()
-    exe = _interpreter(request.param)
+    exe = _interpreter(version)
     if exe is None:
-        pytest.skip(f"no Python {request.param} interpreter under {PYENV}")
-    t = Target(exe, tmp_path)
+        pytest.skip(f"no Python {version} interpreter under {PYENV}")
+    t = Target(exe, tmp_path, source)
     try:
         yield t
     finally:
         t.kill()
+
+
+@pytest.fixture(params=["current", "3.10", "3.12", "3.13"])
+def any_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
+    yield from _versioned_target(request.param, tmp_path)
 
 
 def attach_json(pid: int, *extra: str) -> dict[str, Any]:
@@ -323,6 +332,124 @@ class TestAttach:
         assert later[0]["site"].endswith(f"target.py:{line_of('# LATER')}"), later[0]["stack"]
         assert len(again["leaks"]) == 3
         any_target.finish(later=1)
+
+
+HOLDERS = """\
+import os, socket, sys, threading
+
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(16)
+addr = srv.getsockname()
+KEEP = {"cache": socket.create_connection(addr)}
+srv.accept()[0].close()
+lock = threading.Lock()
+lock.acquire()
+ready = threading.Event()
+
+
+def worker():
+    conn = socket.create_connection(addr)
+    srv.accept()[0].close()
+    ready.set()
+    with lock:  # STUCK
+        conn.close()
+
+
+def main():
+    mine = socket.create_connection(addr)
+    srv.accept()[0].close()
+    t = threading.Thread(target=worker, name="stuck-worker", daemon=True)
+    t.start()
+    ready.wait()
+    before = set(globals())
+    print("READY", os.getpid(), flush=True)
+    line = sys.stdin.readline()  # MAIN
+    lock.release()
+    t.join()
+    for s in (mine, KEEP["cache"], srv):
+        s.close()
+    print("DONE", line.strip(), sorted(set(globals()) - before), flush=True)
+    sys.exit(3)
+
+
+main()
+"""
+
+
+@pytest.fixture(params=["current", "3.10", "3.12", "3.13"])
+def holders(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
+    yield from _versioned_target(request.param, tmp_path, HOLDERS)
+
+
+class TestAttachDiagnosis:
+    """Who holds each leak and where the code holding it is now, read inside a process that never imported
+    leakguard: a module global, a thread stuck on a lock, the main thread blocked in a read (the thread the
+    code is injected into: its injected frames are leakguard's, never the application's)."""
+
+    def test_holders_and_stuck_thread(self, holders: Target) -> None:
+        got = attach_json(holders.pid)
+        assert got["counts"] == {"LISTEN": 1, "CLOSE_WAIT": 3}
+        assert got["attach"]["thread"] == holders.pid  # the main thread took the call
+        by_holder = {tuple(s["held_by"]): s for s in got["leaks"]}
+        assert set(by_holder) == {
+            ("__main__.KEEP['cache']",),
+            ("thread 'stuck-worker' in worker() local conn",),
+            ("thread 'MainThread' in main() local mine",),
+        }, [s["held_by"] for s in got["leaks"]]
+        kept = by_holder[("__main__.KEEP['cache']",)]
+        assert (kept["verdict"], kept["in_use"]) == ("forgotten", None)
+        stuck = by_holder[("thread 'stuck-worker' in worker() local conn",)]
+        assert stuck["verdict"] == "in_use"
+        assert {k: stuck["in_use"][k] for k in ("thread", "task", "line", "function")} == {
+            "thread": "stuck-worker", "task": None, "line": line_of("# STUCK", HOLDERS), "function": "worker",
+        }  # fmt: skip
+        assert stuck["in_use"]["file"].endswith("target.py")
+        main = by_holder[("thread 'MainThread' in main() local mine",)]
+        assert main["verdict"] == "in_use"
+        assert (main["in_use"]["thread"], main["in_use"]["line"], main["in_use"]["function"]) == (
+            "MainThread", line_of("# MAIN", HOLDERS), "main",
+        )  # fmt: skip
+        assert main["in_use"]["now_at"] == f"target.py:{line_of('# MAIN', HOLDERS)} in main()"
+        assert "__leakguard_attach__" not in json.dumps(got) and "<string>" not in json.dumps(got)
+        holders.send("go", "DONE go []")  # __main__ gained no name
+        out, err = holders.proc.communicate(timeout=20)
+        assert (holders.proc.returncode, out, err) == (3, "", "")
+
+    def test_text_names_holders_and_where_the_thread_is(self, holders: Target) -> None:
+        r = leakguard_cli("attach", str(holders.pid), "--timeout", "60", "--sample", "0")
+        assert r.returncode == 0, r.stderr
+        held = " ".join(ln for ln in r.stdout.splitlines() if ln.startswith("  held by: "))
+        used = " ".join(ln for ln in r.stdout.splitlines() if ln.startswith("  in use at: "))
+        for holder in ("__main__.KEEP['cache']", "thread 'stuck-worker' in worker() local conn",
+                       "thread 'MainThread' in main() local mine"):  # fmt: skip
+            assert holder in held, r.stdout
+        # the two in_use sockets form one group (same site, unknown: no creation stack): both places are named
+        assert f"thread 'stuck-worker' at target.py:{line_of('# STUCK', HOLDERS)} in worker()" in used, r.stdout
+        assert f"thread 'MainThread' at target.py:{line_of('# MAIN', HOLDERS)} in main()" in used, r.stdout
+        holders.send("go", "DONE go []")
+
+
+class TestAttachProjection:
+    """With leakguard installed by an earlier attach and its watcher running, attach prints the watcher's fd-limit
+    projection by creation site (from outside it could only name state and peer)."""
+
+    def test_watcher_projection_names_the_site(self, target: Target) -> None:
+        _need_gdb()
+        assert attach_json(target.pid, "--install", "--report-interval", "0.1", "--sample", "0")["attach"]["installed"]
+        for _ in range(5):  # five more leaks from one line, each seen by a tick or not: the history grows
+            target.send("open", "OPENED")
+        got: dict[str, Any] = {}
+        for _ in range(10):  # until a tick has seen the growth (each attach is a second or more)
+            got = attach_json(target.pid, "--sample", "0")
+            if got["fd_projection"]:
+                break
+        p = got["fd_projection"]
+        assert p and p["by"] == "site", got.get("fd_projection")
+        assert p["sources"][0]["source"].endswith(f"target.py:{line_of('# LATER')}")
+        assert p["message"].startswith("fd limit reached in ~") and f"target.py:{line_of('# LATER')}" in p["message"]
+        assert p["message"] in got["text"]  # the target's own report says it
+        target.finish(later=5, reports=True)
 
 
 ASYNCIO_SERVER = """\
