@@ -333,7 +333,7 @@ def adopt_socket(holder: Any, sock: Any, frames: stacks.Frames, sc: registry.Sco
     owner = _Descriptor(sock)
     _owners.setdefault(holder, []).append(owner)
     origin, target = (sc.origin, sc.target) if sc is not None and sc.origin is not None else ("socket", None)
-    registry.adopt(fd, origin, target=target, frames=frames, owner=owner)
+    registry.adopt_fd(fd, origin, target, frames, owner)
 
 
 def adopt_transport(transport: Any, frames: stacks.Frames, sc: registry.Scope | None, after: int) -> None:

@@ -124,9 +124,25 @@ def format_age(seconds: float, approx: bool = False) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def leak_reason(info: SocketInfo) -> str:
-    """Why *info* is judged leaked, in words a person reads."""
+def leak_reason(info: SocketInfo, memo: dict[Any, str] | None = None) -> str:
+    """Why *info* is judged leaked, in words a person reads.
+
+    *memo*, a dict a renderer keeps for one snapshot, makes the words once for every
+    socket they are the same for (a group's sockets: same state, peer, age as written
+    and creation stack); a pooled socket's are its own.
+    """
     rec = info.record
+    if memo is not None and (rec is None or rec.pool is None):
+        key = (
+            info.state == "CLOSE",
+            info.remote,
+            format_age(info.age_s) if info.age_s is not None else None,
+            id(rec.resolved()) if rec is not None else None,  # the stack tuple: the snapshot keeps it alive
+        )
+        text = memo.get(key)
+        if text is None:
+            text = memo[key] = leak_reason(info)
+        return text
     if info.state == "CLOSE":
         peer = f"the peer {info.remote}" if info.remote else "the peer"
         text = f"{peer} reset the connection; this process never closed its end"

@@ -33,6 +33,7 @@ __all__ = [
     "Record",
     "Scope",
     "adopt",
+    "adopt_fd",
     "all_records",
     "live_between",
     "live_sockets",
@@ -357,17 +358,27 @@ def adopt(
     """
     if frames is None:
         frames = stacks.capture(2, depth[0])
+    return _view(fd, _adopted(fd, origin, target, frames, owner))
+
+
+def adopt_fd(fd: int, origin: str, target: str | None, frames: stacks.Frames, owner: Any = None) -> None:
+    """:func:`adopt` with the frames given, building no :class:`Record` view (one is made when
+    first read): for a path that adopts every connection and reads nothing back (a C loop's)."""
+    _adopted(fd, origin, target, frames, owner)
+
+
+def _adopted(fd: int, origin: str, target: str | None, frames: stacks.Frames, owner: Any) -> Entry:
     sc = _scope.get()
     if sc is not None and sc.cont is not None:
         frames = stacks.continued(frames, sc.cont, depth[0])
     ref = None
     if owner is not None:
         try:
-            ref = weakref.ref(owner)
+            ref = _ref(owner)
         except TypeError:
             ref = None
-    entry = _records[fd] = (ref, time.monotonic(), _next_seq(), frames, Scope(origin, target, None))
-    return _view(fd, entry)
+    entry = _records[fd] = (ref, _monotonic(), _next_seq(), frames, Scope(origin, target, None))
+    return entry
 
 
 def annotate(fd: int, origin: str | None = None, target: str | None = None) -> Record | None:

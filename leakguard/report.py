@@ -502,9 +502,10 @@ def snapshot_dict(snap: Snapshot) -> dict[str, Any]:
     """
     done: dict[int, dict[str, Any]] = {}  # id(SocketInfo) -> its dict
     memo: dict[int, tuple[list[dict[str, Any]], str | None]] = {}  # id(resolved stack) -> (stack, site)
+    reasons: dict[Any, str] = {}  # one text per group of sockets it reads the same for (judge.leak_reason)
     with stacks.rendering():
-        sockets = [_socket_dict(s, memo, done) for s in snap.sockets]
-        leaks = [done.get(id(s)) or _socket_dict(s, memo, done) for s in snap.leaks]
+        sockets = [_socket_dict(s, memo, done, reasons) for s in snap.sockets]
+        leaks = [done.get(id(s)) or _socket_dict(s, memo, done, reasons) for s in snap.leaks]
     return {
         "pid": snap.pid,
         "taken_at": snap.taken_at,
@@ -518,7 +519,7 @@ def snapshot_dict(snap: Snapshot) -> dict[str, Any]:
 def socket_dict(info: SocketInfo) -> dict[str, Any]:
     """``SocketInfo.to_dict()``: one socket in the CONTRACT's shape."""
     with stacks.rendering():
-        return _socket_dict(info, {}, {})
+        return _socket_dict(info, {}, {}, None)
 
 
 _NO_STACK: tuple[list[dict[str, Any]], str | None] = ([], None)
@@ -536,6 +537,7 @@ def _socket_dict(
     info: SocketInfo,
     memo: dict[int, tuple[list[dict[str, Any]], str | None]],
     done: dict[int, dict[str, Any]],
+    reasons: dict[Any, str] | None,
 ) -> dict[str, Any]:
     fd, family, kind, state, local, remote, age, origin, target, rec = info[:10]
     if rec is None:
@@ -568,7 +570,7 @@ def _socket_dict(
         "in_use": None,
     }
     if info.leaked:
-        d["reason"] = info.reason
+        d["reason"] = info._reason(reasons)
         d["verdict"], d["verdict_reason"], d["held_by"], d["in_use"] = _diagnosis(info)
     done[id(info)] = d
     return d

@@ -136,8 +136,12 @@ class SocketInfo(tuple):  # type: ignore[type-arg]
     @property
     def reason(self) -> str | None:
         """Why this socket is judged leaked, in words; None when it is not."""
+        return self._reason(None)
+
+    def _reason(self, memo: dict[Any, str] | None) -> str | None:
+        """:attr:`reason`, with *memo* as judge.leak_reason takes it (a renderer's, for one snapshot)."""
         # A check's leaks (still open at its end) carry a diagnosis too; a reason only where the kernel shows one.
-        return judge.leak_reason(self) if self[10] is not None and self[3] in judge.LEAK_STATES else None
+        return judge.leak_reason(self, memo) if self[10] is not None and self[3] in judge.LEAK_STATES else None
 
     @property
     def site(self) -> stacks.Frame | None:

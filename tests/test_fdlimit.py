@@ -248,3 +248,11 @@ class TestRealProcesses:
 
     def test_inspect_single_reading_has_none(self, plain_leaker: subprocess.Popen[str]) -> None:
         assert "fd_projection" not in _inspect(plain_leaker.pid, "--sample", "0", "--json")
+
+    @pytest.mark.parametrize("value", ["soon", "-1", "3601"])
+    def test_bad_sample_is_refused(self, value: str) -> None:
+        for command in ("inspect", "attach"):
+            r = subprocess.run([sys.executable, "-m", "leakguard", command, str(os.getpid()), "--sample", value],
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+            assert r.returncode == 2 and r.stdout == "", r.stderr
+            assert f"argument --sample: --sample takes seconds from 0 to 3600, not '{value}'" in r.stderr

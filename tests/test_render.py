@@ -8,13 +8,14 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import leakguard
-from leakguard import _config, report, stacks
+from leakguard import _config, registry, report, stacks
 
 from .helpers import HangUpServer, this_line, wait_for
 
@@ -378,6 +379,37 @@ class TestToDict:
                 assert set(frame) == {"file", "line", "function"}
         finally:
             early.close()
+
+    def test_reasons_made_once_per_group_read_as_each_sockets_own(
+        self, installed_quiet: None, hangup_server: HangUpServer
+    ) -> None:
+        """to_dict writes a group's reason once: each socket's still equals its own (sites, ages, a pool)."""
+
+        def first() -> socket.socket:
+            return socket.create_connection(hangup_server.address)
+
+        def second() -> socket.socket:
+            return socket.create_connection(hangup_server.address)
+
+        socks = [first() for _ in range(3)] + [second() for _ in range(3)]
+        time.sleep(0.3)
+        socks += [first() for _ in range(2)]  # the same site, another age
+        try:
+            mine = {s.fileno() for s in socks}
+            leaked(mine, len(socks))
+            rec = registry.get(socks[0].fileno())
+            assert rec is not None
+            rec.pool = registry.PoolInfo("test-pool")  # idle in a pool: its words are its own
+            snap = leakguard.snapshot()
+            entries = {e["fd"]: e for e in snap.to_dict()["leaks"] if e["fd"] in mine}
+            infos = [i for i in snap.leaks if i.fd in mine]
+            assert len(entries) == len(infos) == len(socks)
+            for info in infos:
+                assert entries[info.fd]["reason"] == info.reason, info
+            assert len({e["reason"] for e in entries.values()}) >= 4  # two sites, two ages, the pool
+        finally:
+            for s in socks:
+                s.close()
 
     def test_a_socket_opened_before_install_has_an_empty_stack(self, hangup_server: HangUpServer) -> None:
         early = socket.create_connection(hangup_server.address)
