@@ -111,7 +111,11 @@ def attach(conn: Any, origin: str, source: Any) -> None:
     with contained:
         link = _links.get(conn)
         if link is not None:
-            _link(conn, link[0].name, origin, source)
+            info, rec = _link(conn, link[0].name, origin, source)
+            if id(info) in _watched:  # checked out before it had a socket: the watch follows the socket
+                with _lock:
+                    if id(info) in _watched:
+                        _watched[id(info)] = (info, rec)
 
 
 def mark_out(conn: Any, name: str, origin: str, frames: stacks.Frames) -> None:

@@ -9,7 +9,11 @@ creating stack once and leaves it in the context the task copies (a
 continuation scope, :class:`leakguard.registry.Scope`).  A capture inside that
 task whose own frames (down to the task's coroutine or the loop's driver) hold
 no application frame goes on with it.  A task running an application coroutine
-costs one cache lookup: its own frames already name the application.
+costs one cache lookup: its own frames already name the application.  A task
+given its caller's own context (``create_task(coro, context=ctx)``, as
+``asyncio.Runner`` and ``uvloop.run`` do) may share it with other tasks: that
+context gets a :class:`leakguard.stacks.PerTask` once, in which each such task
+finds its own continuation by its coroutine.
 
 Accepted connections name the handler that got them (innermost) and the stack
 of the ``create_server`` call (the ``start_server`` line; else the listening socket's record).
@@ -52,7 +56,9 @@ _is_app_code = stacks._is_app_code
 def _create_task(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     """``loop.create_task``: the new task continues with the creating stack (see the module doc)."""
     try:
-        if kwargs.get("context") is not None:  # the caller's own context: nothing of ours goes in it
+        ctx = kwargs.get("context")
+        if ctx is not None:
+            _continue_in(ctx, args, kwargs)
             return wrapped(*args, **kwargs)
         coro = args[0] if args else kwargs.get("coro")
         code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
@@ -70,6 +76,33 @@ def _create_task(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         registry.count_error()
         return wrapped(*args, **kwargs)
     return call_then_reset(_scope.reset, token, wrapped, args, kwargs)
+
+
+def _continue_in(ctx: Any, args: Any, kwargs: Any) -> None:
+    """A task about to run in the caller's own context *ctx*: that context may be shared by other
+    tasks, so it gets a :class:`stacks.PerTask` (once) and this task's continuation goes in there,
+    keyed by its coroutine.  A context that already carries a scope of ours keeps it."""
+    with contained:
+        coro = args[0] if args else kwargs.get("coro")
+        code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
+        if code is not None and _is_app_code(code):
+            return  # its own frames name the application
+        sc = ctx.get(_scope)
+        if sc is not None and (sc.origin is not None or type(sc.cont) is not stacks.PerTask):
+            return
+        cont = registry.continuation(2, code)
+        if cont is None:
+            return
+        if sc is None:
+            sc = registry.Scope(None, None, None, stacks.PerTask())
+            try:
+                ctx.run(_scope.set, sc)
+            except RuntimeError:  # ctx is entered: the running one (tasks sharing it), or another thread's
+                token = _scope.set(sc)
+                if ctx.get(_scope) is not sc:
+                    _scope.reset(token)
+                    return
+        sc.cont.conts[coro] = cont
 
 
 _MISSING = object()
@@ -152,6 +185,31 @@ def accept_frames(protocol_factory: Any, server_frames: stacks.Frames) -> stacks
     return frames[: 2 * registry.depth[0]]
 
 
+def app_code(protocol: Any) -> CodeType | None:
+    """The application a server's protocol serves, when the protocol itself is library code:
+    uvicorn's (and hypercorn-style) ``protocol.app``, through middleware that keeps the next
+    one as ``.app`` (uvicorn's ProxyHeaders, MessageLogger, ASGI2, WSGI).  Instance attributes
+    only (no property runs); None when no application code is found."""
+    obj = vars(protocol).get("app") if hasattr(protocol, "__dict__") else None
+    for _ in range(8):  # bounded: a chain of middleware
+        if obj is None:
+            return None
+        code = callable_code(obj)
+        if code is not None and _is_app_code(code):
+            return code
+        obj = vars(obj).get("app") if hasattr(obj, "__dict__") else None
+    return None
+
+
+def served_frames(protocol: Any, frames: stacks.Frames) -> stacks.Frames:
+    """An accepted connection's *frames*, with the application its protocol serves innermost
+    when the handler in them is library code (uvicorn: the ASGI app, then ``Server.run``'s line)."""
+    if frames and _is_app_code(frames[0]):
+        return frames
+    code = app_code(protocol)
+    return frames if code is None else ((code, 0) + frames)[: 2 * registry.depth[0]]
+
+
 # protocol factory -> the stack of the create_server call that was given it
 _server_frames: weakref.WeakKeyDictionary[Any, stacks.Frames] = weakref.WeakKeyDictionary()
 
@@ -194,8 +252,33 @@ def _accept_connection2(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> 
         rec = registry.get(fd)
         server_frames = _listening_frames(factory, server)
         if rec is not None and server_frames:
-            registry.adopt(fd, rec.origin, target=rec.target, frames=accept_frames(factory, server_frames), owner=conn)
+            adopted = registry.adopt(fd, rec.origin, target=rec.target, frames=accept_frames(factory, server_frames), owner=conn)
+            if not (adopted.frames and _is_app_code(adopted.frames[0])):  # a library's protocol: name its app
+                serving = _Serving(factory, conn, adopted)
+                args = (serving, *args[1:]) if args else args
+                if not args:
+                    kwargs = {**kwargs, "protocol_factory": serving}
     return wrapped(*args, **kwargs)
+
+
+class _Serving:
+    """The protocol factory of one accepted connection (asyncio's own loops): once the protocol
+    exists, the connection's record names the application it serves (:func:`served_frames`)."""
+
+    __slots__ = ("conn", "factory", "rec")
+
+    def __init__(self, factory: Any, conn: Any, rec: registry.Record) -> None:
+        self.factory, self.conn, self.rec = factory, conn, rec
+
+    def __call__(self) -> Any:
+        protocol = self.factory()
+        with contained:
+            rec = self.rec
+            frames = served_frames(protocol, rec.frames)
+            current = registry.get(rec.fd)
+            if frames is not rec.frames and current is not None and current.entry is rec.entry:
+                registry.adopt(rec.fd, rec.origin, target=rec.target, frames=frames, owner=self.conn)
+        return protocol
 
 
 def _sock_accept(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
@@ -300,7 +383,7 @@ class _AcceptingFactory:
         with contained:
             transport = getattr(protocol, "transport", None) or getattr(protocol, "_transport", None)
             if transport is not None and hasattr(transport, "get_extra_info"):
-                adopt_transport(transport, self.frames, None, 0)
+                adopt_transport(transport, served_frames(protocol, self.frames), None, 0)
 
 
 def _serve(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:

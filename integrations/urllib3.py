@@ -15,7 +15,9 @@ which manager a pool belongs to, and the requests integration which
 ``requests.Session`` owns that manager (:func:`set_owner`).  urllib3 1.25 to 2.x
 name these methods alike.  The connection is checked out before it has a socket
 (urllib3 connects lazily): its socket is linked to the pool slot when
-``_new_conn`` opens it.
+``_new_conn`` opens it.  ``HTTPConnection.close`` ends a checkout: a connection
+closed and dropped (``HTTPResponse.close()``, urllib3's error paths put ``None``
+back) is not reported as held past ``checkout_threshold``.
 """
 
 from __future__ import annotations
@@ -128,6 +130,13 @@ def _put_conn(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     return wrapped(*args, **kwargs)
 
 
+def _close(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    # A connection closed while checked out (``HTTPResponse.close()``, urllib3's own error paths, which
+    # then put ``None`` back) is not held any more: its checkout ends here, not at a check-in that never comes.
+    _pools.mark_in(instance)
+    return wrapped(*args, **kwargs)
+
+
 def _new_pool(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     pool = wrapped(*args, **kwargs)
     with contained:
@@ -146,6 +155,7 @@ def acquire(user: str) -> None:
 
     if not _users:
         _patches.wrap(urllib3.connection, "HTTPConnection._new_conn", _new_conn)
+        _patches.wrap(urllib3.connection, "HTTPConnection.close", _close)
         _patches.wrap(urllib3.connectionpool, "HTTPConnectionPool._get_conn", _get_conn)
         _patches.wrap(urllib3.connectionpool, "HTTPConnectionPool._put_conn", _put_conn)
         _patches.wrap(urllib3.poolmanager, "PoolManager._new_pool", _new_pool)

@@ -135,7 +135,7 @@ class Scope:
         origin: str | None,
         target: str | None,
         frames: stacks.Frames | None,
-        cont: stacks.Continuation | None = None,
+        cont: stacks.Continuation | stacks.PerTask | None = None,
     ) -> None:
         self.origin = origin
         self.target = target
@@ -399,7 +399,7 @@ def push_scope(origin: str, target: str | None = None, frames: stacks.Frames | N
     outer = _scope.get()
     if outer is None:
         return _scope.set(Scope(origin, target, frames))
-    cont = outer.cont
+    cont = stacks.own_continuation(outer.cont)  # the running task's own, for a context shared between tasks
     if outer.frames is not None:
         frames = outer.frames
     elif frames is not None and cont is not None:
@@ -444,7 +444,7 @@ def continuation(skip: int = 1, boundary: Any = None, inherits: bool = True) -> 
     sc = _scope.get()
     if sc is not None and sc.frames is not None:
         return None if inherits else stacks.Continuation(boundary, sc.frames, None)
-    outer = sc.cont if sc is not None else None
+    outer = stacks.own_continuation(sc.cont) if sc is not None else None
     return stacks.Continuation(boundary, stacks.capture(skip + 1, depth[0]), outer, depth[0])
 
 

@@ -27,6 +27,8 @@ __all__ = [
     "DRIVERS",
     "capture",
     "continued",
+    "PerTask",
+    "own_continuation",
     "creation_site",
     "fold",
     "format_folded",
@@ -229,7 +231,34 @@ class Continuation:
         return self.frames
 
 
-def continued(frames: Frames, cont: Continuation, depth: int) -> Frames:
+class PerTask:
+    """The continuations of tasks created with an explicit ``context=`` (``loop.create_task(coro,
+    context=ctx)``): the context is the caller's to share between tasks, so what goes in it is one
+    of these, and each task finds its own :class:`Continuation` here by its coroutine.  A task (or a
+    plain ``ctx.run``) not in it has none: its frames stay as they are."""
+
+    __slots__ = ("conts",)
+
+    def __init__(self) -> None:
+        import weakref
+
+        self.conts: weakref.WeakKeyDictionary[Any, Continuation] = weakref.WeakKeyDictionary()
+
+    def current(self) -> Continuation | None:
+        asyncio = sys.modules.get("asyncio")
+        try:
+            task = asyncio.current_task() if asyncio is not None else None
+            return self.conts.get(task.get_coro()) if task is not None else None
+        except Exception:  # no running loop, a task-like object without get_coro
+            return None
+
+
+def own_continuation(cont: Continuation | PerTask | None) -> Continuation | None:
+    """*cont* itself, or for a :class:`PerTask` the running task's own continuation."""
+    return cont.current() if isinstance(cont, PerTask) else cont
+
+
+def continued(frames: Frames, cont: Continuation | PerTask, depth: int) -> Frames:
     """*frames* captured in a task, thread or executor job, continued with the stack that created it.
 
     The task's own frames end at its coroutine (*cont*'s boundary) or at the first
@@ -238,6 +267,11 @@ def continued(frames: Frames, cont: Continuation, depth: int) -> Frames:
     *frames* are returned unchanged; otherwise the own frames followed by the parent's
     stack, at most *depth* frames in all.  Applying it twice gives the same result.
     """
+    if isinstance(cont, PerTask):
+        found = cont.current()
+        if found is None:
+            return frames
+        cont = found
     boundary = cont.boundary
     end = len(frames)
     drivers = DRIVERS

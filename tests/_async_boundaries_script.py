@@ -96,6 +96,26 @@ async def main():
         async with asyncio.TaskGroup() as tg:
             t = tg.create_task(asyncio.open_connection(*ADDR))  # @case:taskgroup
         keep("taskgroup", t.result()[1])
+    if sys.version_info >= (3, 11):  # create_task(..., context=): the caller's own context, maybe shared
+        shared = contextvars.copy_context()
+        _, w = await loop.create_task(asyncio.open_connection(*ADDR), context=shared)  # @case:context
+        keep("context", w)
+        first = loop.create_task(asyncio.open_connection(*ADDR), context=shared)  # @case:context_shared_1
+        second = loop.create_task(asyncio.open_connection(*ADDR), context=shared)  # @case:context_shared_2
+        keep("context_shared_1", (await first)[1])
+        keep("context_shared_2", (await second)[1])
+
+        async def in_own_context(ctx):  # a task in ctx makes another task in ctx: ctx is entered then
+            return await loop.create_task(asyncio.open_connection(*ADDR), context=ctx)  # @case:context_entered
+
+        own = contextvars.copy_context()
+        keep("context_entered", (await loop.create_task(in_own_context(own), context=own))[1])
+
+        async def set_var():
+            var.set("set-in-task")
+
+        await loop.create_task(set_var(), context=shared)
+        observed["var_in_shared_context"] = [shared.run(var.get), var.get()]
     s = await loop.run_in_executor(None, socket.create_connection, ADDR)  # @case:run_in_executor
     keep("run_in_executor", s)
     s = await asyncio.to_thread(socket.create_connection, ADDR)  # @case:to_thread

@@ -58,7 +58,7 @@ def test_every_boundary_names_the_application_line(tmp_path: Path, loop: str, or
     lines, cases = out["lines"], out["cases"]
     expected = {name for name in lines if name not in ("handler",)}
     if sys.version_info < (3, 11):
-        expected.discard("taskgroup")
+        expected -= {"taskgroup", "context", "context_shared_1", "context_shared_2", "context_entered"}
     assert set(cases) == expected
     wrong = {
         name: case
@@ -141,7 +141,7 @@ with open(__file__) as source:
 never = None
 
 
-async def app(scope, receive, send):
+async def app(scope, receive, send):  # @case:app
     global never
     if scope["path"] == "/hang":
         never = never or asyncio.Event()
@@ -176,9 +176,10 @@ def _http(port: int, request: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("loop,order", UVICORN_CASES)
-def test_uvicorn_server_side_leak_names_the_server_start(tmp_path: Path, loop: str, order: str) -> None:
+def test_uvicorn_server_side_leak_names_the_app_and_the_server_start(tmp_path: Path, loop: str, order: str) -> None:
     """A real uvicorn server (uvloop: accepts in C): a client hangs up while the app holds the
-    request, and the server side's CLOSE_WAIT record names the line that started the server."""
+    request, and the server side's CLOSE_WAIT record names the ASGI app (innermost) and the line that
+    started the server."""
     pytest.importorskip("uvicorn")
     app = tmp_path / "server_app.py"
     app.write_text(_UVICORN_APP)
@@ -211,7 +212,9 @@ def test_uvicorn_server_side_leak_names_the_server_start(tmp_path: Path, loop: s
     assert stderr == ""
     assert out["loop"].startswith(loop)
     assert len(mine) == 1 and mine[0]["state"] == "CLOSE_WAIT", out["sockets"]
-    assert mine[0]["site"] == out["lines"]["start"] and mine[0]["origin"] == "socket", mine
+    # the ASGI app uvicorn serves it to, then the line that started the server
+    assert mine[0]["site"] == out["lines"]["app"] and mine[0]["origin"] == "socket", mine
+    assert out["lines"]["start"] in mine[0]["stack"], mine
 
 
 # --------------------------------------------------------------------------- the continuation itself
@@ -276,3 +279,127 @@ print(json.dumps({"out": out, "errors": registry.stats()["hook_errors"] - before
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     got = json.loads(proc.stdout)
     assert got["out"] == [1, [2], 3, 4, [5]] and got["errors"] >= 4
+
+
+# --------------------------------------------------------------------------- uvloop: unix sockets, accepted sockets
+
+_UVLOOP_UNIX = r"""
+import asyncio, json, os, socket, sys, tempfile
+if sys.argv[1] == "before":
+    import uvloop
+import leakguard
+INSTALL = sys.argv[2] == "1"
+if INSTALL:
+    leakguard.install()
+if sys.argv[1] == "after":
+    import uvloop
+
+LINES = {}
+with open(__file__) as source:
+    for number, text in enumerate(source.read().splitlines(), 1):
+        if "# @" + "case:" in text:
+            LINES[text.rsplit("# @" + "case:", 1)[1].strip()] = number
+out = {}
+seen = {}  # what the program observes: the same with and without leakguard
+
+
+def record(name, fd):
+    if not INSTALL:
+        return
+    found = [s for s in leakguard.snapshot().sockets if s.fd == fd]
+    out[name] = [{"site": s.site.line if s.site and s.site.file == __file__ else s.site_str,
+                  "stack": [f.line for f in s.stack if f.file == __file__], "origin": s.origin, "family": s.family}
+                 for s in found]
+
+
+def fd_of(transport):
+    return transport.get_extra_info("socket").fileno()
+
+
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(data)
+
+
+async def main():
+    loop = asyncio.get_running_loop()
+    seen["loop"] = type(loop).__module__.split(".")[0]
+    path = os.path.join(tempfile.mkdtemp(), "s")
+    got = asyncio.Queue()
+
+    async def handler(reader, writer):  # @case:handler
+        await got.put((reader, writer))
+
+    server = await asyncio.start_unix_server(handler, path)  # @case:start_unix_server
+    record("listening", server.sockets[0].fileno())
+    reader, writer = await asyncio.open_unix_connection(path)  # @case:open_unix_connection
+    record("open_unix_connection", fd_of(writer))
+    sreader, served = await got.get()
+    writer.write(b"hi")
+    seen["server_read"] = (await sreader.readexactly(2)).decode()
+    served.write(b"ok")
+    seen["client_read"] = (await reader.readexactly(2)).decode()
+    record("accepted", fd_of(served))
+    transport, _ = await loop.create_unix_connection(asyncio.Protocol, path)  # @case:create_unix_connection
+    record("create_unix_connection", fd_of(transport))
+    _, extra = await got.get()
+    # a socket the application accepted itself, handed to the loop
+    lsock = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(lsock.getsockname())
+    conn, _ = lsock.accept()
+    accepted, _ = await loop.connect_accepted_socket(Echo, conn)  # @case:connect_accepted_socket
+    record("connect_accepted_socket", fd_of(accepted))
+    client.setblocking(False)
+    await loop.sock_sendall(client, b"echo")
+    seen["echo"] = (await loop.sock_recv(client, 4)).decode()
+    try:
+        await loop.create_unix_connection(asyncio.Protocol, path + "-missing")
+    except OSError as e:
+        seen["missing"] = [type(e).__name__, e.errno]
+    for t in (writer, served, transport, extra, accepted):
+        t.close()
+    client.close()
+    lsock.close()
+    server.close()
+    await server.wait_closed()
+
+
+uvloop.run(main())
+print(json.dumps({"lines": LINES, "out": out, "seen": seen}))
+"""
+
+
+@pytest.mark.skipif(not HAVE_UVLOOP, reason="uvloop is not installed")
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_uvloop_unix_and_accepted_sockets(tmp_path: Path, order: str) -> None:
+    """Real uvloop, which makes these sockets in C: ``create_unix_server`` (via ``start_unix_server``),
+    ``open_unix_connection``, ``create_unix_connection`` and ``connect_accepted_socket`` each record the
+    line that asked; a connection the unix server accepted names its handler and the server's line; the
+    program observes the same with leakguard as without it."""
+    script = tmp_path / "uvloop_unix.py"
+    script.write_text(_UVLOOP_UNIX)
+
+    def run(install: str) -> dict[str, Any]:
+        proc = subprocess.run(
+            [sys.executable, "-W", "error", str(script), order, install],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+    got, plain = run("1"), run("0")
+    assert got["seen"] == plain["seen"] and got["seen"]["loop"] == "uvloop", (got["seen"], plain["seen"])
+    lines, out = got["lines"], got["out"]
+    for name, line in [
+        ("listening", lines["start_unix_server"]),
+        ("open_unix_connection", lines["open_unix_connection"]),
+        ("create_unix_connection", lines["create_unix_connection"]),
+        ("connect_accepted_socket", lines["connect_accepted_socket"]),
+    ]:
+        assert len(out[name]) == 1 and out[name][0]["site"] == line, (name, out[name], lines)
+    assert [s["family"] for s in out["open_unix_connection"]] == ["AF_UNIX"]
+    (accepted,) = out["accepted"]
+    assert accepted["site"] == lines["handler"] and lines["start_unix_server"] in accepted["stack"], accepted

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,51 @@ class TestProcessWide:
                     del sys.modules["pools_test_holder"]
         finally:
             leakguard.uninstall()
+
+
+class TestClose:
+    """``HTTPConnection.close()`` ends a checkout: a connection closed and dropped is not held."""
+
+    @pytest.fixture(autouse=True)
+    def _threshold(self) -> Any:
+        leakguard.install(checkout_threshold=3600)
+        try:
+            yield
+        finally:
+            leakguard.uninstall()
+            assert _pools._timer[0] is None
+
+    def test_closed_and_dropped_is_not_reported_as_held(self) -> None:
+        keep = Server(keep_alive=True)
+        try:
+            with urllib3.HTTPConnectionPool("127.0.0.1", keep.port, maxsize=1) as pool:
+                resp = pool.request("GET", "/", preload_content=False)
+                info = _pools.info_of(resp.connection)
+                assert info is not None and info.checked_out
+                resp.close()  # urllib3 closes the connection; it never goes back to the pool
+                assert not info.checked_out
+                assert _pools.check_thresholds(now=time.monotonic() + 3601) == []
+                assert id(info) not in _pools._watched
+                assert pool.request("GET", "/").status == 200  # the pool goes on with a new connection
+        finally:
+            keep.close()
+
+    def test_held_connection_is_reported_with_its_creation_site(self) -> None:
+        keep = Server(keep_alive=True)
+        try:
+            with urllib3.HTTPConnectionPool("127.0.0.1", keep.port, maxsize=1) as pool:
+                resp = pool.request("GET", "/", preload_content=False)
+                line = this_line() - 1
+                try:
+                    # checked out before urllib3 opened its socket: the watch follows the socket opened after
+                    (event,) = _pools.check_thresholds(now=time.monotonic() + 3601)
+                finally:
+                    resp.release_conn()
+        finally:
+            keep.close()
+        assert event["checkout_site"].endswith(f"{Path(HERE).name}:{line}")
+        assert event["created_at"] is not None and event["created_at"].endswith(f"{Path(HERE).name}:{line}")
+        assert event["fd"] is not None and event["origin"] == "urllib3"
 
 
 # ------------------------------------------------------------------ fresh interpreters
