@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,42 @@ SERVICES = {
     "mariadb": ("127.0.0.1", 3306),
     "redis": ("127.0.0.1", 6379),
 }
+
+
+# Old libraries' own warnings under -W error, with or without leakguard (the versions in .ci/old-versions.txt):
+# httpx < 0.23 imports cgi; urllib3 < 1.26 vendors a six whose meta path importer predates find_spec, and
+# makes its TLS contexts with PROTOCOL_TLS and checks host names with ssl.match_hostname.
+LIBRARY_WARNINGS = (
+    "ignore:'cgi' is deprecated:DeprecationWarning",
+    "ignore:_SixMetaPathImporter.:ImportWarning",
+    "ignore:ssl.PROTOCOL_TLS is deprecated:DeprecationWarning",
+    "ignore:ssl.match_hostname() is deprecated:DeprecationWarning",
+)
+#: a fresh interpreter with warnings as errors, but for those
+PYTHON_STRICT = (sys.executable, "-W", "error", *(f"-W{w}" for w in LIBRARY_WARNINGS))
+
+
+def driver_sql(conn: Any, sql: str) -> Any:
+    """``conn.exec_driver_sql(sql)`` (SQLAlchemy 1.4 and later), or 1.3's ``conn.execute(sql)`` of a plain string."""
+    run = getattr(conn, "exec_driver_sql", None)
+    return run(sql) if run is not None else conn.execute(sql)
+
+
+def dbapi(conn: Any) -> Any:
+    """The DB-API connection under a SQLAlchemy ``Connection``: ``.connection.dbapi_connection``
+    (1.4 and later), 1.3's ``.connection.connection``."""
+    fairy = conn.connection
+    inner = getattr(fairy, "dbapi_connection", None)
+    return inner if inner is not None else fairy.connection
+
+
+def checkout_args(pool: Any) -> tuple[str, ...]:
+    """What a redis-py pool's ``get_connection`` needs: before 4.x (3.5) the command's name, nothing since
+    (called at the test's own line, so that line is the checkout site)."""
+    import inspect
+
+    param = inspect.signature(pool.get_connection).parameters.get("command_name")
+    return ("PING",) if param is not None and param.default is inspect.Parameter.empty else ()
 
 
 def require_service(name: str) -> None:

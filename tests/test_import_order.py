@@ -37,17 +37,11 @@ import pytest
 
 from leakguard.integrations import INTEGRATIONS
 
-from .helpers import require_service
+from .helpers import PYTHON_STRICT, require_service
 
 CHILD = Path(__file__).with_name("_import_order_child.py")
 ORDERS = ("before", "after", "uninstall")
-# Old libraries' own warnings under -W error, with or without leakguard: httpx < 0.23 imports cgi,
-# urllib3 < 1.26 vendors a six whose meta path importer predates find_spec.
-LIBRARY_WARNINGS = (
-    "ignore:'cgi' is deprecated:DeprecationWarning",
-    "ignore:_SixMetaPathImporter.:ImportWarning",
-)
-PYTHON = (sys.executable, "-W", "error", *(f"-W{w}" for w in LIBRARY_WARNINGS))
+PYTHON = PYTHON_STRICT
 
 
 class Case(NamedTuple):

@@ -10,11 +10,13 @@ redacted target and the test's own ``connect()`` line, and never the password.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,21 +35,36 @@ import pymysql
 import pymysql.connections
 import pytest
 import redis
-import redis.asyncio
-import redis.asyncio.connection
 import redis.connection
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 import sqlalchemy.engine.default
 import sqlalchemy.pool.base
 from sqlalchemy import event
+from sqlalchemy.engine.url import make_url
 from sqlalchemy.pool import Pool
 
 import leakguard
 from leakguard.integrations import _pools
+
+try:  # redis-py 4.1 and later: one attempt, no retry
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    NO_RETRY: dict[str, Any] = {"retry": Retry(NoBackoff(), 0)}
+except ImportError:  # 3.5: no Retry; a refused connection is not retried
+    NO_RETRY = {}
+try:  # redis-py 4.2 and later
+    import redis.asyncio
+    import redis.asyncio.connection
+
+    HAVE_REDIS_ASYNCIO = True
+except ImportError:
+    HAVE_REDIS_ASYNCIO = False
+needs_redis_asyncio = pytest.mark.skipif(
+    not HAVE_REDIS_ASYNCIO, reason=f"redis-py {redis.__version__} has no redis.asyncio (4.2 and later)"
+)
 from leakguard.integrations import sqlalchemy as lg_sqlalchemy
 
-from .helpers import require_service, this_line, wait_close_wait
+from .helpers import dbapi, driver_sql, require_service, this_line, wait_close_wait
 
 HERE = os.path.abspath(__file__)
 PASSWORD = "s3cret-pw"  # trust auth on the test server: PostgreSQL accepts any password
@@ -85,13 +102,16 @@ def mysql_user() -> Iterator[str]:
     name = f"lg_app_{os.getpid()}"
     admin = pymysql.connect(host="127.0.0.1", port=3306, user="root", database="test")
     try:
-        with admin.cursor() as cur:
+        with admin.cursor() as cur, warnings.catch_warnings():
+            # PyMySQL < 1.0 turns the server's note "user doesn't exist" into a Python warning
+            warnings.simplefilter("ignore", pymysql.err.Warning)
             cur.execute(f"DROP USER IF EXISTS '{name}'@'%'")
             cur.execute(f"CREATE USER '{name}'@'%' IDENTIFIED BY '{PASSWORD}'")
             cur.execute(f"GRANT ALL ON test.* TO '{name}'@'%'")
         yield name
     finally:
-        with admin.cursor() as cur:
+        with admin.cursor() as cur, warnings.catch_warnings():
+            warnings.simplefilter("ignore", pymysql.err.Warning)
             cur.execute(f"DROP USER IF EXISTS '{name}'@'%'")
         admin.close()
 
@@ -246,7 +266,8 @@ class TestPyMySQL:
 
     def test_clean_use_reports_nothing(self) -> None:
         require_service("mariadb")
-        with pymysql.connect(host="127.0.0.1", user="root", database="test") as conn:
+        # closing(): a PyMySQL < 1.0 connection's own context manager is a deprecated transaction
+        with contextlib.closing(pymysql.connect(host="127.0.0.1", user="root", database="test")) as conn:
             with conn.cursor() as cur:
                 cur.execute("SELECT 1")
                 assert cur.fetchone() == (1,)
@@ -271,6 +292,7 @@ class TestRedis:
         finally:
             client.close()
 
+    @needs_redis_asyncio
     def test_asyncio(self, redis_kill: Callable[[int], None]) -> None:
         async def main() -> None:
             client = redis.asyncio.Redis(host="127.0.0.1", port=6379)
@@ -291,6 +313,7 @@ class TestRedis:
         with redis.Redis(host="127.0.0.1", port=6379) as client:
             assert client.ping() is True
             assert [s.origin for s in db_sockets()] == ["redis"]
+        client.connection_pool.disconnect()  # redis-py < 4.0's close() leaves the pool's connections open
         assert db_sockets() == []
         assert leakguard.snapshot().leaks == []
 
@@ -304,8 +327,8 @@ class TestSQLAlchemyEngine:
         try:
             conn = engine.connect()
             line = this_line() - 1
-            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-            fd = conn.connection.dbapi_connection.fileno()  # type: ignore[union-attr]
+            pid = driver_sql(conn, "SELECT pg_backend_pid()").scalar()
+            fd = dbapi(conn).fileno()  # type: ignore[union-attr]
             pg_kill(pid)  # type: ignore[arg-type]
             leak = wait_close_wait(fd)
             assert_traced(leak, line, "sqlalchemy", "postgresql+psycopg2://postgres:***@127.0.0.1:5432/test")
@@ -319,8 +342,8 @@ class TestSQLAlchemyEngine:
         try:
             conn = engine.connect()
             line = this_line() - 1
-            thread_id = conn.exec_driver_sql("SELECT CONNECTION_ID()").scalar()
-            fd = conn.connection.dbapi_connection._sock.fileno()  # type: ignore[union-attr]
+            thread_id = driver_sql(conn, "SELECT CONNECTION_ID()").scalar()
+            fd = dbapi(conn)._sock.fileno()  # type: ignore[union-attr]
             mysql_kill(thread_id)  # type: ignore[arg-type]
             leak = wait_close_wait(fd)
             target = f"mysql+pymysql://{mysql_user}:***@127.0.0.1:3306/test"
@@ -337,8 +360,8 @@ class TestSQLAlchemyEngine:
         try:
             conn = engine.connect()
             line = this_line() - 1
-            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-            fd = conn.connection.dbapi_connection.fileno()  # type: ignore[union-attr]
+            pid = driver_sql(conn, "SELECT pg_backend_pid()").scalar()
+            fd = dbapi(conn).fileno()  # type: ignore[union-attr]
             pg_kill(pid)  # type: ignore[arg-type]
             leak = wait_close_wait(fd)
             assert_traced(leak, line, "sqlalchemy", "postgresql+psycopg2://postgres:***@127.0.0.1:5432/test")
@@ -350,7 +373,7 @@ class TestSQLAlchemyEngine:
 
     def test_dialect_target_from_connect_arguments(self) -> None:
         dialect = sqlalchemy.create_engine("postgresql+psycopg2://u:pw@db.example:6543/orders").dialect
-        url = sqlalchemy.engine.make_url("postgresql+psycopg2://u:pw@db.example:6543/orders")
+        url = make_url("postgresql+psycopg2://u:pw@db.example:6543/orders")
         cargs, cparams = dialect.create_connect_args(url)
         target = lg_sqlalchemy.dialect_target(dialect, cargs, cparams)
         assert target == "postgresql+psycopg2://u:***@db.example:6543/orders"
@@ -375,10 +398,6 @@ def _patched_attributes() -> list[tuple[Any, str]]:
         (redis.connection.ConnectionPool, "release"),
         (redis.connection.BlockingConnectionPool, "get_connection"),
         (redis.connection.BlockingConnectionPool, "release"),
-        (redis.asyncio.connection.Connection, "_connect"),
-        (redis.asyncio.connection.UnixDomainSocketConnection, "_connect"),
-        (redis.asyncio.connection.ConnectionPool, "get_connection"),
-        (redis.asyncio.connection.ConnectionPool, "release"),
         (sqlalchemy.engine.default.DefaultDialect, "connect"),
         (psycopg_pool.pool.ConnectionPool, "__init__"),
         (psycopg_pool.pool.ConnectionPool, "_connect"),
@@ -405,7 +424,16 @@ def _patched_attributes() -> list[tuple[Any, str]]:
         (asyncpg.pool.Pool, "release"),
         (asyncpg.pool.Pool, "close"),
         (asyncpg.pool.Pool, "terminate"),
-    ]
+    ] + (
+        [
+            (redis.asyncio.connection.Connection, "_connect"),
+            (redis.asyncio.connection.UnixDomainSocketConnection, "_connect"),
+            (redis.asyncio.connection.ConnectionPool, "get_connection"),
+            (redis.asyncio.connection.ConnectionPool, "release"),
+        ]
+        if HAVE_REDIS_ASYNCIO
+        else []
+    )
 
 
 def _current(owner: Any, attr: str) -> Any:
@@ -483,7 +511,7 @@ class TestBehaviourUnchanged:
         "psycopg2": lambda: psycopg2.connect(host="127.0.0.1", port=1, dbname="test", user="postgres"),
         "psycopg": lambda: psycopg.connect("host=127.0.0.1 port=1 dbname=test user=postgres"),
         "pymysql": lambda: pymysql.connect(host="127.0.0.1", port=1, user="root", connect_timeout=2),
-        "redis": lambda: redis.Redis(host="127.0.0.1", port=1, retry=Retry(NoBackoff(), 0)).ping(),
+        "redis": lambda: redis.Redis(host="127.0.0.1", port=1, **NO_RETRY).ping(),
         "asyncpg": lambda: asyncio.run(asyncpg.connect(host="127.0.0.1", port=1, user="postgres")),
     }
 

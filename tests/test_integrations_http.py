@@ -41,6 +41,7 @@ import wrapt
 import leakguard
 from leakguard import registry, stacks
 from leakguard.integrations import _attribution
+from leakguard.integrations import httpx as lg_httpx
 
 from .helpers import this_line, wait_for
 
@@ -89,7 +90,9 @@ class Server:
         self.httpd.announce_close = announce_close  # type: ignore[attr-defined]
         self.scheme = "https" if tls is not None else "http"
         if tls is not None:
-            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
+            # The handshake in the handler's thread, not in accept(): a client that connects and then
+            # fails before its hello (an old urllib3's warning made an error) cannot block the server.
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True, do_handshake_on_connect=False)
         self.httpd.keep_alive = keep_alive  # type: ignore[attr-defined]
         self.httpd.hang_up = threading.Event()  # type: ignore[attr-defined]
         if hang_up_at_once:
@@ -431,13 +434,17 @@ class TestCleanUseReportsNothing:
         assert not server.client_leaks()
 
 
+#: the (sync class, async class, method) of this httpcore that the httpx integration wraps
+_HTTPCORE = next(o for o in lg_httpx._OPENERS if o[2] in vars(getattr(httpcore._sync.connection, o[0], object)))
+
+
 def _patched_now() -> dict[str, Any]:
     """Every attribute the HTTP integrations patch, as stored in its class right now."""
     return {
         "http.client": vars(http.client.HTTPConnection)["connect"],
         "urllib3": vars(urllib3.connection.HTTPConnection)["_new_conn"],
-        "httpx sync": vars(httpcore._sync.connection.HTTPConnection)["_connect"],
-        "httpx async": vars(httpcore._async.connection.AsyncHTTPConnection)["_connect"],
+        "httpx sync": vars(getattr(httpcore._sync.connection, _HTTPCORE[0]))[_HTTPCORE[2]],
+        "httpx async": vars(getattr(httpcore._async.connection, _HTTPCORE[1]))[_HTTPCORE[2]],
         "aiohttp": vars(aiohttp.connector.TCPConnector)["_create_connection"],
     }
 
@@ -728,9 +735,12 @@ class TestInstallUninstall:
             port = srv.server_address[1]
 
             import requests, urllib3.connection, httpx, httpcore._sync.connection, aiohttp.connector
+            # httpcore >= 0.14: HTTPConnection._connect; 0.13 (httpx 0.18-0.20): SyncHTTPConnection._open_socket
+            opener = getattr(httpcore._sync.connection, "HTTPConnection", None) or httpcore._sync.connection.SyncHTTPConnection
+            method = "_connect" if "_connect" in vars(opener) else "_open_socket"
             wrapped = {
                 "urllib3": type(vars(urllib3.connection.HTTPConnection)["_new_conn"]).__name__,
-                "httpx": type(vars(httpcore._sync.connection.HTTPConnection)["_connect"]).__name__,
+                "httpx": type(vars(opener)[method]).__name__,
                 "aiohttp": type(vars(aiohttp.connector.TCPConnector)["_create_connection"]).__name__,
             }
             s = requests.Session()

@@ -29,7 +29,7 @@ import leakguard
 from leakguard import registry
 from leakguard.integrations import _pools
 
-from .helpers import require_service, this_line, wait_close_wait, wait_for
+from .helpers import checkout_args, dbapi, driver_sql, require_service, this_line, wait_close_wait, wait_for
 
 HERE = os.path.abspath(__file__)
 PASSWORD = "s3cret-pw"  # trust auth: any password works, and must never show
@@ -79,8 +79,8 @@ class TestSQLAlchemyPool:
     def test_idle_in_pool(self, engine: sqlalchemy.Engine, pg_kill: Callable[[int], None]) -> None:
         with engine.connect() as conn:
             line = this_line() - 1
-            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-            fd = conn.connection.dbapi_connection.fileno()  # type: ignore[union-attr]
+            pid = driver_sql(conn, "SELECT pg_backend_pid()").scalar()
+            fd = dbapi(conn).fileno()  # type: ignore[union-attr]
         pg_kill(pid)  # type: ignore[arg-type]
         leak = wait_close_wait(fd)
         assert leak.origin == "sqlalchemy"
@@ -100,12 +100,12 @@ class TestSQLAlchemyPool:
     def test_checked_out(self, engine: sqlalchemy.Engine, pg_kill: Callable[[int], None]) -> None:
         with engine.connect() as first:
             created = this_line() - 1
-            first.exec_driver_sql("SELECT 1")
+            driver_sql(first, "SELECT 1")
         conn = engine.connect()  # the same pooled connection, checked out again here
         checkout = this_line() - 1
         try:
-            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-            fd = conn.connection.dbapi_connection.fileno()  # type: ignore[union-attr]
+            pid = driver_sql(conn, "SELECT pg_backend_pid()").scalar()
+            fd = dbapi(conn).fileno()  # type: ignore[union-attr]
             pg_kill(pid)  # type: ignore[arg-type]
             leak = wait_close_wait(fd)
             assert site_is(leak, created), leak.stack
@@ -124,7 +124,7 @@ class TestSQLAlchemyPool:
     def test_clean_use_reports_nothing(self, engine: sqlalchemy.Engine) -> None:
         for _ in range(3):
             with engine.connect() as conn:
-                assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+                assert driver_sql(conn, "SELECT 1").scalar() == 1
         (entry,) = [s for s in leakguard.snapshot().sockets if s.origin == "sqlalchemy"]
         assert entry.state == "ESTABLISHED" and entry.pool is not None and not entry.pool["checked_out"]
         assert leakguard.snapshot().leaks == []
@@ -139,6 +139,7 @@ class TestSQLAlchemyAsyncio:
     @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
     def test_creation_and_checkout_sites(self, driver: str, pg_kill: Callable[[int], None]) -> None:
         pytest.importorskip("greenlet", reason="SQLAlchemy's asyncio support needs greenlet (sqlalchemy[asyncio])")
+        pytest.importorskip("sqlalchemy.ext.asyncio", reason=f"SQLAlchemy {sqlalchemy.__version__} has no asyncio support (1.4 and later)")
         from sqlalchemy.ext.asyncio import create_async_engine
 
         async def main() -> None:
@@ -570,7 +571,7 @@ class TestRedisPool:
     def test_checked_out(self, redis_kill: Callable[[int], int]) -> None:
         with redis.Redis(host="127.0.0.1", port=6379) as client:
             pool = client.connection_pool
-            conn = pool.get_connection()
+            conn = pool.get_connection(*checkout_args(pool))
             line = this_line() - 1
             try:
                 conn.send_command("CLIENT", "ID")
@@ -590,7 +591,7 @@ class TestRedisPool:
             assert client.ping() is True  # the pool opens its socket before leakguard exists
             leakguard.install()
             pool = client.connection_pool
-            conn = pool.get_connection()
+            conn = pool.get_connection(*checkout_args(pool))
             line = this_line() - 1
             try:
                 (entry,) = [s for s in leakguard.snapshot().sockets if s.fd == conn._sock.fileno()]
@@ -635,7 +636,7 @@ class TestCheckoutThreshold:
         with capture_logs() as logs:
             with engine.connect() as first:
                 created = this_line() - 1
-                first.exec_driver_sql("SELECT 1")
+                driver_sql(first, "SELECT 1")
             conn = engine.connect()
             line = this_line() - 1
             try:
@@ -679,7 +680,7 @@ class TestCheckoutThreshold:
         leakguard.install(checkout_threshold=0.01)
         with capture_logs() as logs, redis.Redis(host="127.0.0.1", port=6379) as client:
             pool = client.connection_pool
-            conn = pool.get_connection()
+            conn = pool.get_connection(*checkout_args(pool))
             line = this_line() - 1
             time.sleep(0.05)  # held past the threshold; the report may come from the timer or at release
             pool.release(conn)
@@ -696,7 +697,7 @@ class TestCheckoutThreshold:
         with capture_logs() as logs:
             for _ in range(5):
                 with engine.connect() as conn:
-                    conn.exec_driver_sql("SELECT 1")
+                    driver_sql(conn, "SELECT 1")
             with redis.Redis(host="127.0.0.1", port=6379) as client:
                 client.ping()
             with psycopg_pool.ConnectionPool(PG_DSN, min_size=1, max_size=1, open=True) as pool:

@@ -27,7 +27,7 @@ import leakguard
 from leakguard import registry
 from leakguard.integrations import _pools
 
-from .helpers import this_line, wait_for
+from .helpers import PYTHON_STRICT, this_line, wait_for
 from .test_integrations_http import Server, cert, server, tls_server  # noqa: F401  (fixtures)
 
 HERE = os.path.abspath(__file__)
@@ -300,7 +300,7 @@ def test_both_import_orders_in_a_fresh_interpreter(order: str, tmp_path: Path) -
     program = tmp_path / "app.py"
     program.write_text(textwrap.dedent(CHILD))
     proc = subprocess.run(
-        [sys.executable, "-W", "error", str(program), order],
+        [*PYTHON_STRICT, str(program), order],
         capture_output=True,
         text=True,
         timeout=60,
