@@ -324,7 +324,8 @@ def _redis(server: HangUpHTTP) -> Callable[[], None]:
 
     client = redis.Redis(host="127.0.0.1", port=6379)
     _redis_kill(client.client_id())
-    return client.close
+    # close the socket itself: redis < 4's Redis.close() only returns the connection to its pool
+    return client.connection_pool.disconnect
 
 
 def _redis_asyncio(server: HangUpHTTP) -> Callable[[], None]:
