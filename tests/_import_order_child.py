@@ -325,7 +325,8 @@ def _redis(server: HangUpHTTP) -> Callable[[], None]:
     client = redis.Redis(host="127.0.0.1", port=6379)
     _redis_kill(client.client_id())
     # close the socket itself: redis < 4's Redis.close() only returns the connection to its pool
-    return client.connection_pool.disconnect
+    # (the closure keeps the client alive: newer versions' Redis.__del__ closes it)
+    return lambda: (client.close(), client.connection_pool.disconnect())[-1]
 
 
 def _redis_asyncio(server: HangUpHTTP) -> Callable[[], None]:

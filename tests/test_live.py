@@ -437,10 +437,14 @@ class TestAttachProjection:
     def test_watcher_projection_names_the_site(self, target: Target) -> None:
         _need_gdb()
         assert attach_json(target.pid, "--install", "--report-interval", "0.1", "--sample", "0")["attach"]["installed"]
-        for _ in range(5):  # five more leaks from one line, each seen by a tick or not: the history grows
-            target.send("open", "OPENED")
+        later = 0
         got: dict[str, Any] = {}
-        for _ in range(10):  # until a tick has seen the growth (each attach is a second or more)
+        # more leaks from one line before each attach, until a tick has seen the growth: each attach is a
+        # second or more, and the watcher's history (64 samples at 0.1 s) forgets growth older than that
+        for _ in range(10):
+            for _ in range(3):
+                target.send("open", "OPENED")
+                later += 1
             got = attach_json(target.pid, "--sample", "0")
             if got["fd_projection"]:
                 break
@@ -449,7 +453,7 @@ class TestAttachProjection:
         assert p["sources"][0]["source"].endswith(f"target.py:{line_of('# LATER')}")
         assert p["message"].startswith("fd limit reached in ~") and f"target.py:{line_of('# LATER')}" in p["message"]
         assert p["message"] in got["text"]  # the target's own report says it
-        target.finish(later=5, reports=True)
+        target.finish(later=later, reports=True)
 
 
 ASYNCIO_SERVER = """\
