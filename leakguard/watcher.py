@@ -63,9 +63,6 @@ __all__ = [
     "stop",
 ]
 
-#: The judge's (:func:`leakguard.judge.inherited_fds`), under the name it had here.
-inherited_fds = judge.inherited_fds
-
 _state_ref: Any = None  # the _state._State, for the signal handler and the exit hook
 _signum: int | None = None  # the dump signal our handler is installed for
 _previous: Any = None  # the handler we replaced (restored by stop())

@@ -380,7 +380,7 @@ print(json.dumps({"hooked": hooked, "restored": restored,
 _FORK_WORKERS = r"""
 import json, multiprocessing as mp, os, socket, sys, time
 import leakguard
-from leakguard import watcher
+from leakguard import judge, watcher
 from tests.helpers import HangUpServer
 
 def leaks_of(fds, n):
@@ -405,7 +405,7 @@ def worker(n, addr, parent_fd, q):
         "own_sites": sorted({x.site_str for x in snap.leaks if x.record is not None}),
         "line": WORKER_LINE,
         "parent_leak": [(x.origin, x.record is None) for x in snap.leaks if x.fd == parent_fd],
-        "inherited": sorted(watcher.inherited_fds(snap)),
+        "inherited": sorted(judge.inherited_fds(snap)),
         "watcher": w is not None and w.alive and w.pid == os.getpid(),
     })
     for s in mine:
