@@ -381,7 +381,7 @@ def docstring_lines() -> list[str]:
 
 
 def readme_table() -> str:
-    """The README's options table (Markdown); tests/test_options.py checks the README shows it."""
+    """The README's options table (Markdown); tests/test_config.py checks the README shows it."""
     rows = ["| option | default | meaning |", "|---|---|---|"]
     rows += [f"| `{o.name}` | {o.shown} | {o.help} |" for o in TABLE]
     return "\n".join(rows)

@@ -16,7 +16,7 @@ import pytest
 
 from .helpers import HangUpServer
 from .test_host_unchanged import other_pythons, source_path
-from .test_cli_run import LEAKGUARD, PY, Running, clean_env, json_events, line_of
+from .test_cli import LEAKGUARD, PY, Running, clean_env, json_events, line_of
 
 PREFORK = textwrap.dedent(
     """\

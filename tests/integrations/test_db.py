@@ -64,7 +64,7 @@ needs_redis_asyncio = pytest.mark.skipif(
 )
 from leakguard.integrations import sqlalchemy as lg_sqlalchemy
 
-from .helpers import dbapi, driver_sql, require_service, this_line, wait_close_wait
+from ..helpers import dbapi, driver_sql, require_service, this_line, wait_close_wait
 
 HERE = os.path.abspath(__file__)
 PASSWORD = "s3cret-pw"  # trust auth on the test server: PostgreSQL accepts any password
@@ -83,7 +83,7 @@ def assert_traced(info: leakguard.SocketInfo, line: int, origin: str, target: st
     site = info.site
     assert site is not None, info
     assert (os.path.abspath(site.file), site.line) == (HERE, line), info.stack
-    assert info.reason is not None and f"test_integrations_db.py:{line}" in info.reason
+    assert info.reason is not None and f"test_db.py:{line}" in info.reason
     assert PASSWORD not in json.dumps(leakguard.snapshot().to_dict())
     assert PASSWORD not in leakguard.snapshot().format()
 

@@ -28,7 +28,7 @@ CONTRACT_SOCKET_KEYS = {
 
 @pytest.fixture(autouse=True)
 def _from_repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Paths are shown relative to the working directory: these tests expect ``tests/test_render.py``."""
+    """Paths are shown relative to the working directory: these tests expect ``tests/test_report.py``."""
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

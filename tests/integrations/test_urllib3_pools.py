@@ -27,8 +27,8 @@ import leakguard
 from leakguard import registry
 from leakguard.integrations import _pools
 
-from .helpers import PYTHON_STRICT, this_line, wait_for
-from .test_integrations_http import Server, cert, server, tls_server  # noqa: F401  (fixtures)
+from ..helpers import PYTHON_STRICT, this_line, wait_for
+from .test_http import Server, cert, server, tls_server  # noqa: F401  (fixtures)
 
 HERE = os.path.abspath(__file__)
 

@@ -43,7 +43,7 @@ from leakguard import registry, stacks
 from leakguard.integrations import _attribution
 from leakguard.integrations import httpx as lg_httpx
 
-from .helpers import this_line, wait_for
+from ..helpers import this_line, wait_for
 
 HERE = os.path.abspath(__file__)
 BODY = b"hello from the loopback server\n"
@@ -314,7 +314,7 @@ def expect_leak(srv: Server, origin: str, seen: list[leakguard.SocketInfo]) -> C
         info = found[0]
         site = info.site
         assert site is not None and (os.path.abspath(site.file), site.line) == (HERE, line), info.stack
-        assert info.site_str.endswith(f"test_integrations_http.py:{line}")
+        assert info.site_str.endswith(f"test_http.py:{line}")
         assert info.state == "CLOSE_WAIT"
         assert info.origin == origin
         assert info.target == srv.target
@@ -356,7 +356,7 @@ class TestLeakedConnectionIsTraced:
             server.hang_up_now()
             wait_for(server.client_leaks)
             text = leakguard.snapshot().format()
-            assert f"test_integrations_http.py:{line}" in text
+            assert f"test_http.py:{line}" in text
             assert "CLOSE_WAIT" in text and "requests" in text
             assert "secret" not in text and "token" not in text
 
@@ -582,7 +582,7 @@ class TestNothingRunsPerRequest:
             srv.close()
 
     def test_requests_and_urllib3(self, keep_server: Server) -> None:
-        # Only the pool's checkout and check-in bookkeeping (the pool view, see test_pools_urllib3.py):
+        # Only the pool's checkout and check-in bookkeeping (the pool view, see test_urllib3_pools.py):
         # the same few calls for every request, no socket or scope work.
         with requests.Session() as s:
             first = _leakguard_calls(lambda: s.get(keep_server.url()))  # the new connection

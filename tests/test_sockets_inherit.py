@@ -20,7 +20,7 @@ import leakguard
 from leakguard import _sockets, registry
 
 from .helpers import HangUpServer, this_line, wait_for
-from .test_core import hot_path  # noqa: F401  (the fixture: compiled and pure-Python hook)
+from .test_sockets import hot_path  # noqa: F401  (the fixture: compiled and pure-Python hook)
 
 HERE = os.path.abspath(__file__)
 

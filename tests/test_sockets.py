@@ -26,7 +26,7 @@ def assert_site(info: leakguard.SocketInfo, line: int) -> None:
     site = info.site
     assert site is not None, info
     assert (os.path.abspath(site.file), site.line) == (HERE, line), info.stack
-    assert info.site_str.endswith(f"test_core.py:{line}")
+    assert info.site_str.endswith(f"test_sockets.py:{line}")
 
 
 @pytest.fixture(params=["compiled", "python"])
@@ -254,7 +254,7 @@ class TestJudgement:
             assert "this process never closed its end, opened " in reason and " ago at " in reason
             text = leakguard.snapshot().format()
             assert "CLOSE_WAIT (the peer closed it" in text  # the test still holds s: in_use words
-            assert "test_core.py:" in text
+            assert "test_sockets.py:" in text
 
     def test_socket_opened_before_install_still_shows(self, hangup_server: HangUpServer) -> None:
         early = socket.create_connection(hangup_server.address)

@@ -29,7 +29,7 @@ import leakguard
 from leakguard import registry
 from leakguard.integrations import _pools
 
-from .helpers import checkout_args, dbapi, driver_sql, require_service, this_line, wait_close_wait, wait_for
+from ..helpers import checkout_args, dbapi, driver_sql, require_service, this_line, wait_close_wait, wait_for
 
 HERE = os.path.abspath(__file__)
 PASSWORD = "s3cret-pw"  # trust auth: any password works, and must never show
