@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -92,3 +93,19 @@ def redis_kill() -> Iterator[Callable[[int], None]]:
         yield kill
     finally:
         admin.close()
+
+
+@pytest.fixture(params=["compiled", "python"])
+def hot_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test through the compiled hot path and through the pure-Python one."""
+    from leakguard import _sockets
+
+    if request.param == "python":
+        monkeypatch.setattr(_sockets, "_fast", None)
+        _sockets.instrument()  # swaps the compiled __init__ hook for the Python one
+        assert vars(socket.socket)["__init__"] is _sockets._hook
+    elif _sockets._fast is None:
+        pytest.skip("the compiled hot path is not built here (pure-Python install)")
+    else:
+        assert vars(socket.socket)["__init__"] is not _sockets._hook  # the C method descriptor
+    return str(request.param)

@@ -1,5 +1,6 @@
-"""Live processes from outside: ``leakguard inspect``, ``attach``, ``doctor``, ``--version``.
+"""``leakguard attach PID``: leakguard run inside a live process, which carries on unchanged.
 
+The target processes are also those of test_procview.py and test_doctor.py.
 Every target is a real process started here and ended by pid; it never imports
 leakguard itself.  Attach tests run the target on each pyenv interpreter
 3.10-3.13 that exists (leakguard imported there pure Python from this
@@ -161,107 +162,6 @@ def _kernel_view(pid: int) -> dict[int, tuple[str, str | None, str | None]]:
         fmt = (lambda a: f"[{a[0]}]:{a[1]}") if c.family == socket.AF_INET6 else (lambda a: f"{a[0]}:{a[1]}")
         out[c.fd] = (c.status, fmt(c.laddr) if c.laddr else None, fmt(c.raddr) if c.raddr else None)
     return out
-
-
-class TestInspect:
-    """``leakguard inspect PID`` reads a process that never imported leakguard, from outside."""
-
-    def test_matches_the_kernel(self, target: Target) -> None:
-        r = leakguard_cli("inspect", str(target.pid), "--json")
-        assert r.returncode == 0, r.stderr
-        view = json.loads(r.stdout)
-        ours = {s["fd"]: (s["state"], s["local"], s["remote"]) for s in view["sockets"] if s["type"] == "tcp"}
-        assert ours == _kernel_view(target.pid)
-        assert view["counts"] == {"LISTEN": 1, "CLOSE_WAIT": 2}
-        assert [s["state"] for s in view["leaks"]] == ["CLOSE_WAIT", "CLOSE_WAIT"]
-        assert all(s["origin"] == "unknown" and s["stack"] == [] for s in view["sockets"])
-        assert view["fds"]["open"] == psutil.Process(target.pid).num_fds()
-        assert view["fds"]["limit"] == psutil.Process(target.pid).rlimit(psutil.RLIMIT_NOFILE)[0]
-        assert set(view) == {"pid", "taken_at", "counts", "fds", "sockets", "leaks", "fd_projection"}
-        assert view["fd_projection"] is None  # nothing grows in this target
-        target.finish()
-
-    def test_text_groups_close_wait_by_peer(self, target: Target) -> None:
-        r = leakguard_cli("inspect", str(target.pid))
-        assert r.returncode == 0, r.stderr
-        listen = next(s for s in _kernel_view(target.pid).values() if s[0] == "LISTEN")[1]
-        assert f"listening: {listen}" in r.stdout
-        assert "TCP by state: CLOSE_WAIT 2, LISTEN 1" in r.stdout
-        assert f"      2 to {listen}" in r.stdout
-        target.finish()
-
-    def test_own_limit_not_ours(self, tmp_path: Path) -> None:
-        """The limit is the target's RLIMIT_NOFILE (/proc/PID/limits), not the inspecting process's."""
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (200, 4096)); "
-             "print('x', flush=True); sys.stdin.read()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        try:
-            assert proc.stdout is not None and proc.stdout.readline() == "x\n"
-            r = leakguard_cli("inspect", str(proc.pid), "--json")
-            assert json.loads(r.stdout)["fds"]["limit"] == 200
-        finally:
-            proc.kill()
-            proc.communicate(timeout=10)
-
-    def test_no_such_process(self) -> None:
-        r = leakguard_cli("inspect", "999999999")
-        assert (r.returncode, r.stdout, r.stderr) == (1, "", "leakguard inspect: no such process: 999999999\n")
-
-    @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the check as another user")
-    def test_permission_denied(self, target: Target) -> None:
-        r = as_nobody("inspect", str(target.pid))
-        assert r.returncode == 1
-        assert r.stderr.startswith("leakguard inspect: permission denied reading /proc/")
-        assert "(uid 0)" in r.stderr and r.stderr.count("\n") == 1
-
-
-class TestDoctorAndVersion:
-    """``leakguard doctor`` and ``--version`` say what is active and why, and judge the settings."""
-
-    def test_version(self) -> None:
-        import leakguard
-
-        r = leakguard_cli("--version")
-        assert r.returncode == 0
-        assert r.stdout.startswith(f"leakguard {leakguard.__version__} (Python {sys.version.split()[0]}, ")
-
-    def test_json(self) -> None:
-        from leakguard.integrations import INTEGRATIONS
-
-        r = leakguard_cli("doctor", "--json")
-        assert r.returncode == 0, r.stderr
-        rep = json.loads(r.stdout)
-        assert [i["name"] for i in rep["integrations"]] == list(INTEGRATIONS)
-        assert {i["status"] for i in rep["integrations"]} <= {"applied", "skipped", "failed"}
-        assert next(i for i in rep["integrations"] if i["name"] == "requests")["status"] == "applied"
-        settings = {s["setting"]: s for s in rep["settings"]}
-        assert "removed in Linux 4.12" in settings["net.ipv4.tcp_tw_recycle"]["advice"]
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            assert settings["net.ipv4.ip_local_port_range"]["value"] == " ".join(f.read().split())
-        assert {"RLIMIT_NOFILE", "net.ipv4.tcp_tw_reuse", "net.core.somaxconn"} <= set(settings)
-        assert isinstance(rep["speedups"]["active"], bool) and rep["speedups"]["reason"]
-
-    def test_pure_python_says_why(self) -> None:
-        r = leakguard_cli("doctor", "--json", env={**os.environ, "LEAKGUARD_PURE_PYTHON": "1"})
-        assert json.loads(r.stdout)["speedups"] == {
-            "active": False,
-            "reason": "pure Python: LEAKGUARD_PURE_PYTHON is set",
-        }
-
-    def test_low_fd_limit_is_a_warning(self) -> None:
-        import resource
-
-        def low() -> None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-
-        r = subprocess.run(
-            [sys.executable, "-m", "leakguard", "doctor"], capture_output=True, text=True, timeout=90, preexec_fn=low
-        )
-        assert r.returncode == 0, r.stderr
-        assert "[WARN] RLIMIT_NOFILE = soft 1024" in r.stdout
-        assert "Too many open files" in r.stdout
 
 
 # -- attach --------------------------------------------------------------------------------------------
@@ -650,7 +550,6 @@ class TestAttachRefusals:
     def test_bad_report_interval(self, target: Target) -> None:
         assert self.refused(str(target.pid), "--install", "--report-interval", "soon").startswith("--report-interval: ")
         target.finish()
-
 
 
 @pytest.mark.skipif(not hasattr(sys, "remote_exec"), reason="sys.remote_exec needs Python 3.14+ (none installed here)")

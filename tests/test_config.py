@@ -3,7 +3,7 @@
 For every option, as an ``install()`` argument and as its ``LEAKGUARD_*`` variable.
 The values the hostile review found (``report_interval=1e10`` killing the watcher,
 ``10**400`` raising OverflowError, ``5e-324`` flooding stderr, ``dump_signal='SIGKILL'``,
-``metrics_addr='nan'``) are always among the examples.
+``metrics_addr='nan'``) are always among the examples.  A rejected value leaves the state unchanged.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import math
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 from decimal import Decimal
 from fractions import Fraction
@@ -22,8 +24,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import leakguard
-from leakguard import _config, watcher
+from leakguard import _config, _sockets, registry, watcher
 from leakguard.integrations import INTEGRATIONS
+
+from .test_containment import Opaque
 
 NAMES = sorted(_config.OPTIONS)
 
@@ -198,3 +202,121 @@ class TestOneTable:
             assert f"{o.flag} VALUE" in text and f"[{o.env}]" in text, o.name
         assert cli.main(["run", "--stack-depth", "0", "--", "true"]) == 2  # a flag's value goes through its check
         assert "--stack-depth: stack_depth must be an integer from 1 to 1024" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- bad input
+
+_GENERIC_BAD: list[Any] = [Opaque(), {"a": 1}, b"\xff", 1 + 2j, ["x"]]
+
+
+#: per option: wrong values of a plausible type
+_BAD_VALUES: dict[str, list[Any]] = {
+    "report_interval": [-1, 0, math.nan, math.inf, "soon", True],
+    "stack_depth": [0, -3, 1025, 2.5, "deep", True, math.nan],
+    "integrations": ["nosuchlib", ["requests", "nosuchlib"], [1, 2], 5],
+    "checkout_threshold": [-0.5, math.nan, "long", False],
+    "log_format": ["xml", "", 1],
+    "dump_signal": ["SIGNOPE", 99999, -1, 1.5, True],
+    "top_sites": [0, -1, 10_001, "many", 2.5],
+    "max_events_per_report": [0, -1, 100_001, "lots"],
+    "churn_warning": ["maybe", 2, -1, 0.5],
+    "churn_limit": [0, -5, "fast", 2.5],
+    "max_events_per_minute": [0, -1, "x"],
+    "metrics_port": [-1, 65536, "http", 1.5, True],
+    "metrics_addr": ["", "a b", 127, None],
+}
+
+
+_GOOD_ENV: dict[str, str] = {
+    "report_interval": "2.5",
+    "stack_depth": "12",
+    "integrations": "requests,redis",
+    "checkout_threshold": "30",
+    "log_format": "JSON",
+    "dump_signal": "usr1",
+    "top_sites": "3",
+    "max_events_per_report": "7",
+    "churn_warning": "off",
+    "churn_limit": "500",
+    "max_events_per_minute": "60",
+    "metrics_port": "none",
+    "metrics_addr": "::1",
+}
+
+
+def _bad_cases() -> list[tuple[str, Any]]:
+    out = []
+    for name in _config.OPTIONS:
+        for value in _GENERIC_BAD + _BAD_VALUES.get(name, []):
+            out.append((name, value))
+    return out
+
+
+class TestBadInput:
+    """Every option rejects wrong types and values with a ValueError naming it; the state is unchanged."""
+
+    def test_every_option_is_covered(self) -> None:
+        assert set(_BAD_VALUES) == set(_config.OPTIONS) == set(_GOOD_ENV)
+
+    @pytest.mark.parametrize(("name", "value"), _bad_cases(), ids=lambda v: repr(v)[:20])
+    def test_bad_value(self, name: str, value: Any) -> None:
+        with pytest.raises(ValueError, match=name):
+            leakguard.install(**{name: value})
+        assert not leakguard.installed()
+        assert vars(socket.socket)["__init__"] is _sockets._original_init
+
+    def test_bad_value_keeps_previous_install(self) -> None:
+        leakguard.install(integrations="none", top_sites=4)
+        try:
+            with pytest.raises(ValueError, match="top_sites"):
+                leakguard.install(integrations="none", top_sites=0)
+            assert leakguard.installed() and leakguard.get_config().top_sites == 4
+            with socket.socket() as s:
+                assert registry.get(s.fileno()) is not None
+        finally:
+            leakguard.uninstall()
+
+    @pytest.mark.parametrize("name", sorted(_config.OPTIONS))
+    def test_good_environment_values(self, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv(f"LEAKGUARD_{name.upper()}", _GOOD_ENV[name])
+        cfg = _config.parse({})
+        assert getattr(cfg, name) != getattr(_config.Config(), name) or name in ("metrics_port",)
+
+    @pytest.mark.parametrize(
+        ("name", "value"),
+        [(n, v) for n, vals in _BAD_VALUES.items() for v in vals if isinstance(v, str)]
+        + [(n, "garbage\u2603") for n in _config.OPTIONS if n != "metrics_addr"],
+        ids=lambda v: repr(v)[:20],
+    )
+    def test_bad_environment_variable(self, name: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        var = f"LEAKGUARD_{name.upper()}"
+        with pytest.raises(ValueError) as caught:
+            _config.parse({}, {var: value})
+        assert var in str(caught.value) and name in str(caught.value)
+        monkeypatch.setenv(var, value)
+        with pytest.raises(ValueError, match=var):
+            leakguard.install()
+        assert not leakguard.installed()
+
+    @pytest.mark.parametrize(
+        ("var", "value"),
+        [("LEAKGUARD_REPORT_INTERVAL", "-3"), ("LEAKGUARD_INTEGRATIONS", "nosuchlib"), ("LEAKGUARD_LOG_FORMAT", "xml")],
+    )
+    def test_leakguard_run_bad_variable(self, var: str, value: str) -> None:
+        env = {**os.environ, var: value}
+        proc = subprocess.run(
+            [sys.executable, "-m", "leakguard", "run", "--", sys.executable, "-c", "print('ran')"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert proc.returncode == 2, proc
+        assert "ran" not in proc.stdout
+        assert var in proc.stderr and "Traceback" not in proc.stderr
+        assert proc.stderr.count("\n") <= 2  # one clear line, not a wall of text
+
+    @pytest.mark.parametrize(("flag", "value"), [("--report-interval", "-3"), ("--stack-depth", "zero")])
+    def test_leakguard_run_bad_flag(self, flag: str, value: str) -> None:
+        proc = subprocess.run(
+            [sys.executable, "-m", "leakguard", "run", flag, value, "--", sys.executable, "-c", "print('ran')"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert proc.returncode == 2 and flag in proc.stderr and "Traceback" not in proc.stderr

@@ -21,7 +21,6 @@ import pytest
 import leakguard
 from leakguard import registry
 
-from .test_sockets import hot_path  # noqa: F401  (the fixture: compiled and pure-Python hook)
 
 
 def run_py(tmp_path: Path, code: str, *, python: str = sys.executable, timeout: float = 120) -> str:

@@ -4,27 +4,33 @@
 listing ``/proc/self/fd``.  The watcher's scans keep a :class:`kernel.StateCache`
 (an edge-triggered epoll set and the last listing) and skip most of that.  These
 tests drive real loopback connections through every kind of state change and
-check, after each one, that the cheap scan sees exactly what an exact scan sees.
+check, after each one, that the cheap scan sees exactly what an exact scan sees.  And when /proc fails,
+snapshot() degrades (psutil, then leakguard's own objects) instead of raising.
 """
 
 from __future__ import annotations
 
 import _socket
+import json
 import os
 import random
 import socket
 import struct
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import psutil
 import pytest
 
 import leakguard
 from leakguard import kernel
 
-from .helpers import wait_for
+from .helpers import HangUpServer, this_line, wait_close_wait, wait_for
+from .test_containment import _raise
+
+HERE = os.path.abspath(__file__)
 
 take = sys.modules["leakguard.snapshot"].take  # the module (leakguard.snapshot is the function)
 
@@ -267,3 +273,150 @@ class TestResources:
         cache.close()
         cache.close()  # twice is fine
         assert_same(cache, "reopened")
+
+
+class _Readers:
+    """How often each of the pure-Python kernel readers ran (calls counted, then passed through unchanged)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = {"proc": 0, "psutil": 0, "objects": 0}
+        self._mp = monkeypatch
+        # The compiled scan reads /proc itself and returns before any of these run: off, so the
+        # Python path each test claims is the one taken.
+        monkeypatch.setattr(kernel, "_scan", None)
+        self.set_proc(kernel._list_fds)
+        for name, attr in (("psutil", "_read_psutil"), ("objects", "_read_objects")):
+            monkeypatch.setattr(kernel, attr, self._counted(name, getattr(kernel, attr)))
+
+    def _counted(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return run
+
+    def set_proc(self, list_fds: Callable[[], list[int]]) -> None:
+        """The /proc/self/fd listing the Python path uses (a failing one injects the fault)."""
+        self._mp.setattr(kernel, "_list_fds", self._counted("proc", list_fds))
+
+    def reset(self) -> None:
+        self.calls = dict.fromkeys(self.calls, 0)
+
+
+@pytest.fixture
+def readers(monkeypatch: pytest.MonkeyPatch) -> _Readers:
+    return _Readers(monkeypatch)
+
+
+class TestDegradedKernelView:
+    """snapshot() degrades instead of raising: /proc failing -> psutil -> leakguard's own objects.
+
+    Each test takes the pure-Python reader (the compiled scan off) and asserts which
+    of its three sources answered.
+    """
+
+    def _leak(self, server: HangUpServer) -> tuple[socket.socket, int]:
+        s = socket.create_connection(server.address); line = this_line()  # noqa: E702
+        return s, line
+
+    def _check_leak(self, s: socket.socket, line: int) -> leakguard.SocketInfo:
+        info = wait_close_wait(s.fileno())
+        assert info.site is not None
+        assert (os.path.abspath(info.site.file), info.site.line) == (HERE, line)
+        return info
+
+    def test_linux_path_off_uses_psutil(
+        self,
+        installed_quiet: None,
+        monkeypatch: pytest.MonkeyPatch,
+        hangup_server: HangUpServer,
+        readers: _Readers,
+    ) -> None:
+        monkeypatch.setattr(kernel, "_IS_LINUX", False)
+        s, line = self._leak(hangup_server)
+        try:
+            info = self._check_leak(s, line)
+            assert info.remote == f"127.0.0.1:{hangup_server.port}" and info.origin == "socket"
+            json.dumps(leakguard.snapshot().to_dict())
+            assert readers.calls["proc"] == 0 and readers.calls["objects"] == 0
+            assert readers.calls["psutil"] > 0
+        finally:
+            s.close()
+
+    def test_the_proc_path_itself_answers_when_it_works(
+        self, installed_quiet: None, hangup_server: HangUpServer, readers: _Readers
+    ) -> None:
+        """The counterpart of the fallbacks below: with /proc readable, psutil is never asked."""
+        s, line = self._leak(hangup_server)
+        try:
+            info = self._check_leak(s, line)
+            assert info.state == "CLOSE_WAIT"
+            assert readers.calls["proc"] > 0
+            assert readers.calls["psutil"] == 0 and readers.calls["objects"] == 0
+        finally:
+            s.close()
+
+    @pytest.mark.parametrize("failure", ["list_fds_oserror", "list_fds_runtime", "read_one_raises"])
+    def test_proc_failure_falls_back_to_psutil(
+        self,
+        failure: str,
+        installed_quiet: None,
+        monkeypatch: pytest.MonkeyPatch,
+        hangup_server: HangUpServer,
+        readers: _Readers,
+    ) -> None:
+        s, line = self._leak(hangup_server)
+        try:
+            wait_close_wait(s.fileno())
+            if failure == "list_fds_oserror":
+                readers.set_proc(lambda: [int(n) for n in os.listdir("/proc/self/no-such-dir")])
+            elif failure == "list_fds_runtime":
+                readers.set_proc(_raise)
+            else:
+                monkeypatch.setattr(kernel, "_read_one", _raise)
+            readers.reset()
+            info = self._check_leak(s, line)
+            assert info.state == "CLOSE_WAIT"
+            assert readers.calls["proc"] > 0  # tried first, failed
+            assert readers.calls["psutil"] > 0 and readers.calls["objects"] == 0
+        finally:
+            s.close()
+
+    def test_psutil_failing_too_keeps_tracked_sockets(
+        self,
+        installed_quiet: None,
+        monkeypatch: pytest.MonkeyPatch,
+        hangup_server: HangUpServer,
+        readers: _Readers,
+    ) -> None:
+        """Neither /proc nor psutil: the sockets leakguard tracks are still judged."""
+        s, line = self._leak(hangup_server)
+        try:
+            wait_close_wait(s.fileno())
+            monkeypatch.setattr(kernel, "_IS_LINUX", False)
+
+            def denied(self: Any, *args: Any, **kwargs: Any) -> Any:
+                raise psutil.AccessDenied(os.getpid())
+
+            monkeypatch.setattr(psutil.Process, "net_connections", denied)
+            readers.reset()
+            snap = leakguard.snapshot()
+            assert readers.calls == {"proc": 0, "psutil": 1, "objects": 1}  # psutil refused, then our own objects
+            info = self._check_leak(s, line)
+            assert info.state == "CLOSE_WAIT"
+            assert all(x.record is not None for x in snap.sockets)  # only what leakguard tracks
+            json.dumps(snap.to_dict())
+        finally:
+            s.close()
+
+    def test_snapshot_without_install_and_without_proc(
+        self, monkeypatch: pytest.MonkeyPatch, hangup_server: HangUpServer, readers: _Readers
+    ) -> None:
+        monkeypatch.setattr(kernel, "_IS_LINUX", False)
+        s = socket.create_connection(hangup_server.address)
+        try:
+            info = wait_close_wait(s.fileno())
+            assert info.origin == "unknown"
+            assert readers.calls["psutil"] > 0 and readers.calls["proc"] == 0 and readers.calls["objects"] == 0
+        finally:
+            s.close()

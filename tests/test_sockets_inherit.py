@@ -20,7 +20,6 @@ import leakguard
 from leakguard import _sockets, registry
 
 from .helpers import HangUpServer, this_line, wait_for
-from .test_sockets import hot_path  # noqa: F401  (the fixture: compiled and pure-Python hook)
 
 HERE = os.path.abspath(__file__)
 
@@ -34,7 +33,7 @@ def site_line(fd: int) -> int | None:
 
 
 @pytest.fixture
-def python_calls(monkeypatch: pytest.MonkeyPatch, hot_path: str) -> list[Any]:  # noqa: F811
+def python_calls(monkeypatch: pytest.MonkeyPatch, hot_path: str) -> list[Any]:
     """The sockets that reached registry.record_socket (the Python path) during a test."""
     seen: list[Any] = []
     real = _sockets.record_socket
@@ -49,7 +48,7 @@ def python_calls(monkeypatch: pytest.MonkeyPatch, hot_path: str) -> list[Any]:  
 
 @pytest.mark.usefixtures("installed_quiet")
 class TestInherit:
-    def test_accept(self, hot_path: str, python_calls: list[Any]) -> None:  # noqa: F811
+    def test_accept(self, hot_path: str, python_calls: list[Any]) -> None:
         with socket.create_server(("127.0.0.1", 0)) as listener:
             client = socket.create_connection(listener.getsockname())
             conn, _ = listener.accept(); line = this_line()  # noqa: E702
@@ -60,7 +59,7 @@ class TestInherit:
         # the compiled hook records the accepted socket without the Python path
         assert (conn in python_calls) == (hot_path == "python")
 
-    def test_fileno_argument(self, hot_path: str, python_calls: list[Any]) -> None:  # noqa: F811
+    def test_fileno_argument(self, hot_path: str, python_calls: list[Any]) -> None:
         base = socket.socket()
         fd = os.dup(base.fileno())
         base.close()
@@ -69,7 +68,7 @@ class TestInherit:
             assert s.fileno() == fd and site_line(fd) == line
         assert (s in python_calls) == (hot_path == "python")
 
-    def test_fromfd_and_dup(self, hot_path: str) -> None:  # noqa: F811
+    def test_fromfd_and_dup(self, hot_path: str) -> None:
         with socket.socket() as base:
             first = this_line() - 1
             a = socket.fromfd(base.fileno(), socket.AF_INET, socket.SOCK_STREAM); a_line = this_line()  # noqa: E702
@@ -80,7 +79,7 @@ class TestInherit:
                 assert site_line(a.fileno()) == a_line
                 assert site_line(b.fileno()) == b_line
 
-    def test_handover_keeps_the_stack(self, hot_path: str, python_calls: list[Any], hangup_server: HangUpServer) -> None:  # noqa: F811
+    def test_handover_keeps_the_stack(self, hot_path: str, python_calls: list[Any], hangup_server: HangUpServer) -> None:
         raw = socket.create_connection(hangup_server.address); line = this_line()  # noqa: E702
         fd = raw.fileno()
         seq = registry.entry(fd)[2]  # type: ignore[index]
@@ -91,7 +90,7 @@ class TestInherit:
             assert site_line(fd) == line
         assert (tls in python_calls) == (hot_path == "python")
 
-    def test_handover_with_a_view_updates_the_view(self, hot_path: str) -> None:  # noqa: F811
+    def test_handover_with_a_view_updates_the_view(self, hot_path: str) -> None:
         """A Record view built before the wrap (an integration annotated it) stays the record."""
         with socket.create_server(("127.0.0.1", 0)) as listener:
             raw = socket.create_connection(listener.getsockname())
@@ -106,7 +105,7 @@ class TestInherit:
                     after = registry.get(tls.fileno())
                     assert after is rec and rec.ref() is tls and rec.origin == "mylib"
 
-    def test_scope_applies(self, hot_path: str) -> None:  # noqa: F811
+    def test_scope_applies(self, hot_path: str) -> None:
         with socket.create_server(("127.0.0.1", 0)) as listener:
             client = socket.create_connection(listener.getsockname())
             with registry.scope("myserver", "127.0.0.1:1"):
@@ -210,7 +209,7 @@ def _introspect() -> dict[str, object]:
 
 
 @pytest.mark.usefixtures("installed_quiet")
-def test_init_introspection_unchanged(hot_path: str) -> None:  # noqa: F811
+def test_init_introspection_unchanged(hot_path: str) -> None:
     """#14.10: name, qualname, module, doc, signature and every misuse's TypeError as plain."""
     installed = _introspect()
     assert vars(socket.socket)["__init__"].__wrapped__ is _sockets._original_init

@@ -1,0 +1,121 @@
+"""snapshot(): the kernel's view joined with the records; only CLOSE_WAIT is a leak; to_dict()'s shape."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+
+import leakguard
+from leakguard import registry
+
+from .helpers import HangUpServer, wait_close_wait
+
+
+class TestJudgement:
+    """Only CLOSE_WAIT is a leak; clean programs report nothing."""
+
+    @pytest.mark.usefixtures("installed")
+    def test_clean_program_has_no_leaks(self) -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        client = socket.create_connection(listener.getsockname())
+        server_side, _ = listener.accept()
+        try:
+            # TIME_WAIT churn: the client closes first, many times over
+            for _ in range(50):
+                c = socket.create_connection(listener.getsockname())
+                a, _ = listener.accept()
+                c.close()
+                a.close()
+            with socket.create_connection(listener.getsockname()):
+                a2, _ = listener.accept()
+                a2.close()
+            snap = leakguard.snapshot()
+            assert snap.leaks == []
+            states = {s.fd: s.state for s in snap.sockets}
+            assert states[listener.fileno()] == "LISTEN"
+            assert states[client.fileno()] == "ESTABLISHED"
+            assert states[server_side.fileno()] == "ESTABLISHED"
+            assert states[udp.fileno()] is None
+            assert snap.counts["ESTABLISHED"] >= 2 and "TIME_WAIT" not in snap.counts
+        finally:
+            for s in (client, server_side, udp, listener):
+                s.close()
+
+    @pytest.mark.usefixtures("installed")
+    def test_closed_socket_disappears(self, hangup_server: HangUpServer) -> None:
+        s = socket.create_connection(hangup_server.address)
+        fd = s.fileno()
+        wait_close_wait(fd)
+        s.close()
+        assert not [x for x in leakguard.snapshot().sockets if x.fd == fd and x.origin == "socket"]
+        assert registry.get(fd) is None
+
+    @pytest.mark.usefixtures("installed")
+    def test_reason_in_words(self, hangup_server: HangUpServer) -> None:
+        with socket.create_connection(hangup_server.address) as s:
+            info = wait_close_wait(s.fileno())
+            reason = info.reason or ""
+            assert reason.startswith(f"peer 127.0.0.1:{hangup_server.port} closed the connection; ")
+            assert "this process never closed its end, opened " in reason and " ago at " in reason
+            text = leakguard.snapshot().format()
+            assert "CLOSE_WAIT (the peer closed it" in text  # the test still holds s: in_use words
+            assert "test_snapshot.py:" in text
+
+    def test_socket_opened_before_install_still_shows(self, hangup_server: HangUpServer) -> None:
+        early = socket.create_connection(hangup_server.address)
+        leakguard.install()
+        try:
+            info = wait_close_wait(early.fileno())
+            assert info.origin == "unknown" and info.stack == [] and info.age_s is None
+            assert "no creation stack" in (info.reason or "")
+        finally:
+            leakguard.uninstall()
+            early.close()
+
+    def test_snapshot_without_install(self, hangup_server: HangUpServer) -> None:
+        assert not leakguard.installed()
+        with socket.create_connection(hangup_server.address) as s:
+            info = wait_close_wait(s.fileno())
+            assert info.origin == "unknown" and info.stack == []
+
+    def test_c_level_socket_is_not_dropped(self, hangup_server: HangUpServer) -> None:
+        """A descriptor made without socket.socket (here _socket, the C module) appears as unknown."""
+        import _socket
+
+        leakguard.install()
+        raw = _socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            raw.connect(hangup_server.address)
+            info = wait_close_wait(raw.fileno())
+            assert info.origin == "unknown" and info.stack == []
+        finally:
+            raw.close()
+            leakguard.uninstall()
+
+
+class TestSnapshotShape:
+    """snapshot().to_dict() has the documented, JSON-serialisable shape."""
+
+    @pytest.mark.usefixtures("installed")
+    def test_shape(self, hangup_server: HangUpServer) -> None:
+        with socket.create_connection(hangup_server.address) as s:
+            wait_close_wait(s.fileno())
+            d = json.loads(json.dumps(leakguard.snapshot().to_dict()))
+        assert set(d) >= {"pid", "taken_at", "counts", "fds", "sockets", "leaks"}
+        assert d["pid"] == os.getpid() and isinstance(d["taken_at"], float)
+        assert set(d["fds"]) == {"open", "limit"} and d["fds"]["open"] > 0
+        keys = {"fd", "family", "type", "state", "local", "remote", "age_s", "origin", "target", "pool", "stack", "reason"}
+        for sock in d["sockets"] + d["leaks"]:
+            assert set(sock) >= keys
+            for fr in sock["stack"]:
+                assert set(fr) == {"file", "line", "function"}
+        assert d["counts"]["CLOSE_WAIT"] >= 1
+        assert len(d["leaks"]) >= 1 and all(x["state"] == "CLOSE_WAIT" for x in d["leaks"])
+        # outermost first: the innermost frame is last
+        leak = d["leaks"][0]
+        assert leak["stack"][-1]["function"] == "create_connection"
