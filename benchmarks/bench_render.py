@@ -10,10 +10,14 @@ from one site and from 500 sites, each row times in the same rounds:
 - the periodic report: ``snapshot()`` turned into structlog events and rendered to
   JSON lines (a first report, or the dump signal: every group is new),
 - a pytest failure's text for the snapshot's leaks,
+- the same four renderings of one snapshot whose leaks are diagnosed already: what
+  rendering alone costs, the diagnosis walk (:mod:`leakguard.diagnose`) left out,
 
 against ``psutil.Process().net_connections("tcp")``, interleaved round by round (best
 of rounds).  With valgrind installed the 1,000-socket rows get instruction counts too
-(callgrind: what no load on the machine moves).
+(callgrind: what no load on the machine moves), each call counted alone, after a first
+call (warm); and "cold" rows: ``to_dict()`` and ``str()`` of the first snapshot in a
+process, first-use caches and the diagnosis walk included.
 
     python benchmarks/bench_render.py [--quick]
 """
@@ -39,14 +43,23 @@ import leakguard
 Row = dict[str, Any]
 
 #: What each row renders (name in the table, callable of no arguments built by _ops()).
-OPS = ("snapshot", "to_dict", "str", "report", "pytest")
+OPS = (
+    "snapshot", "to_dict", "str", "report", "pytest",
+    "to_dict_rendering", "str_rendering", "report_rendering", "pytest_rendering",
+)  # fmt: skip
 LABELS = {
     "snapshot": "snapshot() (lazy)",
     "to_dict": "snapshot().to_dict()",
     "str": "str(snapshot())",
     "report": "periodic report (structlog events, JSON)",
     "pytest": "pytest failure text",
+    "to_dict_rendering": "to_dict() of a diagnosed snapshot (rendering alone)",
+    "str_rendering": "str() of a diagnosed snapshot (rendering alone)",
+    "report_rendering": "periodic report of a diagnosed snapshot (rendering alone)",
+    "pytest_rendering": "pytest failure text of a diagnosed snapshot (rendering alone)",
 }
+#: The renderings measured cold too (the first snapshot of a process), under callgrind.
+COLD = ("to_dict", "str")
 
 
 def _site_functions(n: int, directory: str) -> list[Callable[[Any], socket.socket]]:
@@ -121,19 +134,34 @@ def _ops(with_pytest: bool = True) -> dict[str, Callable[[], Any]]:
     )
     cfg = _config.Config()
 
-    def periodic() -> int:
-        return report.Reporter(cfg, logger=logger).report(leakguard.snapshot())
+    def periodic(snap: Any = None) -> int:
+        return report.Reporter(cfg, logger=logger).report(snap or leakguard.snapshot())
+
+    diagnosed: list[Any] = []
+
+    def ready() -> Any:
+        """One snapshot of these sockets, its leaks diagnosed (made at its first use, then re-rendered)."""
+        if not diagnosed:
+            snap = leakguard.snapshot()
+            for info in snap.leaks:
+                info.diagnosis
+            diagnosed.append(snap)
+        return diagnosed[0]
 
     ops: dict[str, Callable[[], Any]] = {
         "snapshot": leakguard.snapshot,
         "to_dict": lambda: leakguard.snapshot().to_dict(),
         "str": lambda: str(leakguard.snapshot()),
         "report": periodic,
+        "to_dict_rendering": lambda: ready().to_dict(),
+        "str_rendering": lambda: str(ready()),
+        "report_rendering": lambda: periodic(ready()),
     }
     if with_pytest:  # importing pytest costs more than everything else here: not under callgrind
         from leakguard.pytest_plugin import _terminal
 
         ops["pytest"] = lambda: _terminal.leak_text("leakguard: this test left", leakguard.snapshot().leaks)
+        ops["pytest_rendering"] = lambda: _terminal.leak_text("leakguard: this test left", ready().leaks)
     return ops
 
 
@@ -156,7 +184,6 @@ def bench_timed(quick: bool) -> list[Row]:
     soft, hard = _raise_nofile(0)
     rows: list[Row] = []
     leakguard.install(integrations="none")
-    ops = _ops()
     psutil_tcp = _psutil()
     try:
         with tempfile.TemporaryDirectory(prefix="leakguard-bench-render-") as d:
@@ -170,6 +197,7 @@ def bench_timed(quick: bool) -> list[Row]:
                             rows.append({"name": f"rendering {n} own sockets", "error": "CLOSE_WAIT not seen"})
                             continue
                         rounds = 3 if n >= 10_000 else (5 if quick else 9)
+                        ops = _ops()  # its diagnosed snapshot is of these sockets
                         for fn in ops.values():
                             fn()  # warm: imports, first-use caches
                         best = {name: float("inf") for name in [*ops, "psutil"]}
@@ -210,21 +238,25 @@ def _plural_sites(n: int) -> str:
 # --- instruction counts -------------------------------------------------------------------------------
 
 
-def _loop_main(n: int, sites: int, op: str, times: int) -> None:
-    """Under callgrind: *n* sockets from *sites* sites, every op once (warm), then *op* *times* more."""
+def _sections_main(n: int, sites: int, first: str | None) -> None:
+    """Under callgrind: *n* sockets from *sites* sites; each call measured runs inside
+    ``sys.call_tracing`` (see :func:`benchmarks._callgrind.sections`): *first* (cold: nothing
+    rendered in this process yet), or, with *first* None, every op and psutil, each called
+    once before (warm), in the order of :data:`OPS`."""
     _raise_nofile(0)
     leakguard.install(integrations="none")
     ops = {**_ops(with_pytest=False), "psutil": _psutil()}
     with tempfile.TemporaryDirectory(prefix="leakguard-bench-render-") as d:
         socks = Sockets(n, sites, d)
         time.sleep(0.2)  # loopback FINs land at once; no polling loop whose length varies
-        if len(leakguard.snapshot().leaks) < socks.leaks:
-            raise SystemExit("CLOSE_WAIT not seen")
-        for fn in ops.values():
-            fn()
-        fn = ops[op]
-        for _ in range(times):
-            fn()
+        if first is not None:
+            sys.call_tracing(ops[first], ())
+        else:
+            if len(leakguard.snapshot().leaks) < socks.leaks:
+                raise SystemExit("CLOSE_WAIT not seen")
+            for name, fn in ops.items():
+                fn()
+                sys.call_tracing(fn, ())
         socks.close()
     leakguard.uninstall()
 
@@ -234,28 +266,33 @@ def bench_instructions(quick: bool) -> list[Row]:
 
     if not _callgrind.available():
         return [{"name": "rendering (instructions)", "error": "valgrind is not installed"}]
-    n, extra = 1_000, 2
+    n = 1_000
     rows: list[Row] = []
-    measured = [op for op in OPS if op != "pytest"]
-    names = [*measured, "psutil"]
-    for sites in (1,) if quick else (1, 500):
-        argv = [sys.executable, os.path.abspath(__file__), "--loop", str(n), str(sites)]
-        got = _callgrind.counts(
-            [argv + ["snapshot", "0"]] + [argv + [name, str(extra)] for name in names],
-            cwd=tempfile.gettempdir(),  # not the repository root: the installed package, not ./leakguard
-        )
-        base = got[0]
-        per = {name: (count - base) / extra for name, count in zip(names, got[1:])}
-        for name in measured:
+    names = [*_ops(with_pytest=False), "psutil"]
+    site_counts = (1,) if quick else (1, 500)
+    argv = [sys.executable, os.path.abspath(__file__), "--sections", str(n)]
+    programs = [(sites, None) for sites in site_counts] + [(1, op) for op in COLD]
+    got = _callgrind.sections(
+        [argv + [str(sites), first or "-"] for sites, first in programs],
+        cwd=tempfile.gettempdir(),  # not the repository root: the installed package, not ./leakguard
+    )
+    psutil_per = {sites: dict(zip(names, counts))["psutil"] for (sites, first), counts in zip(programs, got) if first is None}
+    for (sites, first), counts in zip(programs, got):
+        measured = dict(zip(names, counts)) if first is None else {first: counts[0]}
+        base = psutil_per[sites]
+        for name, count in measured.items():
+            if name == "psutil":
+                continue
+            cold = " cold (the process's first snapshot: first-use caches and the diagnosis walk)" if first else ""
             rows.append(
                 {
-                    "name": f"{LABELS[name]}, {n:,} own sockets ({n // 2:,} CLOSE_WAIT), {_plural_sites(sites)} "
-                    "(instructions)",
-                    "baseline_instructions": round(per["psutil"]),
-                    "leakguard_instructions": round(per[name]),
-                    "ratio": round(per[name] / per["psutil"], 4),
+                    "name": f"{LABELS[name]}, {n:,} own sockets ({n // 2:,} CLOSE_WAIT), {_plural_sites(sites)}"
+                    f"{cold} (instructions)",
+                    "baseline_instructions": base,
+                    "leakguard_instructions": count,
+                    "ratio": round(count / base, 4),
                     "baseline": "psutil net_connections('tcp')",
-                    "render": name,
+                    "render": name + ("_cold" if first else ""),
                     "own_sockets": n,
                     "sites": sites,
                 }
@@ -268,8 +305,8 @@ def run(quick: bool = False) -> list[Row]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--loop"]:
-        _loop_main(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
+    if sys.argv[1:2] == ["--sections"]:
+        _sections_main(int(sys.argv[2]), int(sys.argv[3]), None if sys.argv[4] == "-" else sys.argv[4])
     else:
         for r in run("--quick" in sys.argv):
             print(json.dumps(r))

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .snapshot import Snapshot, SocketInfo
 
 __all__ = [
+    "ALWAYS_LEAK",
     "CLOSE_GRACE",
     "LEAK_STATES",
     "Tally",
@@ -58,6 +59,9 @@ __all__ = [
 CLOSE_GRACE = 1.0
 #: TCP states that can make a leak (CLOSE only after :data:`CLOSE_GRACE`).
 LEAK_STATES = frozenset(("CLOSE_WAIT", "CLOSE"))
+#: The TCP state that is a leak with nothing more to ask (:func:`is_leak`'s first rule, for a caller
+#: that judges every socket of the process and calls is_leak only for the others).
+ALWAYS_LEAK = "CLOSE_WAIT"
 
 _TCP_INFO = getattr(_socket, "TCP_INFO", 11)
 #: (fd, local, remote) -> time.monotonic() the socket was first seen in CLOSE; replaced at every judged snapshot
@@ -83,7 +87,7 @@ def is_leak(
     """
     if kind != "tcp":
         return False
-    if state == "CLOSE_WAIT":
+    if state == ALWAYS_LEAK:
         return True
     if state != "CLOSE" or fd is None or not was_connected(fd):
         return False
@@ -142,12 +146,21 @@ def leak_reason(info: SocketInfo, memo: dict[Any, str] | None = None) -> str:
     socket they are the same for (a group's sockets: same state, peer, age as written
     and creation stack); a pooled socket's are its own.
     """
-    rec = info.record
+    rec = info[9]  # SocketInfo by index: a renderer asks this once per leak
     if memo is not None and (rec is None or rec.pool is None):
+        age = info[6]
+        written: Any = None  # the age as the text writes it, or something equal exactly when that is
+        if age is not None:
+            tenths = age * 10.0
+            n = int(tenths + 0.5)
+            if 0.0 <= age < 120.0 and -0.49 < tenths - n < 0.49:
+                written = n  # "{age:.1f}" is n tenths: no rounding boundary within reach of the float error
+            else:
+                written = format_age(age)  # (formatting a float costs ten times the lines above)
         key = (
-            info.state == "CLOSE",
-            info.remote,
-            format_age(info.age_s) if info.age_s is not None else None,
+            info[3] == "CLOSE",
+            info[5],
+            written,
             id(rec.resolved()) if rec is not None else None,  # the stack tuple: the snapshot keeps it alive
         )
         text = memo.get(key)

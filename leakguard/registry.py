@@ -273,6 +273,7 @@ def _holder(fd: int, ref: Any) -> Any:
 
 
 _sock_fileno = _socket.socket.fileno
+_is_raw_socket = _socket.socket.__instancecheck__
 
 
 def _fileno_of(obj: Any) -> int:
@@ -524,12 +525,15 @@ def live_sockets(
     objects: dict[int, Any] = {}
     known: dict[int, tuple[str | None, str | None, int, int]] = {}
     views = _views.get
-    holder = _holder
+    holder, is_raw, raw_fileno = _holder, _is_raw_socket, _sock_fileno
     for fd, entry in _entries():
-        obj = holder(fd, entry[0])
-        if obj is None:
-            _drop(fd, entry)
-            continue
+        ref = entry[0]
+        obj = ref() if ref is not None else None
+        if obj is None or not is_raw(obj) or raw_fileno(obj) != fd:  # not the common case: a socket on its fd
+            obj = holder(fd, ref)
+            if obj is None:
+                _drop(fd, entry)
+                continue
         view = views(fd)
         if view is None or view.entry is not entry:
             view = _view(fd, entry)

@@ -14,6 +14,8 @@ socket once, however many lists it appears in (:func:`snapshot_dict`).
 
 from __future__ import annotations
 
+import collections
+import operator
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -22,7 +24,7 @@ from . import judge, stacks
 from .judge import format_age as _age
 
 if TYPE_CHECKING:
-    from . import registry
+    from . import diagnose, registry
     from .fdlimit import Projection
     from .snapshot import Snapshot, SocketInfo
 
@@ -172,24 +174,48 @@ def fix_hint(verdict: str | None, origin: str = "unknown", pool: bool = False, i
 
 
 def _diagnosis(info: SocketInfo) -> tuple[str | None, str | None, list[str], dict[str, Any] | None]:
-    """(verdict, why, held_by, in_use) of a leak (see leakguard.diagnose); Nones for other sockets."""
-    d = getattr(info, "diagnosis", None)
-    if d is None:
+    """(verdict, why, held_by, in_use) of a leak (see leakguard.diagnose), copies the caller may keep;
+    Nones for other sockets."""
+    batch = info[10]
+    if batch is None:
         return None, None, [], None
+    d = batch.of(info)
     return d.verdict, d.why, list(d.held_by), (dict(d.in_use) if d.in_use is not None else None)
+
+
+_fd_of = operator.itemgetter(0)  # SocketInfo fields by index: the loops below run once per member
+_type_of = operator.itemgetter(2)
+_state_of = operator.itemgetter(3)
+_remote_of = operator.itemgetter(5)
+
+
+def _ranked_counts(values: Iterable[str | None]) -> list[tuple[str, int]]:
+    """(value, how many), the most frequent first (ties: first seen first), None written "?"."""
+    seq = list(values)
+    firsts = dict.fromkeys(seq)  # in first-seen order
+    if len(firsts) <= 4:  # a group's states, its peers mostly: counted in C
+        counted: Iterable[tuple[str | None, int]] = [(k, seq.count(k)) for k in firsts]
+    else:
+        tally: dict[str | None, int] = {}
+        for v in seq:
+            tally[v] = tally.get(v, 0) + 1
+        counted = tally.items()
+    return sorted((("?" if k is None else k, n) for k, n in counted), key=lambda kv: -kv[1])
 
 
 class LeakGroup:
     """Sockets of one creation site and verdict, rendered once for all of them."""
 
-    __slots__ = ("_diag", "infos", "site", "verdict", "why")
+    __slots__ = ("_diag", "_oldest", "_rows", "infos", "site", "verdict", "why")
 
     def __init__(self, site: str, verdict: str | None, why: str | None = None) -> None:
         self.site = site
         self.verdict = verdict
         self.why = why
         self.infos: list[SocketInfo] = []
-        self._diag: list[tuple[list[str], dict[str, Any] | None]] = []  # held_by, in_use of each member
+        self._diag: list[diagnose.Diagnosis | None] = []  # each member's diagnosis (shared, never changed here)
+        self._oldest: SocketInfo | None = None  # set by group(), which orders the members
+        self._rows: list[tuple[Any, ...]] = []  # each member's fields as a plain tuple (indexed in C, unlike SocketInfo)
 
     @property
     def count(self) -> int:
@@ -197,25 +223,30 @@ class LeakGroup:
 
     @property
     def oldest(self) -> SocketInfo:
-        return max(self.infos, key=lambda i: i.age_s if i.age_s is not None else -1.0)
+        o = self._oldest
+        if o is None:
+            o = max(self.infos, key=lambda i: i.age_s if i.age_s is not None else -1.0)
+        return o
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        """Each member's fields (``SocketInfo``'s, as a plain tuple), in member order."""
+        if len(self._rows) != len(self.infos):
+            self._rows = [i[:11] for i in self.infos]
+        return self._rows
 
     def states(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for i in self.infos:
-            out[i.state or "?"] = out.get(i.state or "?", 0) + 1
-        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+        return dict(_ranked_counts(map(_state_of, self.rows())))
 
     def peers(self) -> list[tuple[str, int]]:
-        out: dict[str, int] = {}
-        for i in self.infos:
-            out[i.remote or "?"] = out.get(i.remote or "?", 0) + 1
-        return sorted(out.items(), key=lambda kv: -kv[1])
+        return _ranked_counts(map(_remote_of, self.rows()))
 
     def held_by(self, most: int = 3) -> list[str]:
         """Up to *most* distinct reference paths that hold members (the oldest member's first)."""
         out: list[str] = []
-        for held, _ in self._diag:
-            for path in held:
+        for d in self._diag:
+            if d is None:
+                continue
+            for path in d.held_by:
                 if path not in out:
                     out.append(path)
                     if len(out) >= most:
@@ -223,19 +254,21 @@ class LeakGroup:
         return out
 
     def in_use(self) -> dict[str, Any] | None:
-        return next((u for _, u in self._diag if u is not None), None)
+        u = next((d.in_use for d in self._diag if d is not None and d.in_use is not None), None)
+        return dict(u) if u is not None else None
 
     def in_uses(self, most: int = 3) -> list[dict[str, Any]]:
         """Up to *most* distinct places (thread, task, line) where code holding members is now."""
         out: list[dict[str, Any]] = []
         seen = set()
-        for _, u in self._diag:
+        for d in self._diag:
+            u = d.in_use if d is not None else None
             if u is None:
                 continue
             k = (u.get("thread"), u.get("task"), u.get("file"), u.get("line"))
             if k not in seen:
                 seen.add(k)
-                out.append(u)
+                out.append(dict(u))
                 if len(out) >= most:
                     break
         return out
@@ -280,31 +313,39 @@ class LeakGroup:
 
 
 def group(infos: Iterable[SocketInfo]) -> list[LeakGroup]:
-    """*infos* grouped by creation site and verdict, the largest group first."""
+    """*infos* grouped by creation site and verdict, the largest group first, each group's oldest member first."""
     groups: dict[tuple[str, str | None], LeakGroup] = {}
     sites: dict[int, str] = {}  # id(resolved stack) -> site: each distinct stack formatted once
     with stacks.rendering():
         for info in infos:
-            rec = info[9]
-            st = rec.resolved() if rec is not None else None
+            row = info[:11]
+            rec, batch = row[9], row[10]
+            st = (rec._resolved or rec.resolved()) if rec is not None else None
             if st:
                 site = sites.get(id(st))
                 if site is None:
                     site = sites[id(st)] = stacks.format_site(stacks.creation_site(st))
             else:
-                site = f"<unknown: origin={info.origin}>"
-            verdict, why, held, used = _diagnosis(info)
+                site = f"<unknown: origin={row[7]}>"
+            d = batch.of(info) if batch is not None else None
+            verdict = d.verdict if d is not None else None
             g = groups.get((site, verdict))
             if g is None:
-                g = groups[(site, verdict)] = LeakGroup(site, verdict, why)
+                g = groups[(site, verdict)] = LeakGroup(site, verdict, d.why if d is not None else None)
             g.infos.append(info)
-            g._diag.append((held, used))
+            g._rows.append(row)
+            g._diag.append(d)
     ranked = sorted(groups.values(), key=lambda g: (-len(g.infos), g.site, g.verdict or ""))
     for g in ranked:  # the oldest member first: its holders and stack represent the group
-        if len(g.infos) > 1:
-            order = sorted(range(len(g.infos)), key=lambda k: -(g.infos[k].age_s or 0.0))
-            g.infos = [g.infos[k] for k in order]
-            g._diag = [g._diag[k] for k in order]
+        rows = g._rows
+        if len(rows) > 1:
+            ages = [r[6] or 0.0 for r in rows]
+            if ages != sorted(ages, reverse=True):  # descriptors in creation order are the oldest first already
+                order = sorted(range(len(rows)), key=ages.__getitem__, reverse=True)  # stable: ties keep their order
+                g.infos = [g.infos[k] for k in order]
+                g._rows = rows = [rows[k] for k in order]
+                g._diag = [g._diag[k] for k in order]
+        g._oldest = g.infos[0] if rows[0][6] is not None else g.oldest
     return ranked
 
 
@@ -319,8 +360,8 @@ def _in_use_text(u: dict[str, Any]) -> str:
     return text
 
 
-def _fds(infos: Sequence[SocketInfo], most: int = 8) -> str:
-    fds = sorted(i.fd for i in infos if i.fd is not None)
+def _fds(rows: Sequence[tuple[Any, ...]], most: int = 8) -> str:
+    fds = sorted(fd for fd in map(_fd_of, rows) if fd is not None)
     shown = ", ".join(str(f) for f in fds[:most])
     return shown + (f", ... ({len(fds)})" if len(fds) > most else "")
 
@@ -340,7 +381,7 @@ def format_group(
     many = g.count > 1
     states = g.states()
     state = next(iter(states))
-    kind = o.type if all(i.type == o.type for i in g.infos) else "socket"
+    kind = o.type if len(set(map(_type_of, g.rows()))) == 1 else "socket"
     head = f"Leaked {_plural(g.count, f'{kind} socket') if many else f'{kind} socket'} created at {g.site}"
     if len(states) == 1:
         head += f", in {_state_words(state, o.leaked, g.verdict, many)}"
@@ -359,7 +400,7 @@ def format_group(
     if o.age_s is not None:
         facts.append(f"{'oldest ' if many else 'age '}{_age(o.age_s)}")
     if g.infos[0].fd is not None:
-        facts.append(f"fd{'s' if many else ''} {_fds(g.infos)}")
+        facts.append(f"fd{'s' if many else ''} {_fds(g.rows())}")
     lines.append("  " + ", ".join(facts))
     if g.verdict:
         lines.append(f"  verdict: {g.verdict}" + (f" ({g.why})" if g.why else ""))
@@ -489,15 +530,17 @@ def snapshot_dict(snap: Snapshot) -> dict[str, Any]:
     """``Snapshot.to_dict()``: the CONTRACT's shape, each socket rendered once.
 
     A leak's entry in ``"leaks"`` is the same dict object as its entry in ``"sockets"``,
-    and sockets created by equal stacks share one ``"stack"`` list: the result is
-    JSON-ready as it is; copy it (``copy.deepcopy``) before changing it in place.
+    sockets created by equal stacks share one ``"stack"`` list, and sockets that are not
+    leaks one empty ``"held_by"`` list: the result is JSON-ready as it is; copy it
+    (``copy.deepcopy``) before changing it in place.  Nothing in it is shared with another
+    call's result, nor with the snapshot.
     """
-    done: dict[int, dict[str, Any]] = {}  # id(SocketInfo) -> its dict
-    memo: dict[int, tuple[list[dict[str, Any]], str | None]] = {}  # id(resolved stack) -> (stack, site)
+    memo: dict[Any, Any] = {}  # what sockets alike share (see _socket_dicts)
     reasons: dict[Any, str] = {}  # one text per group of sockets it reads the same for (judge.leak_reason)
+    done: dict[int, dict[str, Any]] = {}  # id(SocketInfo) -> its dict, for the leaks: listed twice, rendered once
     with stacks.rendering():
-        sockets = [_socket_dict(s, memo, done, reasons) for s in snap.sockets]
-        leaks = [done.get(id(s)) or _socket_dict(s, memo, done, reasons) for s in snap.leaks]
+        sockets = _socket_dicts(snap.sockets, memo, reasons, done)
+        leaks = [done.get(id(s)) or _socket_dicts((s,), memo, reasons, done)[0] for s in snap.leaks]
     return {
         "pid": snap.pid,
         "taken_at": snap.taken_at,
@@ -511,61 +554,98 @@ def snapshot_dict(snap: Snapshot) -> dict[str, Any]:
 def socket_dict(info: SocketInfo) -> dict[str, Any]:
     """``SocketInfo.to_dict()``: one socket in the CONTRACT's shape."""
     with stacks.rendering():
-        return _socket_dict(info, {}, {}, None)
+        return _socket_dicts((info,), {}, None, {})[0]
 
 
-_NO_STACK: tuple[list[dict[str, Any]], str | None] = ([], None)
-
-
-def _stack_render(st: tuple[stacks.Frame, ...]) -> tuple[list[dict[str, Any]], str | None]:
-    if not st:
-        return _NO_STACK
-    return [{"file": f.file, "line": f.line, "function": f.function} for f in st], stacks.format_site(
-        stacks.creation_site(st)
-    )
-
-
-def _socket_dict(
-    info: SocketInfo,
-    memo: dict[int, tuple[list[dict[str, Any]], str | None]],
-    done: dict[int, dict[str, Any]],
+def _socket_dicts(
+    infos: Iterable[SocketInfo],
+    memo: dict[Any, Any],
     reasons: dict[Any, str] | None,
+    done: dict[int, dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Each of *infos* in the CONTRACT's ``Socket`` shape; each leak's dict also kept in *done* by id.
+
+    A snapshot renders thousands of sockets, most of them alike: *memo* keeps, per creation stack,
+    family, type, origin and target, the dict those sockets share (its stack rendered once), and
+    each socket's dict is a copy of it with the socket's own fields set (``dict.copy`` copies the
+    table in one step; building 17 keys costs twice that).  *reasons* makes each leak reason once
+    (see judge.leak_reason).
+    """
+    out = []
+    add = out.append
+    leak_states = judge.LEAK_STATES
+    reason = judge.leak_reason
+    for info in infos:
+        # a tuple subclass: a slice is an exact tuple, which unpacks without an iterator
+        fd, family, kind, state, local, remote, age, origin, target, rec, batch = info[:11]
+        if rec is None:
+            st = pool = None
+        else:
+            st = rec._resolved
+            if st is None:
+                st = rec.resolved()
+            pool = rec.pool
+        # id(stack) alone first: the snapshot (its records) keeps each stack tuple alive
+        seen = memo.get(id(st))
+        if seen is not None and seen[0] == family and seen[1] == kind and seen[2] == origin and seen[3] == target:
+            like = seen[4]
+        else:
+            key = (id(st), family, kind, origin, target)
+            like = memo.get(key)
+            if like is None:
+                like = memo[key] = _shared_part(st, family, kind, origin, target)
+                if seen is None:
+                    memo[id(st)] = (family, kind, origin, target, like)
+        d = like.copy()
+        d["fd"] = fd
+        d["state"] = state
+        d["local"] = local
+        d["remote"] = remote
+        if age is not None:
+            d["age_s"] = (age * 1000.0 + 0.5) // 1.0 / 1000.0  # round(age, 3), 4x cheaper
+        if pool is not None:
+            d["pool"] = pool.to_dict()
+        if batch is not None:  # a leak: it carries a diagnosis, and a reason where the kernel shows one
+            if state in leak_states:
+                d["reason"] = reason(info, reasons)
+            diag = batch.of(info)
+            d["verdict"] = diag.verdict
+            d["verdict_reason"] = diag.why
+            d["held_by"] = [*diag.held_by]
+            d["in_use"] = dict(diag.in_use) if diag.in_use is not None else None
+            done[id(info)] = d
+        add(d)
+    return out
+
+
+def _shared_part(
+    st: tuple[stacks.Frame, ...] | None, family: str, kind: str, origin: str, target: str | None
 ) -> dict[str, Any]:
-    fd, family, kind, state, local, remote, age, origin, target, rec = info[:10]
-    if rec is None:
-        stack, site = _NO_STACK
-        pool = None
+    """The fields that sockets of one stack, family, type, origin and target have alike, in the CONTRACT's key order."""
+    if st:
+        stack = [{"file": f.file, "line": f.line, "function": f.function} for f in st]
+        site = stacks.format_site(stacks.creation_site(st))
     else:
-        st = rec.resolved()
-        r = memo.get(id(st))
-        if r is None:
-            r = memo[id(st)] = _stack_render(st)
-        stack, site = r
-        pool = rec.pool.to_dict() if rec.pool is not None else None
-    d = {
-        "fd": fd,
+        stack, site = [], None
+    return {
+        "fd": None,
         "family": family,
         "type": kind,
-        "state": state,
-        "local": local,
-        "remote": remote,
-        "age_s": (age * 1000.0 + 0.5) // 1.0 / 1000.0 if age is not None else None,  # round(age, 3), 4x cheaper
+        "state": None,
+        "local": None,
+        "remote": None,
+        "age_s": None,
         "origin": origin,
         "target": target,
-        "pool": pool,
+        "pool": None,
         "stack": stack,
         "reason": None,
         "site": site,
         "verdict": None,
         "verdict_reason": None,
-        "held_by": [],
+        "held_by": [],  # every socket's copy shares it (as its stack): a leak has its own
         "in_use": None,
     }
-    if info.leaked:
-        d["reason"] = info._reason(reasons)
-        d["verdict"], d["verdict_reason"], d["held_by"], d["in_use"] = _diagnosis(info)
-    done[id(info)] = d
-    return d
 
 
 # --- periodic reports as structlog events (Reporter) ----------------------------------------------

@@ -226,31 +226,36 @@ def take(cache: kernel.StateCache | None = None) -> Snapshot:
     leaks: list[SocketInfo] = []
     counts: dict[str, int] = {}
     get, add, names, info_cls = records.get, sockets.append, _NAMES, SocketInfo
-    leak_states, is_leak = judge.LEAK_STATES, judge.is_leak
+    leak_states, is_leak, always = judge.LEAK_STATES, judge.is_leak, judge.ALWAYS_LEAK
     batch: diagnose.Batch | None = None  # made with the first leak: a snapshot without leaks pays nothing
     close_seen: dict[tuple[Any, ...], float] = {}
-    # Indexes, not names, and nothing called that need not be: this loop runs once per socket of the process.
+    # Nothing called that need not be: this loop runs once per socket of the process.
     for ks in kernel_socks:
-        kfd, fam, kind, state = ks[0], ks[1], ks[2], ks[3]
+        kfd, fam, kind, state, local, remote, obj = ks[:7]  # a slice is an exact tuple: it unpacks without an iterator
         name = names.get((fam, kind))
         if name is None:
             name = names[(fam, kind)] = (_family_name(fam), _type_name(fam, kind))
-        rec = get(kfd) if kfd is not None else None
+        family, type_name = name
+        rec = get(kfd)  # kfd None (psutil's view): no record either
         age = now - rec.created if rec is not None else None
         leak = None
-        if state in leak_states and is_leak(state, name[1], kfd, (kfd, ks[4], ks[5]), age, now, close_seen):
+        if (
+            state in leak_states
+            and type_name == "tcp"
+            and (state == always or is_leak(state, type_name, kfd, (kfd, local, remote), age, now, close_seen))
+        ):
             if batch is None:
                 batch = diagnose.Batch()
             batch.add(kfd, state, rec)
             leak = batch
         if rec is None:
-            info = _new(info_cls, (kfd, name[0], name[1], state, ks[4], ks[5], None, "unknown", None, None, leak))
+            info = _new(info_cls, (kfd, family, type_name, state, local, remote, None, "unknown", None, None, leak))
         else:
-            if rec.addrs is None and ks[6] is not None and state in _STABLE:
-                rec.addrs = (ks[4], ks[5], fam, kind)
-            info = _new(info_cls, (kfd, name[0], name[1], state, ks[4], ks[5], age, rec.origin, rec.target, rec, leak))
+            if rec.addrs is None and obj is not None and state in _STABLE:
+                rec.addrs = (local, remote, fam, kind)
+            info = _new(info_cls, (kfd, family, type_name, state, local, remote, age, rec.origin, rec.target, rec, leak))
         add(info)
-        if state and name[1] == "tcp":
+        if state and type_name == "tcp":
             counts[state] = counts.get(state, 0) + 1
             if leak is not None:
                 leaks.append(info)
