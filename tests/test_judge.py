@@ -39,6 +39,22 @@ def state_of(fd: int) -> str | None:
     return next((s.state for s in leakguard.snapshot().sockets if s.fd == fd), None)
 
 
+class TestLeakReasonWords:
+    """A renderer's memo of leak reasons gives each socket exactly the words it would get alone."""
+
+    def test_memo_keeps_each_age_as_written(self) -> None:
+        # ages on and beside the rounding boundaries of "{:.1f}", and past 120 s (minutes)
+        ages = [0.0, 0.04999999999999999, 0.05, 0.05000000000000001, 0.15, 0.25, 0.35, 1.45, 2.675, 9.95, 99.95,
+                119.94999999999999, 119.95, 119.96, 120.0, 3599.0, 7300.0, None]  # fmt: skip
+        ages += [k / 100 + d for k in range(0, 300) for d in (-1e-12, 0.0, 1e-12) if k / 100 + d >= 0]
+        memo: dict[object, str] = {}
+        for state in ("CLOSE_WAIT", "CLOSE"):
+            for age in ages:
+                info = leakguard.SocketInfo(7, "AF_INET", "tcp", state, "127.0.0.1:1", "127.0.0.1:2", age, "socket", None)
+                assert judge.leak_reason(info, memo) == judge.leak_reason(info), (state, age)
+        assert len(memo) < len(ages)  # ages written alike share one text
+
+
 class TestDiagnosisFields:
     """Every SocketInfo has verdict / held_by / in_use: None / [] / None unless it is a leak."""
 

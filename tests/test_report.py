@@ -380,6 +380,22 @@ class TestToDict:
         finally:
             early.close()
 
+    def test_results_share_nothing_across_calls(self, fifteen: tuple[list[leakguard.SocketInfo], int]) -> None:
+        """Within one result lists are shared (documented); a caller's edit never reaches another call's result."""
+        snap = leakguard.snapshot()
+        first = snap.to_dict()
+        before = json.loads(json.dumps(first))
+        for entry in first["sockets"]:  # every list and dict in it, changed in place
+            for frame in entry["stack"]:
+                frame["line"] = -1
+            entry["stack"].append({"file": "x", "line": 0, "function": "f"})
+            entry["held_by"].append("edited")
+            entry["state"] = "EDITED"
+        second = snap.to_dict()
+        assert second == before
+        assert json.loads(json.dumps(leakguard.snapshot().to_dict()["leaks"][0]["stack"])) == before["leaks"][0]["stack"]
+        assert [info.to_dict() for info in snap.sockets] == before["sockets"]
+
     def test_reasons_made_once_per_group_read_as_each_sockets_own(
         self, installed_quiet: None, hangup_server: HangUpServer
     ) -> None:
