@@ -571,7 +571,7 @@ def _socket_dicts(
     table in one step; building 17 keys costs twice that).  *reasons* makes each leak reason once
     (see judge.leak_reason).
     """
-    out = []
+    out: list[dict[str, Any]] = []
     add = out.append
     leak_states = judge.LEAK_STATES
     reason = judge.leak_reason

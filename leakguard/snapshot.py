@@ -236,7 +236,7 @@ def take(cache: kernel.StateCache | None = None) -> Snapshot:
         if name is None:
             name = names[(fam, kind)] = (_family_name(fam), _type_name(fam, kind))
         family, type_name = name
-        rec = get(kfd)  # kfd None (psutil's view): no record either
+        rec = get(kfd)  # type: ignore[arg-type]  # kfd None (psutil's view): no record either
         age = now - rec.created if rec is not None else None
         leak = None
         if (
