@@ -48,6 +48,11 @@ from typing import TYPE_CHECKING, Any
 from . import registry, stacks
 from ._value import Value
 
+try:
+    from ._walk import walk as _native  # the compiled walk (absent: no compiler, free-threaded, not CPython)
+except ImportError:
+    _native = None
+
 if TYPE_CHECKING:
     from .snapshot import SocketInfo
 
@@ -610,6 +615,7 @@ class _Namer:
     def __init__(self) -> None:
         self._keys: dict[int, dict[int, Any]] = {}
         self._held: list[Any] = []  # the dicts keyed above, alive while their ids are
+        self._prefixes: dict[tuple[Any, ...], tuple[str, int]] = {}  # by ids of objects on paths, alive meanwhile
 
     def key(self, d: Any, child: Any) -> Any:
         keys = self._keys.get(id(d))
@@ -635,12 +641,13 @@ class _Namer:
         if isinstance(parent, (list, tuple)):
             if isinstance(prev, types.FunctionType) and parent is prev.__closure__:
                 return ""  # a closure: the cell's step names the variable
-            items: Any = list.copy(parent) if isinstance(parent, list) else tuple(parent)  # no __getitem__ override
-            size = len(items)
+            get = list.__getitem__ if isinstance(parent, list) else tuple.__getitem__  # no __getitem__ override
+            size = len(parent)
             for i in (size - 1 - offset, offset):  # lists and tuples give their referents last item first
-                if 0 <= i < size and items[i] is child:
+                if 0 <= i < size and get(parent, i) is child:
                     return f"[{i}]"
-            found = next((i for i in range(size) if items[i] is child), None)
+            items: Any = list.copy(parent) if isinstance(parent, list) else tuple(parent)
+            found = next((i for i in range(len(items)) if items[i] is child), None)
             return f"[{found}]" if found is not None else f" -> {type(child).__qualname__}"
         if isinstance(parent, types.CellType):
             return " (closure variable)"
@@ -661,15 +668,25 @@ class _Namer:
         return f" -> {type(child).__qualname__}"
 
     def render(self, root: _Root, path: list[tuple[Any, int]], target: Any) -> tuple[str, int]:
-        """The path as text, and its number of named steps (a step into an instance's __dict__ does not count)."""
-        text, steps = root.label, 1
-        objs = [o for o, _ in path] + [target]
-        for i, (obj, offset) in enumerate(path):
-            seg = self.step(obj, objs[i + 1], offset, objs[i - 1] if i else None, root if i == 0 else None)
-            if seg:
-                steps += 1
-            text += seg
-        return text, steps
+        """The path as text, and its number of named steps (a step into an instance's __dict__ does not count).
+
+        All but the last step are named once per diagnosis: the leaks in one container share them."""
+        if not path:
+            return root.label, 1
+        last, offset = path[-1]
+        key = (id(root), *[(id(o), off) for o, off in path[:-1]], id(last))
+        done = self._prefixes.get(key)
+        if done is None:
+            text, steps = root.label, 1
+            objs = [o for o, _ in path]
+            for i in range(len(path) - 1):
+                seg = self.step(objs[i], objs[i + 1], path[i][1], objs[i - 1] if i else None, root if i == 0 else None)
+                steps += bool(seg)
+                text += seg
+            done = self._prefixes[key] = (text, steps)
+        n = len(path)
+        seg = self.step(last, target, offset, path[-2][0] if n > 1 else None, root if n == 1 else None)
+        return done[0] + seg, done[1] + bool(seg)
 
 
 # --------------------------------------------------------------------------------------------- in use
@@ -861,28 +878,25 @@ def _run(
     # 2. In use: a few steps from a live frame's local (modules and their globals not crossed).
     uses: dict[int, tuple[_Root, str, float]] = {}
     frame_roots = roots[:n_frames]
+    wanted = list(target_objs.values())
+    own.add(id(wanted))
     if frame_roots:
-        walk = _Walk([o for _, o in frame_roots], own | module_objs, budget)
-        walk.search(set(targets), max_level=IN_USE_STEPS + 2)
-        for tid, chain in _all_chains(walk):
-            ri, path = chain
+        found, _ = _search([o for _, o in frame_roots], own | module_objs, budget, wanted, IN_USE_STEPS + 2)
+        for tid, ri, path in found:
             text, steps = namer.render(frame_roots[ri][0], path, target_objs[tid])
             root = frame_roots[ri][0]
             rank = steps - 0.5 * (root.task is not None)  # a task says more than the thread running its loop
             if steps <= IN_USE_STEPS and (tid not in uses or rank < uses[tid][2]):
                 uses[tid] = (root, text, rank)
-        del walk
+        del found
 
     # 3. Held by: the shortest paths from every root.
-    walk = _Walk([o for _, o in roots], set(own), budget)
-    walk.search(set(targets))
+    found, complete = _search([o for _, o in roots], set(own), budget, wanted)
     held: dict[int, list[str]] = {}
-    for tid, chain in _all_chains(walk):
-        ri, path = chain
+    for tid, ri, path in found:
         held.setdefault(tid, []).append(namer.render(roots[ri][0], path, target_objs[tid])[0])
-    complete = walk.complete
     examined = budget.used
-    del walk
+    del found
 
     for k, _fd, _state, rec in pending:
         if k in out:  # idle in its pool: the paths still say who keeps the pool
@@ -927,12 +941,32 @@ def _run(
     return out
 
 
-def _all_chains(walk: _Walk) -> Iterator[tuple[int, tuple[int, list[tuple[Any, int]]]]]:
-    """(target id, (root index, path)) for every hit of *walk*."""
+Chain = tuple[int, int, list[tuple[Any, int]]]  # (target id, root index, [(object, offset of the next one), ...])
+
+
+def _search(
+    starts: list[Any], seen: set[int], budget: _Budget, targets: list[Any], max_level: int | None = None
+) -> tuple[list[Chain], bool]:
+    """The paths from *starts* to *targets* (up to MAX_PATHS each, the shortest), never through an object whose id
+    is in *seen*; and whether every reachable object was examined.  The compiled walk when there is one, else
+    :class:`_Walk`: the same levels in the same order, so the same paths."""
+    if _native is not None:
+        objects, seconds = budget.limit - budget.used, budget.deadline - time.monotonic()
+        if objects <= 0 or seconds <= 0:
+            budget.gave_up = True
+            return [], False
+        hits, used, complete = _native(
+            starts, seen, targets, MAX_PATHS, BIG, objects, seconds, -1 if max_level is None else max_level
+        )
+        budget.used += used
+        if budget.used > budget.limit or time.monotonic() > budget.deadline:
+            budget.gave_up = True
+        return [(id(targets[t]), ri, path) for t, ri, path in hits], complete
+    walk = _Walk(starts, seen, budget)
+    walk.search(set(map(id, targets)), max_level=max_level)
     flat = [(tid, hit) for tid, hits in walk.hits.items() for hit in hits]
-    for (tid, _), chain in zip(flat, walk.chains([h for _, h in flat])):
-        if chain is not None:
-            yield tid, chain
+    found = [(tid, *chain) for (tid, _), chain in zip(flat, walk.chains([h for _, h in flat])) if chain is not None]
+    return found, walk.complete
 
 
 def _paths(objs: list[Any], uses: dict[int, tuple[_Root, str, float]], held: dict[int, list[str]]) -> list[str]:

@@ -35,6 +35,21 @@ def patient(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(diagnose, "BUDGET_SECONDS", 120.0)
 
 
+NATIVE = diagnose._native
+
+
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def walk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every case with each heap walk: the compiled one (leakguard._walk) and the pure-Python one, which a build
+    without a compiler, a free-threaded or another Python runs: the same verdicts and paths from both."""
+    if request.param == "compiled":
+        if NATIVE is None:
+            pytest.skip("leakguard._walk is not built for this interpreter")
+    else:
+        monkeypatch.setattr(diagnose, "_native", None)
+    return str(request.param)
+
+
 @pytest.fixture
 def server() -> Iterator[HangUpServer]:
     with HangUpServer() as srv:
