@@ -96,6 +96,21 @@ now(void)
 #endif
 }
 
+/* Room for one more item of *size* bytes in the array *items* (*cap* items), doubling it when full. */
+static int
+reserve(void **items, size_t n, size_t *cap, size_t size, size_t first)
+{
+    if (n < *cap)
+        return 0;
+    size_t more = *cap ? *cap * 2 : first;
+    void *p = realloc(*items, more * size);
+    if (p == NULL)
+        return -1;
+    *items = p;
+    *cap = more;
+    return 0;
+}
+
 static int
 grow_table(Walk *w)
 {
@@ -133,16 +148,8 @@ add(Walk *w, PyObject *o, uint32_t parent, uint32_t offset, int unique)
         }
         j = (j + 1) & w->mask;
     }
-    if (w->n >= MAX_NODES)
+    if (w->n >= MAX_NODES || reserve((void **)&w->nodes, w->n, &w->cap, sizeof(Node), 1024) < 0)
         return -1;
-    if (w->n == w->cap) {
-        size_t cap = w->cap ? w->cap * 2 : 1024;
-        Node *nodes = realloc(w->nodes, cap * sizeof(Node));
-        if (nodes == NULL)
-            return -1;
-        w->nodes = nodes;
-        w->cap = cap;
-    }
     uint32_t idx = (uint32_t)w->n++;
     w->nodes[idx].obj = o;
     w->nodes[idx].parent = parent;
@@ -174,14 +181,8 @@ hit(Walk *w, uint32_t t, uint32_t node, uint32_t offset, int root)
 {
     if (w->count[t] >= (uint32_t)w->max_paths)
         return 0;
-    if (w->nhits == w->hcap) {
-        size_t cap = w->hcap ? w->hcap * 2 : 64;
-        Hit *hits = realloc(w->hits, cap * sizeof(Hit));
-        if (hits == NULL)
-            return -1;
-        w->hits = hits;
-        w->hcap = cap;
-    }
+    if (reserve((void **)&w->hits, w->nhits, &w->hcap, sizeof(Hit), 64) < 0)
+        return -1;
     w->hits[w->nhits++] = (Hit){t, node, offset, root};
     w->count[t]++;
     return 0;
