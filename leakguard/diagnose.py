@@ -48,8 +48,8 @@ from typing import TYPE_CHECKING, Any
 from . import registry, stacks
 from ._value import Value
 
-try:
-    from ._walk import walk as _native  # the compiled walk (absent: no compiler, free-threaded, not CPython)
+try:  # the compiled walk (absent: no compiler, a free-threaded build, not CPython)
+    from ._walk import walk as _native  # type: ignore[import-not-found]
 except ImportError:
     _native = None
 
@@ -641,7 +641,7 @@ class _Namer:
         if isinstance(parent, (list, tuple)):
             if isinstance(prev, types.FunctionType) and parent is prev.__closure__:
                 return ""  # a closure: the cell's step names the variable
-            get = list.__getitem__ if isinstance(parent, list) else tuple.__getitem__  # no __getitem__ override
+            get: Any = list.__getitem__ if isinstance(parent, list) else tuple.__getitem__  # no __getitem__ override
             size = len(parent)
             for i in (size - 1 - offset, offset):  # lists and tuples give their referents last item first
                 if 0 <= i < size and get(parent, i) is child:
