@@ -1233,6 +1233,180 @@ error:
 }
 #endif
 
+/* join(kernel_socks, records, now, info_cls, names, name_of, always, leak_states, stable, make_batch)
+ *   -> (sockets, leaks, counts, ask, batch)
+ *
+ * snapshot.take's loop, compiled: each KernelSocket (fd, family, type, state, local, remote,
+ * obj) joined with its Record (records[fd], or none) into an info_cls tuple (fd, family name,
+ * type name, state, local, remote, age, origin, target, record, batch-or-None).  names maps
+ * (family, type) to (family name, type name); name_of(family, type) fills it when it lacks
+ * them.  A TCP socket in the state *always* is a leak: make_batch() is called at the first,
+ * and batch.add(fd, state, record) for each; its info carries the batch and goes into leaks.
+ * A TCP socket in another of *leak_states* is left to the caller to judge: its index goes
+ * into ask (its info carries None).  counts: TCP sockets by state.  A record whose socket is
+ * in a *stable* state gets its addrs (local, remote, family, type) once. */
+static PyObject *
+join(PyObject *self, PyObject *args)
+{
+    PyObject *ksocks, *recs, *info_cls, *names, *name_of, *always, *leak_states, *stable, *make_batch;
+    double now;
+    if (!PyArg_ParseTuple(args, "O!O!dO!O!OOO!O!O", &PyList_Type, &ksocks, &PyDict_Type, &recs, &now, &PyType_Type,
+                          &info_cls, &PyDict_Type, &names, &name_of, &always, &PyFrozenSet_Type, &leak_states,
+                          &PyFrozenSet_Type, &stable, &make_batch))
+        return NULL;
+    PyTypeObject *itype = (PyTypeObject *)info_cls;
+    if (!PyType_IsSubtype(itype, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "join: info_cls must be a tuple subclass");
+        return NULL;
+    }
+    static PyObject *s_created, *s_origin, *s_target, *s_addrs, *s_add, *s_unknown, *s_tcp;
+    if (s_tcp == NULL) {
+        s_created = PyUnicode_InternFromString("created");
+        s_origin = PyUnicode_InternFromString("origin");
+        s_target = PyUnicode_InternFromString("target");
+        s_addrs = PyUnicode_InternFromString("addrs");
+        s_add = PyUnicode_InternFromString("add");
+        s_unknown = PyUnicode_InternFromString("unknown");
+        s_tcp = PyUnicode_InternFromString("tcp");
+        if (s_created == NULL || s_origin == NULL || s_target == NULL || s_addrs == NULL || s_add == NULL
+            || s_unknown == NULL || s_tcp == NULL)
+            return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(ksocks);
+    PyObject *sockets = PyList_New(n), *leaks = PyList_New(0), *counts = PyDict_New(), *ask = PyList_New(0);
+    PyObject *batch = NULL, *last_fam = NULL, *last_kind = NULL, *name = NULL; /* name: borrowed from names */
+    if (sockets == NULL || leaks == NULL || counts == NULL || ask == NULL)
+        goto error;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *ks = PyList_GET_ITEM(ksocks, i);
+        if (!PyTuple_Check(ks) || PyTuple_GET_SIZE(ks) < 7) {
+            PyErr_SetString(PyExc_TypeError, "join: kernel sockets must be 7-tuples");
+            goto error;
+        }
+        PyObject *fd = PyTuple_GET_ITEM(ks, 0), *fam = PyTuple_GET_ITEM(ks, 1), *kind = PyTuple_GET_ITEM(ks, 2);
+        PyObject *state = PyTuple_GET_ITEM(ks, 3), *obj = PyTuple_GET_ITEM(ks, 6);
+        if (name == NULL || fam != last_fam || kind != last_kind) { /* most sockets: the same as the last */
+            PyObject *key = PyTuple_Pack(2, fam, kind);
+            if (key == NULL)
+                goto error;
+            name = PyDict_GetItemWithError(names, key);
+            Py_DECREF(key);
+            if (name == NULL) {
+                if (PyErr_Occurred())
+                    goto error;
+                PyObject *made = PyObject_CallFunctionObjArgs(name_of, fam, kind, NULL);
+                if (made == NULL)
+                    goto error;
+                Py_DECREF(made); /* name_of keeps it in names */
+                key = PyTuple_Pack(2, fam, kind);
+                name = key == NULL ? NULL : PyDict_GetItemWithError(names, key);
+                Py_XDECREF(key);
+            }
+            if (name == NULL || !PyTuple_Check(name) || PyTuple_GET_SIZE(name) != 2) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_TypeError, "join: names must map (family, type) to two names");
+                goto error;
+            }
+            last_fam = fam, last_kind = kind;
+        }
+        PyObject *type_name = PyTuple_GET_ITEM(name, 1);
+        int tcp = PyObject_RichCompareBool(type_name, s_tcp, Py_EQ);
+        if (tcp < 0)
+            goto error;
+        PyObject *rec = fd == Py_None ? NULL : PyDict_GetItemWithError(recs, fd); /* borrowed */
+        if (rec == NULL && PyErr_Occurred())
+            goto error;
+        PyObject *leak = Py_None;
+        if (tcp && state != Py_None) {
+            int in = PySet_Contains(leak_states, state);
+            int sure = in > 0 ? PyObject_RichCompareBool(state, always, Py_EQ) : 0;
+            if (in < 0 || sure < 0)
+                goto error;
+            if (sure) {
+                if (batch == NULL && (batch = PyObject_CallNoArgs(make_batch)) == NULL)
+                    goto error;
+                PyObject *r = PyObject_CallMethodObjArgs(batch, s_add, fd, state, rec != NULL ? rec : Py_None, NULL);
+                if (r == NULL)
+                    goto error;
+                Py_DECREF(r);
+                leak = batch;
+            }
+            else if (in) {
+                PyObject *idx = PyLong_FromSsize_t(i);
+                int rc = idx == NULL ? -1 : PyList_Append(ask, idx);
+                Py_XDECREF(idx);
+                if (rc < 0)
+                    goto error;
+            }
+            PyObject *c = PyDict_GetItemWithError(counts, state);
+            if (c == NULL && PyErr_Occurred())
+                goto error;
+            PyObject *c1 = PyLong_FromLong(c != NULL ? PyLong_AsLong(c) + 1 : 1);
+            int rc = c1 == NULL ? -1 : PyDict_SetItem(counts, state, c1);
+            Py_XDECREF(c1);
+            if (rc < 0)
+                goto error;
+        }
+        PyObject *vals[11] = {fd, PyTuple_GET_ITEM(name, 0), type_name, state, PyTuple_GET_ITEM(ks, 4),
+                              PyTuple_GET_ITEM(ks, 5), Py_None, s_unknown, Py_None, Py_None, leak};
+        PyObject *age = NULL, *origin = NULL, *target = NULL;
+        if (rec != NULL) {
+            PyObject *created = PyObject_GetAttr(rec, s_created);
+            double c = created == NULL ? -1.0 : PyFloat_AsDouble(created);
+            Py_XDECREF(created);
+            if (c == -1.0 && PyErr_Occurred())
+                goto error;
+            age = PyFloat_FromDouble(now - c);
+            origin = PyObject_GetAttr(rec, s_origin);
+            target = PyObject_GetAttr(rec, s_target);
+            if (age == NULL || origin == NULL || target == NULL)
+                goto error_rec;
+            if (obj != Py_None && state != Py_None) {
+                int st = PySet_Contains(stable, state);
+                PyObject *addrs = st > 0 ? PyObject_GetAttr(rec, s_addrs) : NULL;
+                if (st < 0 || (st > 0 && addrs == NULL))
+                    goto error_rec;
+                if (addrs == Py_None) {
+                    PyObject *t = PyTuple_Pack(4, vals[4], vals[5], fam, kind);
+                    int rc = t == NULL ? -1 : PyObject_SetAttr(rec, s_addrs, t);
+                    Py_XDECREF(t);
+                    if (rc < 0) {
+                        Py_DECREF(addrs);
+                        goto error_rec;
+                    }
+                }
+                Py_XDECREF(addrs);
+            }
+            vals[6] = age, vals[7] = origin, vals[8] = target, vals[9] = rec;
+        }
+        PyObject *info = itype->tp_alloc(itype, 11);
+        if (info == NULL)
+            goto error_rec;
+        for (int k = 0; k < 11; k++)
+            PyTuple_SET_ITEM(info, k, Py_NewRef(vals[k]));
+        Py_XDECREF(age);
+        Py_XDECREF(origin);
+        Py_XDECREF(target);
+        PyList_SET_ITEM(sockets, i, info);
+        if (leak != Py_None && PyList_Append(leaks, info) < 0)
+            goto error;
+        continue;
+    error_rec:
+        Py_XDECREF(age);
+        Py_XDECREF(origin);
+        Py_XDECREF(target);
+        goto error;
+    }
+    return Py_BuildValue("(NNNNN)", sockets, leaks, counts, ask, batch != NULL ? batch : Py_NewRef(Py_None));
+error:
+    Py_XDECREF(sockets); /* its unfilled slots are NULL, which list_dealloc skips */
+    Py_XDECREF(leaks);
+    Py_XDECREF(counts);
+    Py_XDECREF(ask);
+    Py_XDECREF(batch);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"record", record, METH_O, "Record a new socket outside any scope; False if a scope is active."},
     {"clear_app_cache", clear_app_cache, METH_NOARGS, "Forget the cached application-code answers."},
@@ -1242,6 +1416,9 @@ static PyMethodDef methods[] = {
      "configure(records, app_files, is_app_file, last_seq, scope_var, depth, context)"},
     {"next_seq", next_seq, METH_NOARGS, "next_seq() -> the next sequence number"},
     {"set_depth", set_depth, METH_O, "Set the most frames captured per socket."},
+    {"join", join, METH_VARARGS,
+     "join(kernel_socks, records, now, info_cls, names, name_of, always, leak_states, stable, make_batch): "
+     "snapshot.take's loop, compiled."},
 #ifdef __linux__
     {"scan", scan, METH_VARARGS, "scan(objects, known, kernel_socket, states, last=None, fds=None, ep=-1): kernel.read_sockets' loop, compiled."},
 #endif

@@ -214,28 +214,41 @@ class Snapshot(Value):
 _new = tuple.__new__  # SocketInfo without its Python-level __new__, in the loop below
 
 
-def take(cache: kernel.StateCache | None = None) -> Snapshot:
-    """Read the kernel's view of this process's sockets now and join the records.
+def _name(fam: int, kind: int) -> tuple[str, str]:
+    """(family name, type name), kept in :data:`_NAMES`."""
+    name = _NAMES.get((fam, kind))
+    if name is None:
+        name = _NAMES[(fam, kind)] = (_family_name(fam), _type_name(fam, kind))
+    return name
 
-    *cache*: the watcher's :class:`kernel.StateCache` (cheaper repeated scans).
-    """
-    records, objects, known = registry.live_sockets(socket.socket)
-    kernel_socks, open_fds = kernel.read_sockets(objects, known, cache)
-    now = time.monotonic()
+
+def _compiled_join() -> Any:
+    from . import registry  # its loader honours LEAKGUARD_PURE_PYTHON
+
+    return getattr(registry._speedups, "join", None)
+
+
+#: take's loop compiled (``_speedups.join``), or None: :func:`_take_py` does the same.
+_join = _compiled_join()
+
+
+def _take_py(
+    kernel_socks: list[kernel.KernelSocket],
+    records: dict[int, registry.Record],
+    now: float,
+    close_seen: dict[tuple[Any, ...], float],
+) -> tuple[list[SocketInfo], list[SocketInfo], dict[str, int]]:
+    """take's join of the kernel's view with the records, judged: (sockets, leaks, counts by TCP state)."""
     sockets: list[SocketInfo] = []
     leaks: list[SocketInfo] = []
     counts: dict[str, int] = {}
     get, add, names, info_cls = records.get, sockets.append, _NAMES, SocketInfo
     leak_states, is_leak, always = judge.LEAK_STATES, judge.is_leak, judge.ALWAYS_LEAK
     batch: diagnose.Batch | None = None  # made with the first leak: a snapshot without leaks pays nothing
-    close_seen: dict[tuple[Any, ...], float] = {}
     # Nothing called that need not be: this loop runs once per socket of the process.
     for ks in kernel_socks:
         kfd, fam, kind, state, local, remote, obj = ks[:7]  # a slice is an exact tuple: it unpacks without an iterator
-        name = names.get((fam, kind))
-        if name is None:
-            name = names[(fam, kind)] = (_family_name(fam), _type_name(fam, kind))
-        family, type_name = name
+        family, type_name = names.get((fam, kind)) or _name(fam, kind)
         rec = get(kfd)  # type: ignore[arg-type]  # kfd None (psutil's view): no record either
         age = now - rec.created if rec is not None else None
         leak = None
@@ -259,6 +272,34 @@ def take(cache: kernel.StateCache | None = None) -> Snapshot:
             counts[state] = counts.get(state, 0) + 1
             if leak is not None:
                 leaks.append(info)
+    return sockets, leaks, counts
+
+
+def take(cache: kernel.StateCache | None = None) -> Snapshot:
+    """Read the kernel's view of this process's sockets now and join the records.
+
+    *cache*: the watcher's :class:`kernel.StateCache` (cheaper repeated scans).
+    """
+    records, objects, known = registry.live_sockets(socket.socket)
+    kernel_socks, open_fds = kernel.read_sockets(objects, known, cache)
+    now = time.monotonic()
+    close_seen: dict[tuple[Any, ...], float] = {}
+    if _join is not None:
+        sockets, leaks, counts, ask, batch = _join(
+            kernel_socks, records, now, SocketInfo, _NAMES, _name, judge.ALWAYS_LEAK, judge.LEAK_STATES, _STABLE,
+            diagnose.Batch,
+        )  # fmt: skip
+        if ask:  # the other leak states (CLOSE): judged here, with the grace rules
+            for i in ask:
+                info = sockets[i]
+                if judge.is_leak(info[3], info[2], info[0], (info[0], info[4], info[5]), info[6], now, close_seen):
+                    if batch is None:
+                        batch = diagnose.Batch()
+                    batch.add(info[0], info[3], info[9])
+                    sockets[i] = _new(SocketInfo, (*info[:10], batch))
+            leaks = [s for s in sockets if s[10] is not None]  # in the sockets' order
+    else:
+        sockets, leaks, counts = _take_py(kernel_socks, records, now, close_seen)
     judge.close_seen_update(close_seen)
     if open_fds is None:  # psutil's order; /proc/self/fd lists descriptors in ascending order already
         sockets.sort(key=lambda s: (s.fd is None, s.fd or 0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
@@ -119,3 +120,54 @@ class TestSnapshotShape:
         # outermost first: the innermost frame is last
         leak = d["leaks"][0]
         assert leak["stack"][-1]["function"] == "create_connection"
+
+
+class TestJoin:
+    """snapshot's join of the kernel's view with the records: the compiled loop (``_speedups.join``) and
+    the Python one give the same sockets, leaks and counts, on every kind of socket a process holds."""
+
+    def test_compiled_and_python_join_agree(self, hangup_server: HangUpServer) -> None:
+        import struct
+        import time
+
+        from leakguard import judge
+
+        take = importlib.import_module("leakguard.snapshot")
+        if take._join is None:
+            pytest.skip("the compiled join is not built here (pure-Python install)")
+        early = socket.create_connection(hangup_server.address)  # untracked: opened before install
+        leakguard.install(integrations="none")
+        listener = socket.create_server(("127.0.0.1", 0))
+        held = [early, listener, socket.socket(socket.AF_INET, socket.SOCK_DGRAM), socket.socket()]
+        try:
+            held += [socket.socket(socket.AF_UNIX), socket.create_connection(hangup_server.address)]
+            reset = socket.create_connection(listener.getsockname())
+            peer, _ = listener.accept()
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            peer.close()  # an RST: `reset` stays in CLOSE, a leak after the grace period
+            established = socket.create_connection(listener.getsockname())
+            held += [reset, established, listener.accept()[0]]
+            for s in (early, held[5]):
+                wait_close_wait(s.fileno())
+            time.sleep(judge.CLOSE_GRACE + 0.05)
+
+            def fields(snap: leakguard.Snapshot) -> tuple[object, ...]:
+                socks = [(*s[:6], *s[7:10], s.leaked) for s in snap.sockets]  # not the age: taken twice
+                return socks, [s.fd for s in snap.leaks], snap.counts
+
+            compiled = leakguard.snapshot()
+            take._join, join = None, take._join
+            try:
+                python = leakguard.snapshot()
+            finally:
+                take._join = join
+            assert fields(compiled) == fields(python)
+            leaks = {s.fd: s.state for s in compiled.leaks}
+            assert leaks[early.fileno()] == leaks[held[5].fileno()] == "CLOSE_WAIT" and leaks[reset.fileno()] == "CLOSE"
+            assert held[3].fileno() not in leaks  # never connected: CLOSE, not a leak
+            assert {s.diagnosis.verdict for s in compiled.leaks} == {s.diagnosis.verdict for s in python.leaks}
+            assert compiled.leaks[0].diagnosis is not None and [s.fd for s in compiled.leaks] == sorted(leaks)
+        finally:
+            leakguard.uninstall()
+            for s in held:
+                s.close()
