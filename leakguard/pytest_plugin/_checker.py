@@ -11,7 +11,9 @@ candidate still open gets the grace period (one ``gc.collect()`` and
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import signal
 import threading
 import time
 from collections.abc import Generator, Iterable, Iterator
@@ -35,6 +37,8 @@ __all__ = ["Checker"]
 _result_key = pytest.StashKey["_Verdict"]()
 _failed_key = pytest.StashKey[bool]()
 _VERDICTS = "leakguard-verdicts"
+#: pytest-timeout's thread-method timer of a test: (when it was set, its settings)
+_timer_key = pytest.StashKey[tuple[float, Any]]()
 
 
 def _peer(rec: registry.Record) -> str | None:
@@ -67,6 +71,45 @@ def _matches(rec: registry.Record, globs: Iterable[str], peer: str | None = None
     return bool(hit)
 
 
+@contextlib.contextmanager
+def _own_time(item: pytest.Item | None = None) -> Iterator[None]:
+    """The plugin's own work (gc, grace, diagnosis) with the test's timeout paused.
+
+    pytest-timeout measures the test (setup, call and teardown): the time leakguard
+    spends judging it is not the test's, and its timeout must not fire inside leakguard
+    (an exception raised there, or the whole run ended by the thread method).  The
+    signal method's real-time interval timer (or any ``setitimer(ITIMER_REAL)``) is
+    stopped and its remaining time and interval restored exactly afterwards; the thread
+    method's timer is cancelled and set again for what was left, through
+    pytest-timeout's own hooks.  No timer: nothing is touched.
+    """
+    try:
+        remaining, interval = signal.getitimer(signal.ITIMER_REAL)
+        if remaining > 0:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except (AttributeError, OSError, ValueError):  # no setitimer here (Windows)
+        remaining = interval = 0.0
+    timer = item.stash.get(_timer_key, None) if item is not None else None
+    if timer is not None:
+        start, settings = timer
+        left = settings.timeout - (time.monotonic() - start)
+        item.config.hook.pytest_timeout_cancel_timer(item=item)  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        if timer is not None:
+            # Never 0: pytest-timeout reads that as "no timeout"; an overdue test times out at once.
+            again = settings._replace(timeout=max(left, 1e-3))
+            item.config.hook.pytest_timeout_set_timer(item=item, settings=again)  # type: ignore[union-attr]
+        if remaining > 0:
+            signal.setitimer(signal.ITIMER_REAL, remaining, interval)
+
+
+def _timer_thread(t: threading.Thread) -> bool:
+    """pytest-timeout's ``--timeout-method=thread`` timer: a thread that closes no socket."""
+    return isinstance(t, threading.Timer) and t.name.startswith("pytest_timeout ")
+
+
 def _loop_internal(rec: registry.Record) -> bool:
     """An asyncio event loop's self-pipe (a socketpair the loop makes for itself).
 
@@ -88,7 +131,7 @@ def _settle(recs: list[registry.Record], grace: float, quiet: frozenset[int] = f
         return alive
     gc.collect()
     alive = [r for r in alive if r.alive()]
-    if alive and all(t.ident in quiet for t in threading.enumerate()):
+    if alive and all(t.ident in quiet or _timer_thread(t) for t in threading.enumerate()):
         return alive
     alive = judge.settle(alive, registry.Record.alive, grace)
     if alive:
@@ -246,7 +289,8 @@ class Checker:
             # from it are the fixture's (its teardown should have closed them).
             cands = self._candidates()
             if cands:
-                adopt_reachable(cands, [fx], self.claimed)
+                with _own_time(self.item):
+                    adopt_reachable(cands, [fx], self.claimed)
         except Exception:
             registry.count_error()
         self.pending.append(fx)
@@ -265,6 +309,19 @@ class Checker:
             return []
         return registry.live_between(self.mark, None, self.claimed)
 
+    # -- pytest-timeout (see _own_time)
+
+    @pytest.hookimpl(optionalhook=True, tryfirst=True)
+    def pytest_timeout_set_timer(self, item: pytest.Item, settings: Any) -> None:
+        if getattr(settings, "method", None) == "thread":
+            item.stash[_timer_key] = (time.monotonic(), settings)
+        # None: pytest-timeout's own implementation sets the timer
+
+    @pytest.hookimpl(optionalhook=True, tryfirst=True)
+    def pytest_timeout_cancel_timer(self, item: pytest.Item) -> None:
+        if _timer_key in item.stash:
+            del item.stash[_timer_key]
+
     # -- judging
 
     @pytest.hookimpl(trylast=True)
@@ -279,7 +336,8 @@ class Checker:
             self.item = None
             return
         try:
-            verdict = self._judge(item, created)
+            with _own_time(item):
+                verdict = self._judge(item, created)
         except pytest.UsageError:
             raise
         except Exception as exc:  # never break the run over our own bug
@@ -464,5 +522,13 @@ class _OnTeardownReport:
     ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         rep = yield
         if call.when == "teardown" and self.checker.verdicts:
-            self.checker.attach(item, rep)
+            try:
+                self.checker.attach(item, rep)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:
+                # A signal handler's exception (pytest-timeout's alarm) raised in these few
+                # lines: raised here it would be an INTERNALERROR; it is the test's failure.
+                rep.outcome = "failed"
+                rep.longrepr = f"{type(exc).__name__}: {exc}"
         return rep

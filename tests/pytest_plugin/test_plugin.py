@@ -1070,3 +1070,73 @@ class TestProcessWidePools:
         pytester.makeconftest(SERVER_CONFTEST)
         pytester.makepyfile(test_pw=PROCESS_WIDE_TESTS)
         run(pytester, "-W", "error", on=False).assert_outcomes(passed=6)
+
+
+TIMEOUT_TESTS = """\
+import socket, threading, time
+import pytest
+
+
+@pytest.fixture(scope="module")
+def server():
+    lst = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                accepted.append(lst.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield lst.getsockname()
+    lst.close()
+    for c in accepted:
+        c.close()
+
+
+def test_quick(server):
+    with socket.create_connection(server):
+        pass
+
+
+@pytest.mark.parametrize("i", range(3))
+def test_closed_after_the_test(server, i):
+    s = socket.create_connection(server)
+    # Closed by another thread after the test's budget: leakguard's grace waits for it on its own time.
+    threading.Timer(1.0, s.close).start()
+
+
+def test_times_out():
+    time.sleep(60)
+"""
+
+
+class TestPytestTimeout:
+    """pytest-timeout measures the test, not leakguard: its timer is paused while the plugin
+    judges a test (gc, grace, diagnosis) and resumes with the time that was left, so a suite
+    has the same outcomes with and without --leakguard, a test that really times out included,
+    and no timeout fires inside the plugin (no INTERNALERROR)."""
+
+    def test_signal_method(self, pytester: pytest.Pytester) -> None:
+        pytest.importorskip("pytest_timeout")
+        pytester.makepyfile(test_to=TIMEOUT_TESTS)
+        for on in (False, True):
+            result = run(pytester, "-W", "error", "--timeout=0.5", "--leakguard-grace=30", on=on)
+            assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+            result.assert_outcomes(passed=4, failed=1)
+            result.stdout.fnmatch_lines(["FAILED test_to.py::test_times_out - Failed: Timeout*"])
+
+    def test_thread_method(self, pytester: pytest.Pytester) -> None:
+        """The thread method ends the whole run at a timeout: leakguard's grace must not be counted."""
+        pytest.importorskip("pytest_timeout")
+        pytester.makepyfile(test_to=TIMEOUT_TESTS)
+        args = ("-W", "error", "--timeout=0.5", "--timeout-method=thread", "--leakguard-grace=30")
+        for on in (False, True):
+            result = run(pytester, *args, "-k", "not times_out", on=on)
+            assert "Timeout" not in result.stdout.str() + result.stderr.str()
+            result.assert_outcomes(passed=4, deselected=1)
+        for on in (False, True):  # a test that really times out still ends the run, as without leakguard
+            result = run(pytester, *args, "-k", "times_out", on=on)
+            assert result.ret == 1 and "Timeout" in result.stderr.str() + result.stdout.str()
