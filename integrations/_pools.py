@@ -463,7 +463,7 @@ class _Timer:
             busy = self.busy
         if not busy and not self.thread.is_current():
             self.wake.set()
-            self.thread.join(1.0)
+            self.thread.end_wait()
 
 
 def _ensure_timer() -> None:

@@ -10,9 +10,10 @@ metrics server and the pools' checkout timer.  Each is an :class:`OSThread`:
   ``KeyError`` in ``threading._delete``;
 * its locks and waits come from the interpreter's own ``_thread`` functions
   (gevent's originals once it patched them), see :func:`api`;
-* its owner ends it before ``os.fork()`` when it is idle and starts it again in
-  the parent afterwards (the at-fork handler in :mod:`leakguard._state`), so a
-  single-threaded host forks single-threaded: no "This process is
+* its owner ends it before ``os.fork()``, waiting only while it gets on with
+  ending (:meth:`OSThread.end_wait`: never for leakguard's work or I/O), and
+  starts it again in the parent afterwards (the at-fork handler in
+  :mod:`leakguard._state`), so a single-threaded host forks single-threaded: no "This process is
   multi-threaded" DeprecationWarning on 3.12+ (which counts the operating
   system's threads), no lock of ours held forever in the child.
 """
@@ -25,7 +26,15 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["OSThread", "Restartable", "Wake", "api", "original"]
+__all__ = ["PARK_WAIT_S", "PARK_WORK_S", "OSThread", "Restartable", "Wake", "api", "original"]
+
+#: How much of its own CPU time one of these threads may still spend while a fork waits for it to
+#: end (:meth:`OSThread.end_wait`): an idle thread ends in microseconds, one at a step of its work
+#: in a millisecond; past this it is in a long uninterruptible step (a heap walk), not ending.
+PARK_WORK_S = 0.02
+#: The longest a fork waits for it in all: the CPU it waits for is the scheduler's (a loaded
+#: machine), never leakguard's work or I/O; this bounds a process so starved it gets none.
+PARK_WAIT_S = 1.0
 
 #: The longest wait a lock accepts, bounded to a year (report_interval's limit).
 TIMEOUT_MAX = min(_thread.TIMEOUT_MAX, 365 * 86400.0)
@@ -98,21 +107,62 @@ class OSThread:
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the thread to end (at most *timeout* seconds); True once it has."""
-        deadline = time.monotonic() + (1.0 if timeout is None else max(0.0, timeout))
+        deadline = time.monotonic() + max(0.0, timeout or 0.0)
         if not self._done.acquire(True, -1 if timeout is None else max(0.0, timeout)):
             return False
         self._done.release()
         if self._handle is not None:
             try:
-                self._handle.join()  # pthread_join: the operating system's thread is gone
+                self._handle.join()  # pthread_join: the thread's own work is over
             except Exception:
                 pass
-            return True
-        # Before 3.13 nothing joins the OS thread; it ends a moment after its Python part
-        # (later on a loaded machine: the wait is bounded by time, not by a count of polls).
+        # The kernel counts a thread (/proc/self/stat, what the fork warning reads) until it is
+        # reaped, a moment after its Python part ends and even after pthread_join returns (it
+        # wakes the joiner before the task leaves its thread group): wait for the task itself,
+        # bounded by time (a loaded machine), not by a count of polls.
         task = f"/proc/self/task/{self.native_id}"
-        while os.path.exists(task) and time.monotonic() < deadline + 0.2:
-            time.sleep(0.0001)  # a real sleep: the ending thread needs the GIL to finish
+        deadline = max(deadline, time.monotonic()) + 0.02
+        while os.path.exists(task) and time.monotonic() < deadline:
+            time.sleep(0.0001)  # a real sleep: the ending thread may need the GIL to finish
+        return True
+
+
+    def _progress(self) -> tuple[float | None, bool]:
+        """(the thread's CPU time or None when unknown, is it asleep in the kernel: blocked on I/O or a lock)."""
+        cpu: float | None = None
+        asleep = False
+        try:
+            if self.ident is not None:
+                cpu = time.clock_gettime(time.pthread_getcpuclockid(self.ident))
+        except (AttributeError, OSError, OverflowError):  # not here, or the thread has just ended
+            pass
+        try:
+            with open(f"/proc/self/task/{self.native_id}/stat", "rb") as f:
+                asleep = f.read().rsplit(b")", 1)[1].split()[0] in (b"S", b"D")
+        except (OSError, IndexError):
+            pass
+        return cpu, asleep
+
+    def end_wait(self, work: float = PARK_WORK_S, limit: float = PARK_WAIT_S) -> bool:
+        """Wait for the thread, asked to end, to end; True once it has.
+
+        It is waited for while it gets on with ending: never once it has spent
+        *work* seconds of its own CPU time meanwhile (it is in a long step of its
+        work), nor once it sleeps in the kernel without progress (blocked writing
+        to a full pipe, or waiting for a lock), and *limit* seconds at most in all.
+        A thread waiting for the CPU (a loaded machine) is waited for.
+        """
+        deadline = time.monotonic() + limit
+        start, _ = self._progress()
+        last, stalled = start, 0
+        while not self.join(0.001):
+            cpu, asleep = self._progress()
+            if time.monotonic() >= deadline or (cpu is not None and start is not None and cpu - start >= work):
+                return False
+            stalled = stalled + 1 if asleep and cpu == last else 0
+            if stalled >= 3:  # asleep in three polls in a row and no CPU spent: blocked
+                return False
+            last = cpu
         return True
 
 

@@ -60,6 +60,7 @@ from __future__ import annotations
 import collections
 import socket
 import time
+from collections.abc import Callable
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
@@ -103,7 +104,9 @@ def local_port_range() -> tuple[int, int]:
     return _DEFAULT_RANGE
 
 
-def time_wait(ports: tuple[int, int] | None = None) -> dict[tuple[str, str], tuple[str, int]] | None:
+def time_wait(
+    ports: tuple[int, int] | None = None, step: Callable[[], None] | None = None
+) -> dict[tuple[str, str], tuple[str, int]] | None:
     """Client connections this network namespace closed first; None without /proc.
 
     Keys are the kernel's hex (local, remote), values (state, timer): the timer
@@ -114,6 +117,7 @@ def time_wait(ports: tuple[int, int] | None = None) -> dict[tuple[str, str], tup
     port stays taken.  Client side: the local port is in *ports* (the ephemeral
     range) and is no listening port of the namespace (a server's own side of a
     connection it closed first holds no ephemeral port).  Decode with :func:`decode`.
+    *step* is called every 1,024 lines (it may raise to abandon the read).
     """
     lo, hi = ports or local_port_range()
     found: list[tuple[str, str, str, str]] = []
@@ -123,7 +127,9 @@ def time_wait(ports: tuple[int, int] | None = None) -> dict[tuple[str, str], tup
         try:
             with open(f"/proc/self/net/{name}") as f:
                 f.readline()
-                for line in f:
+                for n, line in enumerate(f):
+                    if step is not None and not n & 1023:
+                        step()  # the table is machine-wide: a fork may end the watcher's tick here
                     parts = line.split(None, 10)
                     if len(parts) < 10:
                         continue
@@ -328,6 +334,9 @@ class ChurnTracker:
 
     def __init__(self, limit: int | None = None) -> None:
         self.range = local_port_range()
+        #: called between parts of a table read (the watcher's step: a fork may end its tick there,
+        #: before any state of this tracker changed; the tick runs again after the fork)
+        self.step: Callable[[], None] | None = None
         lo, hi = self.range
         self.ports = hi - lo + 1
         #: closes per 60 s per (site, peer), counted or projected from the current rate, that trigger a
@@ -416,7 +425,7 @@ class ChurnTracker:
             self._window.append((now, closes))
         else:
             self._window_start = now
-            self._tw = time_wait(self.range)  # the baseline: entries older than leakguard are not its closes
+            self._tw = time_wait(self.range, self.step)  # the baseline: entries older than leakguard are not its closes
             self._read_seq, self._marks, self._read_marked = registry.mark(), 0, 1
         self._last_seq = seq_now
         self._prev = current
@@ -432,7 +441,7 @@ class ChurnTracker:
         now: float,
     ) -> None:
         """Closes since the last tick from the kernel's new closed-first entries (see the module doc)."""
-        tw = time_wait(self.range)
+        tw = time_wait(self.range, self.step)
         if tw is None:  # no /proc: the records alone (every gone or short-lived client counts)
             for key, peer, _rec in gone:
                 closes[(key, peer)] = closes.get((key, peer), 0.0) + 1

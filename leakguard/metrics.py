@@ -192,7 +192,7 @@ class _Serving(_threads.Restartable):
             t = self._thread if self._running else None
         if t is not None and not t.is_current():
             self._wake()
-            t.join(1.0)
+            t.end_wait()
 
     def stop(self) -> None:
         with self._mu:

@@ -10,14 +10,16 @@ Lifecycle (driven by :mod:`leakguard._state`):
 * :func:`stop` (``uninstall()``) and interpreter exit (``threading``'s
   pre-shutdown hook, before non-daemon threads are joined) stop it promptly: it
   waits on an event, so stopping interrupts the wait, never a report half-written.
-* A fork never waits for its I/O: before ``os.fork()`` (:func:`before_fork`,
-  from the at-fork handler in :mod:`leakguard._state`) an idle thread (nearly
-  always: it waits for its next tick) ends and is joined, and a thread still
-  computing a report ends at its next step (the tick runs again after the
-  fork), so a single-threaded host forks single-threaded (no "multi-threaded"
-  DeprecationWarning on 3.12+, no lock of ours held in the child); it starts
-  again on the same schedule in the parent.  A thread writing a report's output
-  is left alone, whatever the output is blocked on.  The thread is one of
+* A fork never waits for leakguard's work or I/O: before ``os.fork()``
+  (:func:`before_fork`, from the at-fork handler in :mod:`leakguard._state`) the
+  thread is asked to end and the fork waits only while it gets on with ending
+  (:meth:`Watcher.park`): an idle thread (nearly always: it waits for its next
+  tick) ends at once, one computing a tick at its next step (the tick runs again
+  after the fork), one writing once the write is done, so a single-threaded host
+  forks single-threaded (no "multi-threaded" DeprecationWarning on 3.12+, no lock
+  of ours held in the child); a thread in a long uninterruptible step (a big heap
+  walk) or blocked writing (a full pipe) is left running, and its tick completes.
+  It starts again on the same schedule in the parent.  The thread is one of
   :mod:`leakguard._threads`: ``threading.enumerate()``, ``active_count()`` and
   gevent's monkey-patching see the host as without leakguard.
 * :func:`restart_in_child` runs in a forked child (gunicorn/uwsgi prefork,
@@ -100,7 +102,7 @@ class Watcher(_threads.Restartable):
         self._wake = _threads.Wake(allocate)
         self._dump_requested = False
         self._busy = False  # the thread is ticking or dumping
-        self._writing = False  # ... and writing its output (see park())
+        self._writing = False  # ... and writing its output
         self._carried: list[Any] = []  # churn warnings of a tick a fork cut short, for the next one
         self._due: float | None = None  # time.monotonic() of the next tick
         _instances.add(self)
@@ -133,25 +135,26 @@ class Watcher(_threads.Restartable):
         return t is not None and t.is_alive()
 
     def park(self) -> None:
-        """Before a fork: end the thread unless it is writing, so that the process forks single-threaded.
+        """Before a fork: end the thread, so that the process forks single-threaded, waiting only while it ends.
 
         Python 3.12+ warns about forking a multi-threaded process, and a child
-        forked while a thread holds a lock inherits the lock held forever.  An
-        idle thread (waiting for its next tick: nearly always) is woken, ends
-        and is joined, which is quick and involves no I/O.  A thread in the
-        middle of a tick, still computing it (snapshot, churn, grouping: no I/O),
-        ends at the next step (:meth:`_step`) and its tick runs again after the
-        fork; the fork waits for that step, at most :data:`_PARK_JOIN_S`.  A
-        thread writing its output is left alone (the fork never waits for a
-        report's I/O, whatever it is blocked on) and ends after it.
-        :meth:`resume` restarts the thread.
+        forked while a thread holds a lock inherits the lock held forever.  The
+        thread is woken and asked to end: an idle one (waiting for its next tick:
+        nearly always) ends at once; one computing a tick ends at its next step
+        (:meth:`_step`; the tick runs again after the fork); one writing a report
+        ends once the write is done.  The fork waits for that only while the thread
+        gets on with it (:meth:`leakguard._threads.OSThread.end_wait`), never for
+        leakguard's work or I/O: a thread in a long step (a big heap walk) or
+        blocked writing (a full pipe) is left running, the fork goes on, and the
+        tick completes as if there had been no fork.  :meth:`resume` restarts the
+        thread if it ended.
         """
         with self._mu:
             self._parked += 1
-            t = self._thread if self._running and not self._writing else None
+            t = self._thread if self._running else None
         if t is not None and not t.is_current():
             self._wake.set()
-            t.join(_PARK_JOIN_S)
+            t.end_wait()
 
     def request_dump(self) -> None:
         """Ask the thread to write a report now (safe from a signal handler)."""
@@ -191,6 +194,8 @@ class Watcher(_threads.Restartable):
 
     def _tick(self) -> None:
         churn = self.churn
+        if churn is not None:
+            churn.step = self._step  # its machine-wide table read is long: a fork may end the tick there
         pre = churn.before() if churn is not None else None
         snap = take_snapshot(self._cache)
         self.diagnoses.attach(snap.leaks)
@@ -294,7 +299,7 @@ class Watcher(_threads.Restartable):
 
 
 class _Parked(BaseException):
-    """A fork waits for the watcher thread: the tick in progress ends here (see :meth:`Watcher.park`)."""
+    """A fork asks the watcher thread to end: the tick in progress ends here (see :meth:`Watcher.park`)."""
 
 
 _instances: weakref.WeakSet[Watcher] = weakref.WeakSet()
@@ -303,11 +308,6 @@ _instances: weakref.WeakSet[Watcher] = weakref.WeakSet()
 def running() -> list[Watcher]:
     """The watchers of this process whose thread is alive (``threading`` does not list them)."""
     return [w for w in list(_instances) if w.pid == os.getpid() and w.alive]
-
-
-#: How long a fork waits at most for an idle watcher thread to end (it takes microseconds;
-#: the bound is for a process so starved that the thread cannot get the GIL).
-_PARK_JOIN_S = 1.0
 
 
 def current() -> Watcher | None:
@@ -380,7 +380,7 @@ def stop(state: Any) -> None:
 
 
 def before_fork() -> None:
-    """End the idle (or computing) thread before the fork; one writing its output is left alone."""
+    """End the thread before the fork, waiting only while it gets on with ending (see :meth:`Watcher.park`)."""
     try:
         w = current()
         if w is not None and w.pid == os.getpid():
