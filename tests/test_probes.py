@@ -29,7 +29,7 @@ CALLS = 8_000 if STRESS else 3_000  # 20,000 pure-Python calls outran 300 s on 3
 
 _RANDOM_CALLS = r'''
 import json, math, random, socket, sys
-mode, seed, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+mode, seed, n, abstract = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 if mode != "plain":
     if mode == "pure":
         import os
@@ -41,7 +41,7 @@ if mode != "plain":
 rng = random.Random(seed)
 lst = socket.socket()
 lst.bind(("127.0.0.1", 0))
-lst.listen(64)
+lst.listen(4096)  # never full: a blocking connect to a full queue would wait minutes for its SYN retries
 lst.setblocking(False)
 closed_port = socket.socket()
 closed_port.bind(("127.0.0.1", 0))
@@ -52,9 +52,11 @@ ANY = [None, -1, 0, 1, 2, 10, 17, 255, 10**30, -(10**30), 2.5, math.nan, "x", b"
 FAMILIES = [socket.AF_INET, socket.AF_INET6, socket.AF_UNIX, -1, 999, *ANY]
 TYPES = [socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_RAW, socket.SOCK_SEQPACKET, -1, 12345, *ANY]
 PROTOS = [0, -1, 6, 17, 132, *ANY]
-ADDRS = [("127.0.0.1", 0), ("127.0.0.1", 70000), ("::1", 0), ("127.0.0.1",), "", "\0abstract-lg", None, 5,
+ADDRS = [("127.0.0.1", 0), ("127.0.0.1", 70000), ("::1", 0), ("127.0.0.1",), "", "\0" + abstract, None, 5,
          ("127.0.0.1", "http"), ("127.0.0.1", -1)]
-TIMEOUTS = [None, 0, 0.001, 2.0, -1, math.nan, math.inf, "x"]
+# No timeout short enough for a loopback connect to outlast it on a loaded machine: outcomes
+# must depend on the calls only (0 is non-blocking mode, 2.0 timeout mode).
+TIMEOUTS = [None, 0, 2.0, -1, math.nan, math.inf, "x"]
 
 def pick(seq):
     return seq[rng.randrange(len(seq))]
@@ -126,7 +128,9 @@ def _calls(tmp_path: Path, mode: str, python: str = sys.executable, pythonpath: 
     if pythonpath is not None:
         env["PYTHONPATH"] = pythonpath
     proc = subprocess.run(
-        [python, "-W", "ignore::ResourceWarning", str(script), mode, "1414", str(CALLS)],
+        # The abstract AF_UNIX name is the machine's: one per test, the same for its runs (parallel
+        # tests binding one name got EADDRINUSE in one run of a pair and not the other).
+        [python, "-W", "ignore::ResourceWarning", str(script), mode, "1414", str(CALLS), f"lg-{tmp_path.name}-{os.getpid()}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
