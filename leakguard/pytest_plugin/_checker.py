@@ -93,14 +93,21 @@ def _own_time(item: pytest.Item | None = None) -> Iterator[None]:
     if timer is not None:
         start, settings = timer
         left = settings.timeout - (time.monotonic() - start)
-        item.config.hook.pytest_timeout_cancel_timer(item=item)  # type: ignore[union-attr]
+        try:
+            item.config.hook.pytest_timeout_cancel_timer(item=item)  # type: ignore[union-attr]
+        except Exception:  # another pytest-timeout than we know: its timer runs on
+            registry.count_error()
+            timer = None
     try:
         yield
     finally:
         if timer is not None:
-            # Never 0: pytest-timeout reads that as "no timeout"; an overdue test times out at once.
-            again = settings._replace(timeout=max(left, 1e-3))
-            item.config.hook.pytest_timeout_set_timer(item=item, settings=again)  # type: ignore[union-attr]
+            try:
+                # Never 0: pytest-timeout reads that as "no timeout"; an overdue test times out at once.
+                again = settings._replace(timeout=max(left, 1e-3))
+                item.config.hook.pytest_timeout_set_timer(item=item, settings=again)  # type: ignore[union-attr]
+            except Exception:
+                registry.count_error()
         if remaining > 0:
             signal.setitimer(signal.ITIMER_REAL, remaining, interval)
 
