@@ -378,10 +378,15 @@ print("ok")
 class TestForkDuringALongTick:
     """A fork never waits for leakguard's work: during a diagnosis that walks a big heap for
     seconds (an uninterruptible step of a tick), forks return while the walk goes on, and the
-    tick completes after them."""
+    tick completes after them.  The Python walk (another interpreter, pure Python): the compiled
+    one holds the GIL throughout, so no thread of the host, forking or not, runs meanwhile."""
 
-    def test_forks_return_during_the_walk(self, tmp_path: Path) -> None:
-        assert _run(tmp_path, _LONG_TICK).split() == ["ok"]
+    @pytest.mark.parametrize("version", ["3.12", "3.13"])
+    def test_forks_return_during_the_walk(self, tmp_path: Path, version: str) -> None:
+        python = dict(other_pythons()).get(version)
+        if python is None:
+            pytest.skip(f"no Python {version} under ~/.pyenv/versions")
+        assert _run(tmp_path, _LONG_TICK, python, _pure_path(tmp_path)).split() == ["ok"]
 
 
 class TestOneForkHandler:
