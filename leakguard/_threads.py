@@ -35,6 +35,10 @@ PARK_WORK_S = 0.02
 #: The longest a fork waits for it in all: the CPU it waits for is the scheduler's (a loaded
 #: machine), never leakguard's work or I/O; this bounds a process so starved it gets none.
 PARK_WAIT_S = 1.0
+#: Polls (1 ms apart) in a row that see the thread asleep with no CPU spent before a fork stops
+#: waiting for it (blocked writing to a full pipe, or on a lock): a few, as a thread also sleeps a
+#: moment for the GIL or a kernel lock on a loaded machine.
+_STALLED_POLLS = 10
 
 #: The longest wait a lock accepts, bounded to a year (report_interval's limit).
 TIMEOUT_MAX = min(_thread.TIMEOUT_MAX, 365 * 86400.0)
@@ -160,7 +164,7 @@ class OSThread:
             if time.monotonic() >= deadline or (cpu is not None and start is not None and cpu - start >= work):
                 return False
             stalled = stalled + 1 if asleep and cpu == last else 0
-            if stalled >= 3:  # asleep in three polls in a row and no CPU spent: blocked
+            if stalled >= _STALLED_POLLS:  # asleep poll after poll, no CPU spent: blocked
                 return False
             last = cpu
         return True
