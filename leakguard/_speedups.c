@@ -1,5 +1,5 @@
 /* Optional compiled hot paths of leakguard: without a compiler the pure-Python code does
- * the same, more slowly.  Three jobs:
+ * the same, more slowly.  Four jobs:
  *
  * - The socket hook (make_init): the compiled socket.socket.__init__ of _sockets.py.
  *   record(sock) does what registry.record_socket() does for a new socket outside any
@@ -12,6 +12,8 @@
  * - The kernel scanner (scan): kernel.read_sockets' loop over /proc/self/fd, the state
  *   of each tracked socket from getsockopt(TCP_INFO), with an epoll set so that steady
  *   sockets cost no syscall (see the comment above scan()).
+ * - The loops that run once per socket of a snapshot: snapshot.take's join of the kernel's
+ *   view with the records (join) and report._socket_dicts' rendering for to_dict (render).
  *
  * Everything else about records lives in registry.py and about kernel state in
  * kernel.py; this file only makes the common cases cheap.
@@ -21,6 +23,7 @@
 #include <frameobject.h>
 #include <structmember.h>
 #include <time.h>
+#include <math.h>
 
 /* CPython 3.11-3.13 keep frames as _PyInterpreterFrame structs and build a frame
  * object for one only when asked (PyEval_GetFrame, PyFrame_GetBack): building and
@@ -1233,6 +1236,28 @@ error:
 }
 #endif
 
+/* Attribute, key and value names of the loops below, interned at their first call. */
+static PyObject *s_created, *s_origin, *s_target, *s_addrs, *s_add, *s_unknown, *s_tcp, *s_fd, *s_state, *s_local,
+    *s_remote, *s_age, *s_pool, *s_resolved_attr, *s_resolved, *s_to_dict;
+
+static int
+intern_names(void)
+{
+    static const struct {
+        PyObject **slot;
+        const char *text;
+    } names[] = {
+        {&s_created, "created"}, {&s_origin, "origin"}, {&s_target, "target"}, {&s_addrs, "addrs"}, {&s_add, "add"},
+        {&s_unknown, "unknown"}, {&s_tcp, "tcp"}, {&s_fd, "fd"}, {&s_state, "state"}, {&s_local, "local"},
+        {&s_remote, "remote"}, {&s_age, "age_s"}, {&s_pool, "pool"}, {&s_resolved_attr, "_resolved"},
+        {&s_resolved, "resolved"}, {&s_to_dict, "to_dict"},
+    };
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if (*names[i].slot == NULL && (*names[i].slot = PyUnicode_InternFromString(names[i].text)) == NULL)
+            return -1;
+    return 0;
+}
+
 /* join(kernel_socks, records, now, info_cls, names, name_of, always, leak_states, stable, make_batch)
  *   -> (sockets, leaks, counts, ask, batch)
  *
@@ -1259,19 +1284,8 @@ join(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_TypeError, "join: info_cls must be a tuple subclass");
         return NULL;
     }
-    static PyObject *s_created, *s_origin, *s_target, *s_addrs, *s_add, *s_unknown, *s_tcp;
-    if (s_tcp == NULL) {
-        s_created = PyUnicode_InternFromString("created");
-        s_origin = PyUnicode_InternFromString("origin");
-        s_target = PyUnicode_InternFromString("target");
-        s_addrs = PyUnicode_InternFromString("addrs");
-        s_add = PyUnicode_InternFromString("add");
-        s_unknown = PyUnicode_InternFromString("unknown");
-        s_tcp = PyUnicode_InternFromString("tcp");
-        if (s_created == NULL || s_origin == NULL || s_target == NULL || s_addrs == NULL || s_add == NULL
-            || s_unknown == NULL || s_tcp == NULL)
-            return NULL;
-    }
+    if (intern_names() < 0)
+        return NULL;
     Py_ssize_t n = PyList_GET_SIZE(ksocks);
     PyObject *sockets = PyList_New(n), *leaks = PyList_New(0), *counts = PyDict_New(), *ask = PyList_New(0);
     PyObject *batch = NULL, *last_fam = NULL, *last_kind = NULL, *name = NULL; /* name: borrowed from names */
@@ -1407,6 +1421,129 @@ error:
     return NULL;
 }
 
+/* render(infos, memo, alike, leak_fields, reasons, done) -> list of dicts
+ *
+ * report._socket_dicts' loop, compiled (its docstring says what each step is for): for each
+ * info (fd, family, type, state, local, remote, age, origin, target, record, batch), a copy of
+ * the dict sockets alike share (memo[id(stack)] when its family, type, origin and target are
+ * the socket's, else alike(memo, stack, family, type, origin, target)) with fd, state, local,
+ * remote, age_s (rounded to 3 places as Python's (age * 1000 + 0.5) // 1 / 1000 does) and the
+ * pool's to_dict() set; a leak (batch not None) gets leak_fields(d, info, reasons) and goes into
+ * done under id(info). */
+static PyObject *
+render(PyObject *self, PyObject *args)
+{
+    PyObject *infos, *memo, *alike, *leak_fields, *reasons, *done;
+    if (!PyArg_ParseTuple(args, "OO!OOOO!", &infos, &PyDict_Type, &memo, &alike, &leak_fields, &reasons, &PyDict_Type,
+                          &done))
+        return NULL;
+    if (intern_names() < 0)
+        return NULL;
+    PyObject *seq = PySequence_Fast(infos, "render: infos must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *out = PyList_New(n);
+    if (out == NULL)
+        goto error;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *info = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyTuple_Check(info) || PyTuple_GET_SIZE(info) < 11) {
+            PyErr_SetString(PyExc_TypeError, "render: each info must be a SocketInfo");
+            goto error;
+        }
+        PyObject *family = PyTuple_GET_ITEM(info, 1), *kind = PyTuple_GET_ITEM(info, 2);
+        PyObject *age = PyTuple_GET_ITEM(info, 6), *origin = PyTuple_GET_ITEM(info, 7);
+        PyObject *target = PyTuple_GET_ITEM(info, 8), *rec = PyTuple_GET_ITEM(info, 9);
+        PyObject *st = Py_NewRef(Py_None), *pool = Py_NewRef(Py_None), *like = NULL, *d = NULL;
+        if (rec != Py_None) {
+            Py_SETREF(st, PyObject_GetAttr(rec, s_resolved_attr));
+            if (st == Py_None)
+                Py_SETREF(st, PyObject_CallMethodNoArgs(rec, s_resolved));
+            if (st == NULL)
+                goto error_item;
+            Py_SETREF(pool, PyObject_GetAttr(rec, s_pool));
+            if (pool == NULL)
+                goto error_item;
+        }
+        PyObject *id = PyLong_FromVoidPtr(st);
+        PyObject *seen = id == NULL ? NULL : PyDict_GetItemWithError(memo, id); /* borrowed */
+        Py_XDECREF(id);
+        if (seen == NULL && PyErr_Occurred())
+            goto error_item;
+        if (seen != NULL && PyTuple_Check(seen) && PyTuple_GET_SIZE(seen) == 5) {
+            PyObject *want[4] = {family, kind, origin, target};
+            int same = 1;
+            for (int k = 0; k < 4 && same > 0; k++)
+                same = PyObject_RichCompareBool(PyTuple_GET_ITEM(seen, k), want[k], Py_EQ);
+            if (same < 0)
+                goto error_item;
+            if (same)
+                like = Py_NewRef(PyTuple_GET_ITEM(seen, 4));
+        }
+        if (like == NULL) {
+            like = PyObject_CallFunctionObjArgs(alike, memo, st, family, kind, origin, target, NULL);
+            if (like == NULL)
+                goto error_item;
+        }
+        if (!PyDict_Check(like)) {
+            PyErr_SetString(PyExc_TypeError, "render: alike must return a dict");
+            goto error_item;
+        }
+        d = PyDict_Copy(like);
+        if (d == NULL || PyDict_SetItem(d, s_fd, PyTuple_GET_ITEM(info, 0)) < 0
+            || PyDict_SetItem(d, s_state, PyTuple_GET_ITEM(info, 3)) < 0
+            || PyDict_SetItem(d, s_local, PyTuple_GET_ITEM(info, 4)) < 0
+            || PyDict_SetItem(d, s_remote, PyTuple_GET_ITEM(info, 5)) < 0)
+            goto error_item;
+        if (age != Py_None) {
+            double a = PyFloat_AsDouble(age);
+            if (a == -1.0 && PyErr_Occurred())
+                goto error_item;
+            PyObject *r = PyFloat_FromDouble(floor(a * 1000.0 + 0.5) / 1000.0); /* what // 1.0 computes */
+            int rc = r == NULL ? -1 : PyDict_SetItem(d, s_age, r);
+            Py_XDECREF(r);
+            if (rc < 0)
+                goto error_item;
+        }
+        if (pool != Py_None) {
+            PyObject *pd = PyObject_CallMethodNoArgs(pool, s_to_dict);
+            int rc = pd == NULL ? -1 : PyDict_SetItem(d, s_pool, pd);
+            Py_XDECREF(pd);
+            if (rc < 0)
+                goto error_item;
+        }
+        if (PyTuple_GET_ITEM(info, 10) != Py_None) {
+            PyObject *r = PyObject_CallFunctionObjArgs(leak_fields, d, info, reasons, NULL);
+            if (r == NULL)
+                goto error_item;
+            Py_DECREF(r);
+            PyObject *key = PyLong_FromVoidPtr(info);
+            int rc = key == NULL ? -1 : PyDict_SetItem(done, key, d);
+            Py_XDECREF(key);
+            if (rc < 0)
+                goto error_item;
+        }
+        Py_DECREF(st);
+        Py_DECREF(pool);
+        Py_DECREF(like);
+        PyList_SET_ITEM(out, i, d);
+        continue;
+    error_item:
+        Py_XDECREF(st);
+        Py_XDECREF(pool);
+        Py_XDECREF(like);
+        Py_XDECREF(d);
+        goto error;
+    }
+    Py_DECREF(seq);
+    return out;
+error:
+    Py_DECREF(seq);
+    Py_XDECREF(out);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"record", record, METH_O, "Record a new socket outside any scope; False if a scope is active."},
     {"clear_app_cache", clear_app_cache, METH_NOARGS, "Forget the cached application-code answers."},
@@ -1416,6 +1553,8 @@ static PyMethodDef methods[] = {
      "configure(records, app_files, is_app_file, last_seq, scope_var, depth, context)"},
     {"next_seq", next_seq, METH_NOARGS, "next_seq() -> the next sequence number"},
     {"set_depth", set_depth, METH_O, "Set the most frames captured per socket."},
+    {"render", render, METH_VARARGS,
+     "render(infos, memo, alike, leak_fields, reasons, done): report._socket_dicts' loop, compiled."},
     {"join", join, METH_VARARGS,
      "join(kernel_socks, records, now, info_cls, names, name_of, always, leak_states, stable, make_batch): "
      "snapshot.take's loop, compiled."},

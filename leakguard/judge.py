@@ -146,9 +146,8 @@ def leak_reason(info: SocketInfo, memo: dict[Any, str] | None = None) -> str:
     socket they are the same for (a group's sockets: same state, peer, age as written
     and creation stack); a pooled socket's are its own.
     """
-    rec = info[9]  # SocketInfo by index: a renderer asks this once per leak
+    state, remote, age, rec = info[3], info[5], info[6], info[9]  # by index: a renderer asks this once per leak
     if memo is not None and (rec is None or rec.pool is None):
-        age = info[6]
         written: Any = None  # the age as the text writes it, or something equal exactly when that is
         if age is not None:
             tenths = age * 10.0
@@ -158,10 +157,10 @@ def leak_reason(info: SocketInfo, memo: dict[Any, str] | None = None) -> str:
             else:
                 written = format_age(age)  # (formatting a float costs ten times the lines above)
         key = (
-            info[3] == "CLOSE",
-            info[5],
+            state == "CLOSE",
+            remote,
             written,
-            id(rec.resolved()) if rec is not None else None,  # the stack tuple: the snapshot keeps it alive
+            id(rec._resolved or rec.resolved()) if rec is not None else None,  # the stack tuple: the snapshot keeps it alive
         )
         text = memo.get(key)
         if text is None:

@@ -566,15 +566,16 @@ def _socket_dicts(
     """Each of *infos* in the CONTRACT's ``Socket`` shape; each leak's dict also kept in *done* by id.
 
     A snapshot renders thousands of sockets, most of them alike: *memo* keeps, per creation stack,
-    family, type, origin and target, the dict those sockets share (its stack rendered once), and
-    each socket's dict is a copy of it with the socket's own fields set (``dict.copy`` copies the
-    table in one step; building 17 keys costs twice that).  *reasons* makes each leak reason once
-    (see judge.leak_reason).
+    family, type, origin and target, the dict those sockets share (its stack rendered once, see
+    :func:`_alike`), and each socket's dict is a copy of it with the socket's own fields set
+    (``dict.copy`` copies the table in one step; building 17 keys costs twice that).  A leak's
+    fields come from :func:`_leak_fields`, *reasons* making each leak reason once.  The loop is
+    compiled (``_speedups.render``) where it is built.
     """
+    if _render is not None:
+        return _render(infos, memo, _alike, _leak_fields, reasons, done)  # type: ignore[no-any-return]
     out: list[dict[str, Any]] = []
     add = out.append
-    leak_states = judge.LEAK_STATES
-    reason = judge.leak_reason
     for info in infos:
         # a tuple subclass: a slice is an exact tuple, which unpacks without an iterator
         fd, family, kind, state, local, remote, age, origin, target, rec, batch = info[:11]
@@ -585,17 +586,11 @@ def _socket_dicts(
             if st is None:
                 st = rec.resolved()
             pool = rec.pool
-        # id(stack) alone first: the snapshot (its records) keeps each stack tuple alive
         seen = memo.get(id(st))
         if seen is not None and seen[0] == family and seen[1] == kind and seen[2] == origin and seen[3] == target:
             like = seen[4]
         else:
-            key = (id(st), family, kind, origin, target)
-            like = memo.get(key)
-            if like is None:
-                like = memo[key] = _shared_part(st, family, kind, origin, target)
-                if seen is None:
-                    memo[id(st)] = (family, kind, origin, target, like)
+            like = _alike(memo, st, family, kind, origin, target)
         d = like.copy()
         d["fd"] = fd
         d["state"] = state
@@ -605,17 +600,49 @@ def _socket_dicts(
             d["age_s"] = (age * 1000.0 + 0.5) // 1.0 / 1000.0  # round(age, 3), 4x cheaper
         if pool is not None:
             d["pool"] = pool.to_dict()
-        if batch is not None:  # a leak: it carries a diagnosis, and a reason where the kernel shows one
-            if state in leak_states:
-                d["reason"] = reason(info, reasons)
-            diag = batch.of(info)
-            d["verdict"] = diag.verdict
-            d["verdict_reason"] = diag.why
-            d["held_by"] = [*diag.held_by]
-            d["in_use"] = dict(diag.in_use) if diag.in_use is not None else None
+        if batch is not None:
+            _leak_fields(d, info, reasons)
             done[id(info)] = d
         add(d)
     return out
+
+
+_LEAK_STATES, _leak_reason = judge.LEAK_STATES, judge.leak_reason
+
+
+def _leak_fields(d: dict[str, Any], info: SocketInfo, reasons: dict[Any, str] | None) -> None:
+    """A leak's own fields in its dict *d*: its diagnosis, and a reason where the kernel shows one."""
+    if info[3] in _LEAK_STATES:
+        d["reason"] = _leak_reason(info, reasons)
+    diag = info[10].of(info)
+    d["verdict"] = diag.verdict
+    d["verdict_reason"] = diag.why
+    d["held_by"] = [*diag.held_by]
+    d["in_use"] = dict(diag.in_use) if diag.in_use is not None else None
+
+
+def _alike(
+    memo: dict[Any, Any], st: tuple[stacks.Frame, ...] | None, family: str, kind: str, origin: str, target: str | None
+) -> dict[str, Any]:
+    """The dict that sockets of stack *st*, *family*, *kind*, *origin* and *target* share, kept in *memo*:
+    under ``id(st)`` (the snapshot, its records, keeps each stack tuple alive) as ``(family, kind, origin,
+    target, dict)`` for the first such sockets (one lookup), under the whole key for others of that stack."""
+    key = (id(st), family, kind, origin, target)
+    like: dict[str, Any] | None = memo.get(key)
+    if like is None:
+        like = memo[key] = _shared_part(st, family, kind, origin, target)
+        if id(st) not in memo:
+            memo[id(st)] = (family, kind, origin, target, like)
+    return like
+
+
+def _compiled_render() -> Any:
+    from . import registry  # its loader honours LEAKGUARD_PURE_PYTHON
+
+    return getattr(registry._speedups, "render", None)
+
+
+_render = _compiled_render()
 
 
 def _shared_part(

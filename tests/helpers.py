@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -99,6 +99,21 @@ def site_module(tmp_path: Any, name: str, source: str) -> Any:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+T = TypeVar("T")
+
+
+def compiled_and_python(module: Any, name: str, fn: Callable[[], T]) -> tuple[T, T]:
+    """``fn()`` with ``module.<name>`` (a compiled loop, or None without one) as it is, then with it None:
+    the pure-Python loop it stands in for."""
+    compiled = fn()
+    saved = getattr(module, name)
+    setattr(module, name, None)
+    try:
+        return compiled, fn()
+    finally:
+        setattr(module, name, saved)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.005) -> Any:

@@ -17,7 +17,7 @@ import pytest
 import leakguard
 from leakguard import _config, registry, report, stacks
 
-from .helpers import HangUpServer, this_line, wait_for
+from .helpers import HangUpServer, compiled_and_python, this_line, wait_for
 
 HERE = f"tests/{os.path.basename(__file__)}"
 CONTRACT_SOCKET_KEYS = {
@@ -395,6 +395,33 @@ class TestToDict:
         assert second == before
         assert json.loads(json.dumps(leakguard.snapshot().to_dict()["leaks"][0]["stack"])) == before["leaks"][0]["stack"]
         assert [info.to_dict() for info in snap.sockets] == before["sockets"]
+
+    def test_compiled_and_python_loops_agree(
+        self, fifteen: tuple[list[leakguard.SocketInfo], int], hangup_server: HangUpServer
+    ) -> None:
+        """The compiled loop (``_speedups.render``) renders exactly what the Python one does: pooled, untracked
+        (a UDP socket's None state), leaked and other sockets, ages and all."""
+        if report._render is None:
+            pytest.skip("the compiled loop is not built here (pure-Python install)")
+        idle, out = socket.create_connection(hangup_server.address), socket.create_connection(hangup_server.address)
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            leaked({idle.fileno(), out.fileno()}, 2)
+            for s, pool in ((idle, registry.PoolInfo("idle-pool")), (out, registry.PoolInfo("busy-pool"))):
+                rec = registry.get(s.fileno())
+                assert rec is not None
+                rec.pool = pool
+            pool.check_out(())
+            compiled, python = compiled_and_python(report, "_render", leakguard.snapshot().to_dict)
+            for d in (compiled, python):  # a checked-out pool's age is read at each render
+                for e in d["sockets"]:
+                    if e["pool"] is not None:
+                        e["pool"]["checkout_age_s"] = None
+            assert json.dumps(compiled) == json.dumps(python)  # key order too
+            assert {e["fd"] for e in compiled["sockets"]} >= {idle.fileno(), out.fileno(), udp.fileno()}
+        finally:
+            for s in (idle, out, udp):
+                s.close()
 
     def test_reasons_made_once_per_group_read_as_each_sockets_own(
         self, installed_quiet: None, hangup_server: HangUpServer

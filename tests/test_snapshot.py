@@ -12,7 +12,7 @@ import pytest
 import leakguard
 from leakguard import registry
 
-from .helpers import HangUpServer, wait_close_wait
+from .helpers import HangUpServer, compiled_and_python, wait_close_wait
 
 
 class TestJudgement:
@@ -155,12 +155,7 @@ class TestJoin:
                 socks = [(*s[:6], *s[7:10], s.leaked) for s in snap.sockets]  # not the age: taken twice
                 return socks, [s.fd for s in snap.leaks], snap.counts
 
-            compiled = leakguard.snapshot()
-            take._join, join = None, take._join
-            try:
-                python = leakguard.snapshot()
-            finally:
-                take._join = join
+            compiled, python = compiled_and_python(take, "_join", leakguard.snapshot)
             assert fields(compiled) == fields(python)
             leaks = {s.fd: s.state for s in compiled.leaks}
             assert leaks[early.fileno()] == leaks[held[5].fileno()] == "CLOSE_WAIT" and leaks[reset.fileno()] == "CLOSE"
