@@ -402,13 +402,14 @@ def format_group(
     if g.infos[0].fd is not None:
         facts.append(f"fd{'s' if many else ''} {_fds(g.rows())}")
     lines.append("  " + ", ".join(facts))
+    reason = o.reason  # its words are made once, not per line that shows them
     if g.verdict:
         lines.append(f"  verdict: {g.verdict}" + (f" ({g.why})" if g.why else ""))
-    elif o.reason:
-        lines.append(f"  why: {o.reason}")
-    if g.verdict and o.reason:
-        lines.append(f"  why: {o.reason}")
-    elif not o.reason and o.record is not None and o.record.pool is not None:
+    elif reason:
+        lines.append(f"  why: {reason}")
+    if g.verdict and reason:
+        lines.append(f"  why: {reason}")
+    elif not reason and o.record is not None and o.record.pool is not None:
         lines.append(f"  pool: {pool_line(o.record.pool)}")
     held = g.held_by()
     if held:
