@@ -24,6 +24,11 @@ last, and stops as soon as every target is found: a million-item list beside
 the global that holds the leaks is never read.  The paths are rebuilt
 afterwards from the few parents needed.  A budget of objects and of
 seconds bounds it; past it the diagnosis says "gave up after N objects".
+The walk is compiled (``leakguard._walk``: the same levels in the same order through
+each object's ``tp_traverse``, in C) where it is built, this Python walk elsewhere.  Across diagnoses a path
+found once is re-checked step by step (each object's referent at the recorded offset is still the next one):
+while it holds, that leak is not walked again; what was unreachable stays so; only new leaks and broken paths
+are walked.  The in-use check, bounded, runs every time.
 Sockets leakguard never saw created are found among the collector's objects
 by their C-level descriptor (no ``fileno()`` of arbitrary objects is called).
 """
@@ -42,6 +47,7 @@ import sys
 import threading
 import time
 import types
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -890,13 +896,20 @@ def _run(
                 uses[tid] = (root, text, rank)
         del found
 
-    # 3. Held by: the shortest paths from every root.
-    found, complete = _search([o for _, o in roots], set(own), budget, wanted)
-    held: dict[int, list[str]] = {}
-    for tid, ri, path in found:
-        held.setdefault(tid, []).append(namer.render(roots[ri][0], path, target_objs[tid])[0])
+    # 3. Held by: what an earlier diagnosis found, each path re-checked step by step; the shortest paths from every
+    # root for the rest, by one walk.
+    held, gone, known = _recheck(target_objs, roots)
+    todo = [o for tid, o in target_objs.items() if tid not in held and tid not in gone]
+    own.add(id(todo))
+    complete = True
+    if todo:
+        found, complete = _search([o for _, o in roots], set(own), budget, todo)
+        for tid, ri, path in found:
+            text = namer.render(roots[ri][0], path, target_objs[tid])[0]
+            held.setdefault(tid, []).append(text)
+            known.setdefault(tid, []).append((text, roots[ri][0].label, [(id(o), off) for o, off in path]))
+        del found
     examined = budget.used
-    del found
 
     for k, _fd, _state, rec in pending:
         if k in out:  # idle in its pool: the paths still say who keeps the pool
@@ -921,7 +934,8 @@ def _run(
             out[k] = Diagnosis(
                 "forgotten", f"{paths[0]} keeps it{how} and no running code holds it: a missing close()", paths, None
             )
-        elif complete:
+        elif complete or all(id(o) in gone for o in objs[k]):
+            gone.update(map(id, objs[k]))
             gc_note = (
                 "the garbage collector will close it at its next collection"
                 if gc.isenabled()
@@ -938,7 +952,102 @@ def _run(
                 [],
                 None,
             )
+    _remember(target_objs, known, gone)
     return out
+
+
+# ------------------------------------------------------------------------------------ across diagnoses
+
+#: What earlier diagnoses found, by target id: (a weak reference to the target or None, unreachable,
+#: [(text, root label, [(id, offset of the next object among its referents), ...]), ...]).  Ids and offsets
+#: only: nothing here keeps an object of the program alive.
+_known: dict[int, tuple[Any, bool, list[tuple[str, str, list[tuple[int, int]]]]]] = {}
+Known = dict[int, list[tuple[str, str, list[tuple[int, int]]]]]
+
+
+def _weak(obj: Any) -> Any:
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return None
+
+
+def _recheck(targets: dict[int, Any], roots: list[tuple[_Root, Any]]) -> tuple[dict[int, list[str]], set[int], Known]:
+    """The targets an earlier diagnosis answered, if that answer still holds: (held paths whose every step still
+    holds, by target id; targets found unreachable then, which stay so; the paths kept, to remember again).
+
+    A path holds when, from the root with its label, each object's referent at the recorded offset is the next
+    object recorded (the same id): a real path of the heap as it is now, whatever changed elsewhere.  An object
+    nothing reachable refers to cannot become reachable again (no code can reach it to store it), so an
+    unreachable target stays unreachable.  A target whose paths all broke is walked again."""
+    held: dict[int, list[str]] = {}
+    gone: set[int] = set()
+    kept: Known = {}
+    known = _known
+    if not known:
+        return held, gone, kept
+    by_label: dict[str, Any] = {}
+    for root, obj in roots:
+        by_label.setdefault(root.label, obj)
+    referents: dict[int, list[Any]] = {}  # per object on a path, read once per diagnosis
+    for tid, target in targets.items():
+        entry = known.get(tid)
+        if entry is None:
+            continue
+        ref, unreachable, paths = entry
+        if unreachable:
+            if ref is not None and ref() is target:
+                gone.add(tid)
+            continue
+        for text, label, steps in paths:
+            cur = by_label.get(label, _MISSING)
+            if steps and id(cur) != steps[0][0]:
+                continue
+            for i, (oid, offset) in enumerate(steps):
+                refs = _referents_of(cur, referents)
+                want = steps[i + 1][0] if i + 1 < len(steps) else tid
+                cur = refs[offset] if offset < len(refs) else _MISSING
+                if id(cur) != want:
+                    cur = _through_dict(refs, want, referents)
+                    if cur is _MISSING:
+                        break
+            if cur is target:
+                held.setdefault(tid, []).append(text)
+                kept.setdefault(tid, []).append((text, label, steps))
+    return held, gone, kept
+
+
+def _referents_of(obj: Any, cache: dict[int, list[Any]]) -> list[Any]:
+    refs = cache.get(id(obj))
+    if refs is None:
+        refs = cache[id(obj)] = _get_referents(obj)
+    return refs
+
+
+def _through_dict(refs: list[Any], want: int, cache: dict[int, list[Any]]) -> Any:
+    """The object of id *want* one dict below *refs*: on 3.11/3.12 reading an instance's ``__dict__`` (naming the
+    path did) moves its attributes from the instance into a dict of its own, one step further down."""
+    for r in refs:
+        if type(r) is dict:
+            for x in _referents_of(r, cache):
+                if id(x) == want:
+                    return x
+    return _MISSING
+
+
+def _remember(targets: dict[int, Any], paths: Known, gone: set[int]) -> None:
+    """Keep what this diagnosis found for the next: its targets' paths and the unreachable ones (those that can be
+    referred to weakly: an id alone could be another object's by then), and what is known of targets still alive."""
+    global _known
+    known = {tid: e for tid, e in _known.items() if e[0] is not None and e[0]() is not None and tid not in targets}
+    for tid, target in targets.items():
+        if tid in gone:
+            ref = _weak(target)
+            if ref is not None:
+                known[tid] = (ref, True, [])
+        elif tid in paths:
+            known[tid] = (_weak(target), False, paths[tid])
+    _known = known
 
 
 Chain = tuple[int, int, list[tuple[Any, int]]]  # (target id, root index, [(object, offset of the next one), ...])

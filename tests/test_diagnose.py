@@ -408,6 +408,90 @@ class TestHostUnchanged:
         assert state() == before
 
 
+@pytest.mark.usefixtures("installed")
+class TestAcrossSnapshots:
+    """A path found once is re-checked step by step by the next diagnosis (no walk while it holds); a broken one
+    is walked again and names the new holder; what was unreachable stays so."""
+
+    @pytest.fixture
+    def walks(self, monkeypatch: pytest.MonkeyPatch) -> set[int]:
+        """The ids of the objects held-by walks looked for (the in-use walk, bounded, runs every time); other
+        leaks of this process may be walked for meanwhile."""
+        counted: set[int] = set()
+        real = diagnose._search
+
+        def counting(starts: Any, seen: Any, budget: Any, targets: Any, max_level: Any = None) -> Any:
+            if max_level is None:
+                counted.update(map(id, targets))
+            return real(starts, seen, budget, targets, max_level)
+
+        monkeypatch.setattr(diagnose, "_search", counting)
+        return counted
+
+    def test_unchanged_then_moved(self, server: HangUpServer, app_module: types.ModuleType, walks: set[int]) -> None:
+        fd = stash(app_module, server)
+        assert leak_of(fd).held_by == ["lg_app_cache.REGISTRY['eu'].conn"]
+        walks.clear()
+        again = next(s for s in leakguard.snapshot().leaks if s.fd == fd)
+        assert (again.verdict, again.held_by) == ("forgotten", ["lg_app_cache.REGISTRY['eu'].conn"])
+        assert id(app_module.REGISTRY["eu"].conn) not in walks  # the path re-checked, not walked
+        app_module.MOVED = [app_module.REGISTRY["eu"].conn]  # type: ignore[attr-defined]
+        app_module.REGISTRY["eu"].conn = None
+        try:
+            moved = next(s for s in leakguard.snapshot().leaks if s.fd == fd)
+            assert (moved.verdict, moved.held_by) == ("forgotten", ["lg_app_cache.MOVED[0]"]), moved.verdict_reason
+            assert id(app_module.MOVED[0]) in walks  # type: ignore[attr-defined]  # the broken path: walked again
+        finally:
+            app_module.MOVED[0].close()  # type: ignore[attr-defined]
+            app_module.REGISTRY.clear()
+
+    def test_now_in_use_by_a_thread(self, server: HangUpServer, app_module: types.ModuleType, walks: set[int]) -> None:
+        """The in-use check runs at every diagnosis: a thread that takes the socket from a global makes it in use."""
+        fd = stash(app_module, server)
+        assert leak_of(fd).verdict == "forgotten"
+        lock = threading.Lock()
+        lock.acquire()
+
+        def worker(conn: socket.socket) -> None:
+            with lock:
+                pass
+
+        t = threading.Thread(target=worker, args=(app_module.REGISTRY["eu"].conn,), name="taker", daemon=True)
+        t.start()
+        try:
+            assert wait_for(lambda: next(s for s in leakguard.snapshot().leaks if s.fd == fd).verdict == "in_use")
+            leak = next(s for s in leakguard.snapshot().leaks if s.fd == fd)
+            assert leak.in_use is not None and leak.in_use["thread"] == "taker"
+            assert "lg_app_cache.REGISTRY['eu'].conn" in leak.held_by
+        finally:
+            lock.release()
+            t.join(5)
+
+    def test_unreachable_stays_unreachable(self, server: HangUpServer, walks: set[int]) -> None:
+        class Node:
+            pass
+
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            node = Node()
+            node.me = node  # type: ignore[attr-defined]
+            node.conn = hung_up(server)  # type: ignore[attr-defined]
+            fd = node.conn.fileno()  # type: ignore[attr-defined]
+            ref = weakref.ref(node)
+            del node
+            assert leak_of(fd).verdict == "unreachable"
+            walks.clear()
+            again = next(s for s in leakguard.snapshot().leaks if s.fd == fd)
+            assert again.verdict == "unreachable" and id(ref().conn) not in walks  # type: ignore[union-attr]
+        finally:
+            obj = ref()
+            if obj is not None:
+                obj.conn.close()
+            if was_enabled:
+                gc.enable()
+
+
 class TestWatcherCache:
     """The watcher walks the heap only for new or changed leak groups: an unchanged group keeps its diagnosis."""
 
