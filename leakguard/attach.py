@@ -13,7 +13,11 @@ How the code gets in
   ``malloc``, so calling ``PyGILState_Ensure()``, then ``Py_CompileString()`` +
   ``PyEval_EvalCode()`` in a fresh namespace, then ``PyGILState_Release()`` on it
   is what that thread would do anyway when its system call returns: take the
-  GIL, run Python, give it back.  The code is compiled under the file name
+  GIL, run Python, give it back.  On x86-64 each call sets only the general
+  registers (return address: the executable's entry point, under a breakpoint)
+  rather than through gdb's ``call``, which rewrites the whole extended (XSAVE)
+  state and on CPUs gdb 13 does not know (AMX) fails half-way and kills the
+  process; in a system call no vector register is live.  The code is compiled under the file name
   :data:`PAYLOAD_FILE` (inside leakguard's package; no such file): its frames on
   that thread's stack are leakguard's, so a diagnosis never names them as where
   the thread is now (``PyRun_SimpleString`` would run it as ``<string>`` in
@@ -319,8 +323,91 @@ def frames(n=12):
     return names
 
 
-def call(expr):
-    return int(gdb.parse_and_eval(expr))
+# Calls into the process write its general registers only, never its vector state: gdb's own `call`
+# saves and restores the whole extended (XSAVE) state, which gdb 13 cannot write back on CPUs whose
+# state it does not know (AMX: "Couldn't write extended state status: Bad address"), leaving the
+# process with half-restored registers, and it dies.  Only a thread stopped inside a system call is
+# ever called in (safe() below), where the ABI holds no vector register live, so the general registers,
+# the flags and orig_rax (the system call to restart) are all there is to restore.
+REGS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13",
+        "r14", "r15", "eflags", "rip")
+ARGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+RET = []  # [address, breakpoint]: where a call returns, the executable's entry point, never run again
+STOPS = []
+FATAL = ("SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT", "SIGINT")
+
+
+def _stopped(event):
+    STOPS.append(event)
+
+
+gdb.events.stop.connect(_stopped)
+
+
+X86_64 = gdb.selected_inferior().architecture().name().startswith("i386:x86-64")
+
+
+def call(fn, *args, signed32=False):
+    """fn(*args) run in the selected thread; its return value (rax; an int when *signed32*)."""
+    if not X86_64:  # the extended-state defect is x86's: elsewhere gdb's own call, which restores everything
+        v = gdb.parse_and_eval("(%s)%s(%s)" % ("int" if signed32 else "long", fn, ", ".join(map(str, args))))
+        return int(v)
+    if not RET:
+        entry = None
+        for ln in gdb.execute("info files", to_string=True).splitlines():
+            if "Entry point:" in ln:
+                entry = int(ln.split()[-1], 16)
+        if entry is None:
+            raise RuntimeError("no entry point to return to")
+        RET.extend([entry, gdb.Breakpoint("*%d" % entry, internal=True)])
+    ret = RET[0]
+    thread = gdb.selected_thread()
+    gdb.execute("select-frame 0")
+    frame = gdb.selected_frame()
+    saved = [(r, int(frame.read_register(r))) for r in REGS]
+    orig = int(gdb.parse_and_eval("$orig_rax"))
+    addr = int(gdb.parse_and_eval("(long)&" + fn))
+    sp = ((dict(saved)["rsp"] - 1024) & ~15) - 8  # past the red zone, 16-aligned at the callee's entry
+    gdb.selected_inferior().write_memory(sp, ret.to_bytes(8, "little"))
+    done = False
+    try:
+        for name, value in zip(ARGS, args):
+            gdb.execute("set $%s = %d" % (name, value))
+        gdb.execute("set $rsp = %d" % sp)
+        gdb.execute("set $rip = %d" % addr)
+        # No system call restart on the way in (the kernel would step rip back 2 bytes): rax and orig_rax
+        # say "none"; the saved ones put back below let the interrupted call restart on the way out.
+        gdb.execute("set $rax = 0")
+        gdb.execute("set $orig_rax = -1")
+        for _ in range(1000):
+            del STOPS[:]
+            gdb.execute("continue", to_string=True)
+            here = gdb.selected_thread()
+            if here is not None and here.ptid == thread.ptid:
+                if int(gdb.selected_frame().read_register("rip")) == ret:
+                    done = True
+                    break
+                fatal = [e.stop_signal for e in STOPS if isinstance(e, gdb.SignalEvent) and e.stop_signal in FATAL]
+                if fatal:
+                    # The call failed (or attach timed out): abandoned, as unwindonsignal would, and the
+                    # signal is the call's own, not to be delivered once the registers are back.
+                    gdb.execute("handle %s nopass" % fatal[-1], to_string=True)
+                    break
+            thread.switch()
+        result = int(gdb.selected_frame().read_register("rax")) if done else None
+    finally:
+        thread.switch()
+        gdb.execute("select-frame 0")
+        for r, value in saved:
+            gdb.execute("set $%s = %d" % (r, value))
+        gdb.execute("set $orig_rax = %d" % orig)
+    if result is None:
+        raise RuntimeError("the call of %s did not return" % fn)
+    result &= 0xFFFFFFFFFFFFFFFF
+    if signed32:
+        result &= 0xFFFFFFFF
+        result -= (result >> 31) << 32
+    return result
 
 
 def safe(thread):
@@ -333,9 +420,9 @@ def safe(thread):
         return "in the GIL's code (" + "/".join(n for n in names if n in GIL_CODE) + ")"
     gdb.execute("set scheduler-locking on")  # these two read thread-local state: nothing else may run
     try:
-        if call("(void*)PyGILState_GetThisThreadState()") == 0:
+        if call("PyGILState_GetThisThreadState") == 0:
             return "not a Python thread"
-        if call("(int)PyGILState_Check()") != 0:
+        if call("PyGILState_Check", signed32=True) != 0:
             return "holds the GIL"
     finally:
         gdb.execute("set scheduler-locking off")
@@ -354,7 +441,7 @@ try:
     gdb.execute("set pagination off")
     gdb.execute("set confirm off")
     gdb.execute("set unwindonsignal on")
-    if call("(int)Py_IsInitialized()") == 0:
+    if call("Py_IsInitialized", signed32=True) == 0:
         out["reason"] = "the interpreter is not initialised (starting or shutting down)"
         raise SystemExit
     threads = sorted(gdb.selected_inferior().threads(), key=lambda t: (t.ptid[1] != PID, t.ptid[1]))
@@ -372,30 +459,30 @@ try:
         out["tid"] = chosen.ptid[1]
         code = CODE.encode() + b"\0"
         name = FILE.encode() + b"\0"
-        buf = call("(void*)PyMem_RawMalloc(%d)" % (len(code) + len(name)))
+        buf = call("PyMem_RawMalloc", len(code) + len(name))
         if buf == 0:
             out["reason"] = "PyMem_RawMalloc failed"
         else:
             gdb.selected_inferior().write_memory(buf, code + name)
             t1 = time.monotonic()
-            state = call("(int)PyGILState_Ensure()")
+            state = call("PyGILState_Ensure", signed32=True)
             # Compiled under leakguard's own file name (not PyRun_SimpleString's "<string>" in __main__):
             # its frames are leakguard's, never taken for the application's, and __main__ gains no name.
-            co = call("(void*)Py_CompileString((const char*)%d, (const char*)%d, 257)" % (buf, buf + len(code)))
+            co = call("Py_CompileString", buf, buf + len(code), 257)
             res = 0
             if co != 0:
-                glob = call("(void*)PyDict_New()")
+                glob = call("PyDict_New")
                 if glob != 0:
-                    res = call("(void*)PyEval_EvalCode((void*)%d, (void*)%d, (void*)%d)" % (co, glob, glob))
+                    res = call("PyEval_EvalCode", co, glob, glob)
                     if res != 0:
-                        gdb.execute("call (void)Py_DecRef((void*)%d)" % res)
-                    gdb.execute("call (void)Py_DecRef((void*)%d)" % glob)
-                gdb.execute("call (void)Py_DecRef((void*)%d)" % co)
+                        call("Py_DecRef", res)
+                    call("Py_DecRef", glob)
+                call("Py_DecRef", co)
             if res == 0:
-                gdb.execute("call (void)PyErr_Clear()")  # our own failure only: the thread had none pending
-            gdb.execute("call (void)PyGILState_Release(%d)" % state)
+                call("PyErr_Clear")  # our own failure only: the thread had none pending
+            call("PyGILState_Release", state & 0xFFFFFFFF)
             out["run_s"] = time.monotonic() - t1
-            gdb.execute("call (void)PyMem_RawFree((void*)%d)" % buf)
+            call("PyMem_RawFree", buf)
             out["ok"] = res != 0
             if res == 0:
                 out["reason"] = "the injected code failed to " + ("run" if co else "compile")
@@ -403,6 +490,8 @@ except SystemExit:
     pass
 except Exception as exc:
     out["reason"] = "%s: %s" % (type(exc).__name__, exc)
+if RET:
+    RET[1].delete()  # the return breakpoint's int3 out of the process before it runs alone again
 out["stopped_s"] = time.monotonic() - t0
 with open(REPORT, "w") as f:
     json.dump(out, f)
@@ -435,7 +524,7 @@ def _gdb_once(pid: int, tmp: str, code: str, timeout: float) -> dict[str, Any]:
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        # SIGINT: gdb interrupts a call in progress and unwinds it (unwindonsignal), then detaches.
+        # SIGINT: gdb interrupts a call in progress, the script restores the thread's registers, detaches.
         proc.send_signal(signal.SIGINT)
         try:
             stdout, stderr = proc.communicate(timeout=10)
