@@ -64,7 +64,7 @@ from collections.abc import Callable
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
-from . import kernel, registry, stacks
+from . import _threads, kernel, registry, stacks
 from ._value import Value
 
 if TYPE_CHECKING:
@@ -350,6 +350,9 @@ class ChurnTracker:
         self._origins: collections.OrderedDict[SiteKey, str] = collections.OrderedDict()
         self._window: collections.deque[tuple[float, dict[Pair, float]]] = collections.deque()
         self._window_start: float | None = None
+        # A metrics scrape reads the rates from its own thread while the watcher's tick adds to them: the
+        # window is read through copies (tuple() of a deque is one C call) and expired under this lock.
+        self._expiring = _threads.api()[2]()
         self._warned: dict[Pair, float] = {}
         self._names: dict[SiteKey, str] = {}
         # closed-first entries at the last tick that read them
@@ -495,7 +498,7 @@ class ChurnTracker:
             by_peer[remote] = by_peer.get(remote, 0) + 1
         # The busiest peers first: in a namespace shared with other processes, their closes are spread
         # thin over many peers.
-        counted = sum(n for _t, c in self._window for n in c.values()) + sum(closes.values())
+        counted = sum(n for _t, c in tuple(self._window) for n in c.values()) + sum(closes.values())
         cap = sum(n for _t, n in made) - counted
         taken: dict[str, float] = {}
         for p in sorted(by_peer, key=lambda p: -by_peer[p]):
@@ -543,17 +546,24 @@ class ChurnTracker:
 
     # -- rates --------------------------------------------------------------
 
-    def _expire(self, now: float) -> None:
-        while self._window and self._window[0][0] < now - WINDOW_S:
-            t, _ = self._window.popleft()
-            self._window_start = t
+    def _expire(self, now: float) -> tuple[tuple[float, dict[Pair, float]], ...]:
+        """Drop the ticks older than the window; the window's ticks now (a copy)."""
+        # Bounded: a fork while another thread held it leaves it held in the child; then nothing expires.
+        if not self._expiring.acquire(True, 1.0):
+            return tuple(self._window)
+        try:
+            while self._window and self._window[0][0] < now - WINDOW_S:
+                t, _ = self._window.popleft()
+                self._window_start = t
+            return tuple(self._window)
+        finally:
+            self._expiring.release()
 
     def rates(self, now: float | None = None) -> dict[Pair, int]:
         """Closes in the last 60 s per (site, peer): the ports they hold in TIME_WAIT now."""
         now = time.monotonic() if now is None else now
-        self._expire(now)
         totals: dict[Pair, float] = {}
-        for _, closes in self._window:
+        for _, closes in self._expire(now):
             for k, n in closes.items():
                 totals[k] = totals.get(k, 0.0) + n
         return {k: round(n) for k, n in totals.items() if round(n) > 0}
@@ -561,20 +571,20 @@ class ChurnTracker:
     def recent_rates(self, now: float | None = None) -> dict[Pair, float]:
         """Closes per second per (site, peer) over the last ticks spanning at least :data:`RECENT_S`."""
         now = time.monotonic() if now is None else now
-        self._expire(now)
-        if not self._window:
+        window = self._expire(now)
+        if not window:
             return {}
         totals: dict[Pair, float] = {}
         start = now
-        for t, closes in reversed(self._window):
+        for t, closes in reversed(window):
             for k, n in closes.items():
                 totals[k] = totals.get(k, 0.0) + n
             start = t
             if now - t >= RECENT_S:
                 break
         # the first tick of the span counted closes since the tick before it
-        i = next((j for j, (t, _) in enumerate(self._window) if t == start), 0)
-        origin = self._window[i - 1][0] if i > 0 else (self._window_start or start)
+        i = next((j for j, (t, _) in enumerate(window) if t == start), 0)
+        origin = window[i - 1][0] if i > 0 else (self._window_start or start)
         span = max(1e-3, now - origin)
         return {k: n / span for k, n in totals.items() if n > 0}
 
