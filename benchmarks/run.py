@@ -49,6 +49,9 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f"| {r['name']} | {r['baseline_instructions']:,} | {r['leakguard_instructions']:,} "
                 f"| {added:+,} | {r['ratio']:.3f}× |"
             )
+        elif "ratio" in r and "leakguard_us" not in r:  # a ratio of other units (ms, objects): its fields as measured
+            fields = ", ".join(f"{k} {_fmt(v)}" for k, v in r.items() if k not in ("name", "ratio", "module"))
+            out.append(f"| {r['name']} | | {fields} | | {r['ratio']:.3f}× |")
         elif "ratio" in r:
             base = r.get("baseline", "plain")
             extra = f" (vs {base})" if base != "plain" else ""
@@ -261,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
             r.setdefault("module", name)
         rows.extend(got)
         print(f"# {name}: {time.time() - t:.1f} s", file=sys.stderr, flush=True)
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "rows.json"), "w") as f:  # first: a failure below loses no measurement
+        json.dump(rows, f, indent=1)
     md = table(rows) + "\n\nFloors (ratios judged on instruction counts where measured, else on paired rounds):\n\n" + "\n".join(floors(rows))
     header = (
         f"Python {platform.python_version()} on {platform.system()} {platform.machine()}, "

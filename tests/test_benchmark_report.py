@@ -123,3 +123,10 @@ def test_creation_path_floors() -> None:
     assert "**OVER**" in verdict("create+close ≤ +800", path_rows(create=801))
     assert "**ok**" in verdict("create+close ≤ +800", path_rows(create=800))
     assert "**OVER**" in verdict("cycle ≤ 1.03×", path_rows(cycle=1.031))
+
+
+def test_table_takes_ratios_of_other_units() -> None:
+    """bench_diagnose's rows carry a ratio of milliseconds or objects, no µs: the table shows them (the full run
+    crashed there with KeyError: 'leakguard_us', after every benchmark had run)."""
+    md = run.table([{"name": "diagnosis, 1M objects", "ms": 4.9, "psutil_ms": 12.5, "ratio": 0.39, "module": "bench_diagnose"}])
+    assert "| diagnosis, 1M objects | | ms 4.900, psutil_ms 12.500 | | 0.390× |" in md
